@@ -1,0 +1,32 @@
+"""Shared pytest fixtures of the headless test suite.
+
+The ``steprl`` package is pip-installed (``python -m pip install -e "trainer[test]"``); nothing
+here touches ``sys.path``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+#: The repository root (the parent of ``Testing/``).
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    """The repository root folder."""
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``<repo>/../shared/data``: real development data, present on developer and CI machines only.
+
+    Skips the test, with the reason, when the folder is absent (as on a user's machine).
+    """
+    path = (REPO_ROOT.parent / "shared" / "data").resolve()
+    if not path.is_dir():
+        pytest.skip(f"development data not found at {path} (it lives beside the repository as ../shared/data)")
+    return path

@@ -1,0 +1,78 @@
+"""Steps pictures: valid PNGs written atomically; slices and step selection."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+from steprl import plotting, synthetic
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _check_png(path, min_width: int) -> None:
+    assert path.is_file()
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    assert 5_000 < path.stat().st_size < 2_000_000
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        width, height = im.size
+    assert width >= min_width and height >= 150
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind
+
+
+def test_registration_steps_figure(tmp_path):
+    pair = synthetic.synthetic_pair((40, 48), np.random.default_rng(0))
+    steps = plotting.select_steps(10, 4)
+    moving = [pair["moving"] * (1 - s / 10) + pair["fixed"] * (s / 10) for s in steps]
+    curves = {"NCC": list(np.linspace(0.5, 0.9, 11)), "Dice": list(np.linspace(0.6, 0.8, 11))}
+    out = plotting.registration_steps_figure(pair["fixed"], moving, steps, curves, tmp_path / "figs" / "steps.png",
+                                             title="test")
+    assert out == tmp_path / "figs" / "steps.png"
+    _check_png(out, min_width=100 * len(steps))
+
+
+def test_registration_figure_replaces_an_existing_file(tmp_path):
+    path = tmp_path / "steps.png"
+    path.write_bytes(b"old")
+    image = np.random.default_rng(0).random((24, 24)).astype(np.float32)
+    plotting.registration_steps_figure(image, [image], [0], {}, path)
+    _check_png(path, min_width=200)
+
+
+def test_segmentation_steps_figure(tmp_path):
+    image, mask = synthetic.noisy_ellipse((48, 48), np.random.default_rng(0))
+    masks = [image > 0.5, mask, mask]
+    changed = [np.zeros_like(mask), masks[0] != masks[1], np.zeros_like(mask)]
+    out = plotting.segmentation_steps_figure(image, masks, [0, 5, 10], {"Dice": [0.5 + 0.04 * i for i in range(11)]},
+                                             tmp_path / "seg.png", changed=changed)
+    _check_png(out, min_width=300)
+
+
+def test_figures_reject_bad_input(tmp_path):
+    image = np.zeros((16, 16), dtype=np.float32)
+    with pytest.raises(ValueError, match="step number"):
+        plotting.registration_steps_figure(image, [image, image], [0], {}, tmp_path / "a.png")
+    with pytest.raises(ValueError, match="2D"):
+        plotting.registration_steps_figure(np.zeros((4, 16, 16)), [image], [0], {}, tmp_path / "b.png")
+    with pytest.raises(ValueError, match="shape"):
+        plotting.segmentation_steps_figure(image, [np.zeros((8, 8))], [0], {}, tmp_path / "c.png")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_representative_slice():
+    volume = np.arange(5 * 6 * 7).reshape(5, 6, 7)
+    assert plotting.representative_slice(volume).shape == (6, 7)
+    np.testing.assert_array_equal(plotting.representative_slice(volume), volume[2])
+    assert plotting.representative_slice(volume, axis=2).shape == (5, 6)
+    np.testing.assert_array_equal(plotting.representative_slice(volume, axis=1), volume[:, 3, :])
+    assert plotting.representative_slice(volume[0]).shape == (6, 7)
+
+
+@pytest.mark.parametrize(
+    ("n_steps", "k", "expected"),
+    [(20, 5, [0, 5, 10, 15, 20]), (3, 5, [0, 1, 2, 3]), (0, 5, [0]), (10, 4, [0, 3, 7, 10]), (7, 2, [0, 7])],
+)
+def test_select_steps(n_steps, k, expected):
+    assert plotting.select_steps(n_steps, k) == expected

@@ -1,0 +1,688 @@
+"""Image input/output with the full physical geometry, built on SimpleITK.
+
+Why this module exists: every file a user gives (fixed/moving volumes, label maps, PNG slices,
+DICOM folders) and every file steprl writes (warped images, displacement fields, label maps,
+JSON reports) goes through here, so that geometry, errors and atomic writes are handled once.
+
+Geometry: SimpleITK reports spacing/origin/direction in LPS millimetres, ITK order, exactly what
+:class:`steprl.geometry.Geometry` holds, so nothing here converts to RAS (that happens only in
+:mod:`steprl.geometry`). Arrays come back in numpy order ``(D, H, W)`` / ``(H, W)``; vector
+images (displacement fields) as ``(*S, C)``.
+
+Writes are atomic: data go to a temporary name in the destination folder that keeps the real
+extension (SimpleITK picks its writer by extension) and are renamed into place with
+:func:`os.replace`; on failure nothing half-written is left. :func:`atomic_path` is the generic
+tool for that and other modules reuse it for JSON, PNG and safetensors outputs.
+
+Example::
+
+    fixed = read_image("fixed.nii.gz", name="fixed image")
+    labels = read_labels("fixed_seg.nrrd", fixed.geometry, name="fixed labels")
+    validate_image(fixed, "fixed image", ndim=3)
+    write_image(fixed, "out/fixed_copy.nrrd")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from steprl.errors import InputError
+from steprl.geometry import Geometry, Image
+
+log = logging.getLogger(__name__)
+
+#: Extensions read as medical images (geometry in the header).
+MEDICAL_EXTENSIONS = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+#: Extensions read as 2D pictures (RGB(A) is turned into luminance).
+PICTURE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+#: Extensions :func:`write_image` accepts.
+WRITE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".png")
+#: Formats whose header and voxel data live in two files (written through a temporary folder).
+_DETACHED = (".mhd", ".nhdr")
+#: Formats written with compression on.
+_COMPRESSED = (".nii.gz", ".nrrd", ".mha")
+#: Rec. 601 luma weights, used for RGB(A) pictures.
+_LUMA = np.array([0.299, 0.587, 0.114])
+
+SUPPORTED_READ = (
+    "NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd), "
+    "PNG/JPEG/TIFF/BMP pictures (2D), or a folder holding a DICOM series"
+)
+_TMP_PREFIX = ".steprl-tmp-"
+
+
+# ---- atomic outputs -------------------------------------------------------------------
+def extension(path: str | os.PathLike) -> str:
+    """Lower-case extension of ``path``, with ``.nii.gz`` (and ``.xxx.gz``) kept whole."""
+    suffixes = [s.lower() for s in Path(path).suffixes]
+    if len(suffixes) >= 2 and suffixes[-1] == ".gz":
+        return suffixes[-2] + suffixes[-1]
+    return suffixes[-1] if suffixes else ""
+
+
+def _temporary_sibling(path: Path) -> Path:
+    """A fresh name in ``path``'s folder that ENDS with ``path.name`` (so every suffix is kept)."""
+    return path.parent / f"{_TMP_PREFIX}{uuid.uuid4().hex[:10]}-{path.name}"
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _fsync(path: Path) -> None:
+    """Flush a written file to disk, so that the rename never exposes an empty file after a crash."""
+    if path.is_file():
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Write ``path`` atomically: yield a temporary path to write to, rename it into place after.
+
+    The temporary path lies in the same folder (so the rename is atomic on one file system) and
+    ends with the real file name, so every suffix (``.nii.gz``, ``.json``, ``.safetensors``)
+    is kept for writers that choose the format by extension. Parent folders are created.
+
+    - On success the temporary file is flushed to disk and ``os.replace``-d onto ``path``
+      (replacing an existing file). The body must have created it.
+    - On any exception the temporary file (or folder) is removed and the exception re-raised;
+      an existing ``path`` is left untouched.
+
+    The body may also create a FOLDER at the yielded path (e.g. a DICOM series); it then
+    replaces ``path`` if that is missing or an empty folder.
+
+    Example::
+
+        with atomic_path("out/model.safetensors") as tmp:
+            safetensors.torch.save_file(tensors, tmp)
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary_sibling(path)
+    try:
+        yield tmp
+        if not tmp.exists():
+            raise FileNotFoundError(f"nothing was written to the temporary file {tmp} for {path}")
+        _fsync(tmp)
+        if tmp.is_dir() and path.is_dir() and not any(path.iterdir()):
+            path.rmdir()  # os.replace onto an empty folder is not portable
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def _atomic_detached(path: Path) -> Iterator[Path]:
+    """Like :func:`atomic_path` for two-file formats (``.mhd`` + ``.raw``, ``.nhdr`` + ``.raw``).
+
+    The header names its data file, so the files cannot be written under temporary names.
+    They are written with their REAL names into a temporary folder beside ``path``, then moved
+    next to it: data files first, the header last, so a reader never finds a header whose
+    data is missing. On failure the temporary folder is removed.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = _temporary_sibling(path.with_name(path.name + ".d"))
+    tmp_dir.mkdir()
+    try:
+        yield tmp_dir / path.name
+        header = tmp_dir / path.name
+        if not header.exists():
+            raise FileNotFoundError(f"nothing was written for {path}")
+        others = [p for p in tmp_dir.iterdir() if p != header]
+        for item in [*others, header]:
+            _fsync(item)
+            os.replace(item, path.parent / item.name)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def write_json(obj: Any, path: str | os.PathLike) -> Path:
+    """Write ``obj`` as UTF-8 JSON (indent 2, trailing newline) atomically; returns the path.
+
+    numpy scalars/arrays and paths are converted; other non-JSON types raise ``TypeError``
+    before anything is written.
+    """
+    path = Path(path)
+    text = json.dumps(obj, indent=2, ensure_ascii=False, default=_json_default) + "\n"
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return path
+
+
+# ---- reading --------------------------------------------------------------------------
+def _itk_reason(exc: Exception) -> str:
+    """The useful part of a SimpleITK/ITK exception message (no C++ file and line)."""
+    text = " ".join(str(exc).split())
+    for marker in ("ITK ERROR:", "sitk::ERROR:"):
+        if marker in text:
+            text = text.split(marker, 1)[1]
+    text = re.sub(r"^\s*\w+\(0x[0-9a-fA-F]+\):", "", text)  # "ImageFileReader(0x55..):"
+    text = text.split(" Tried to create one of", 1)[0]
+    return text.strip()[:300] or type(exc).__name__
+
+
+def _read_error(path: Path, name: str, reason: str) -> InputError:
+    return InputError(f"Cannot read the {name} '{path}': {reason}.", f"Give one of: {SUPPORTED_READ}.")
+
+
+def _dicom_series(folder: Path, name: str, series_uid: str | None) -> sitk.Image:
+    """Read the DICOM series in ``folder`` (one series, or the one ``series_uid`` names)."""
+    reader = sitk.ImageSeriesReader()
+    try:
+        uids = list(reader.GetGDCMSeriesIDs(str(folder)))
+    except RuntimeError as exc:
+        raise _read_error(folder, name, _itk_reason(exc)) from exc
+    if not uids:
+        raise InputError(
+            f"The {name} '{folder}' is a folder without a DICOM series in it (subfolders are not searched).",
+            f"Give the folder that holds the DICOM files of one series, or an image file: {SUPPORTED_READ}.",
+        )
+    if series_uid is None and len(uids) > 1:
+        lines = []
+        for uid in uids:
+            files = reader.GetGDCMSeriesFileNames(str(folder), uid)
+            lines.append(f"  {uid}  ({len(files)} files{_series_description(files[0])})")
+        raise InputError(
+            f"The {name} folder '{folder}' holds {len(uids)} DICOM series:\n" + "\n".join(lines) + "\n",
+            "Choose one with series_uid='<one of the UIDs above>' (CLI: --series-uid), "
+            "or put each series in its own folder.",
+        )
+    if series_uid is not None and series_uid not in uids:
+        raise InputError(
+            f"The {name} folder '{folder}' has no DICOM series {series_uid!r}; it has: {', '.join(uids)}.",
+            "Give one of the series UIDs listed.",
+        )
+    uid = series_uid or uids[0]
+    files = reader.GetGDCMSeriesFileNames(str(folder), uid)
+    reader.SetFileNames(files)
+    try:
+        image = reader.Execute()
+    except RuntimeError as exc:
+        raise _read_error(folder, name, _itk_reason(exc)) from exc
+    log.info("Read DICOM series %s (%d files) from %s", uid, len(files), folder)
+    return image
+
+
+def _series_description(file: str) -> str:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(file)
+    try:
+        reader.ReadImageInformation()
+        if reader.HasMetaDataKey("0008|103e"):
+            return f", '{reader.GetMetaData('0008|103e').strip()}'"
+    except RuntimeError:
+        pass
+    return ""
+
+
+def _read_sitk(path: str | os.PathLike, name: str, series_uid: str | None = None) -> sitk.Image:
+    """Read a file or DICOM folder as a 2D/3D SimpleITK image (any pixel type, maybe vector)."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"The {name} '{path}' does not exist.", f"Check the path. Supported: {SUPPORTED_READ}.")
+    if path.is_dir():
+        image = _dicom_series(path, name, series_uid)
+    else:
+        try:
+            image = sitk.ReadImage(str(path))
+        except RuntimeError as exc:
+            raise _read_error(path, name, _itk_reason(exc)) from exc
+    ndim = image.GetDimension()
+    if ndim == 4 and image.GetSize()[3] == 1:
+        log.info("%s '%s' is 4D with one volume along the 4th axis: using that volume.", name, path)
+        image = sitk.Extract(image, [*image.GetSize()[:3], 0], [0, 0, 0, 0])
+        ndim = 3
+    if ndim not in (2, 3):
+        raise InputError(
+            f"The {name} '{path}' has {ndim} dimensions (size {image.GetSize()}); only 2D and 3D are supported.",
+            "Extract one 3D volume (e.g. one time point or one channel) and give that file.",
+        )
+    return image
+
+
+def _is_picture(path: Path) -> bool:
+    return extension(path) in PICTURE_EXTENSIONS
+
+
+def _to_scalar(image: sitk.Image, path: Path, name: str) -> sitk.Image:
+    """Turn an RGB(A) / grey+alpha picture into one luminance channel; refuse other vectors."""
+    comps = image.GetNumberOfComponentsPerPixel()
+    if comps == 1:
+        return image
+    colour = comps in (2, 3, 4) and (
+        _is_picture(path) or image.GetPixelID() in (sitk.sitkVectorUInt8, sitk.sitkVectorUInt16)
+    )
+    if not colour:
+        raise InputError(
+            f"The {name} '{path}' has {comps} components per voxel (a vector or multi-channel image).",
+            "Give a scalar (single-channel) image; for a displacement field use read_displacement_field.",
+        )
+    array = sitk.GetArrayViewFromImage(image)
+    if comps <= 2:
+        log.info("%s '%s' is grey + alpha: using the grey channel, ignoring alpha.", name, path)
+        scalar = np.asarray(array[..., 0], dtype=np.float32)
+    else:
+        log.info("%s '%s' is RGB%s: converted to luminance (0.299 R + 0.587 G + 0.114 B)%s.",
+                 name, path, "A" if comps == 4 else "", ", alpha ignored" if comps == 4 else "")
+        scalar = (np.asarray(array[..., :3], dtype=np.float64) @ _LUMA).astype(np.float32)
+    out = sitk.GetImageFromArray(scalar)
+    out.CopyInformation(image)
+    return out
+
+
+def _check_pixel_type(image: sitk.Image, path: Path, name: str) -> None:
+    if "complex" in image.GetPixelIDTypeAsString():
+        raise InputError(f"The {name} '{path}' has complex voxels.", "Give a real-valued (magnitude) image.")
+
+
+def read_image(
+    path: str | os.PathLike,
+    *,
+    name: str = "image",
+    dtype: np.dtype | type | None = np.float32,
+    series_uid: str | None = None,
+) -> Image:
+    """Read a 2D or 3D scalar image with its geometry (LPS, ITK order).
+
+    Args:
+        path: a NIfTI / NRRD / MetaImage file, a PNG/JPEG/TIFF/BMP picture, or a FOLDER holding
+            one DICOM series (read with GDCM, slices sorted by position).
+        name: what the image is, for error messages ("fixed image", "moving labels"...).
+        dtype: array type returned (float32 by default, for intensities); ``None`` keeps the
+            file's own type (a luminance-converted picture is float32).
+        series_uid: the DICOM SeriesInstanceUID to read when the folder holds several series.
+
+    Returns:
+        :class:`Image` with ``array`` ``(H, W)`` or ``(D, H, W)``. A 3D file with one voxel
+        along an axis (a single slice saved as 3D) stays 3D; a 4D file with a single volume
+        becomes 3D. RGB(A) pictures become luminance (logged).
+
+    Raises:
+        InputError: missing or unreadable file, DICOM folder with none or several series,
+        4D data, vector / multi-component (non-colour) or complex voxels.
+    """
+    path = Path(path)
+    image = _read_sitk(path, name, series_uid)
+    _check_pixel_type(image, path, name)
+    image = _to_scalar(image, path, name)
+    result = Image.from_sitk(image)
+    if dtype is not None:
+        result.array = result.array.astype(dtype, copy=False)
+    return result
+
+
+def _same_grid(a: Geometry, b: Geometry, fraction: float = 0.01) -> bool:
+    """True when both grids have the same shape and every grid corner lies within
+    ``fraction`` of the smallest voxel size of the other's: the same physical samples."""
+    if a.shape != b.shape:
+        return False
+    corners = np.array(np.meshgrid(*[[0, n - 1] for n in a.size_xyz], indexing="ij")).reshape(a.ndim, -1)
+    (ma, ba), (mb, bb) = a.index_to_physical(), b.index_to_physical()
+    gap = np.abs((ma @ corners + ba[:, None]) - (mb @ corners + bb[:, None])).max()
+    return bool(gap <= fraction * min(min(a.spacing), min(b.spacing)))
+
+
+def _integer_labels(image: sitk.Image, path: Path, name: str) -> sitk.Image:
+    """Check that the voxels are whole numbers; return an integer-typed image."""
+    comps = image.GetNumberOfComponentsPerPixel()
+    if comps > 1:
+        array = sitk.GetArrayViewFromImage(image)
+        grey = comps == 2 or (comps in (3, 4) and np.array_equal(array[..., 0], array[..., 1])
+                              and np.array_equal(array[..., 0], array[..., 2]))
+        if _is_picture(path) and grey:
+            log.info("%s '%s' is a grey picture stored with colour/alpha channels: using its first channel.",
+                     name, path)
+            return sitk.VectorIndexSelectionCast(image, 0)
+        raise InputError(
+            f"The {name} '{path}' has {image.GetNumberOfComponentsPerPixel()} components per voxel.",
+            "Give a label map: one integer label per voxel (0 = background).",
+        )
+    if image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
+        array = sitk.GetArrayViewFromImage(image)
+        if not np.all(np.isfinite(array)) or not np.array_equal(array, np.round(array)):
+            raise InputError(
+                f"The {name} '{path}' has non-integer values (range {float(np.nanmin(array)):g} to "
+                f"{float(np.nanmax(array)):g}): it looks like an intensity image or a probability map.",
+                "Give a label map with one whole-number label per voxel (threshold a probability map first).",
+            )
+        if array.size and (array.min() < np.iinfo(np.int32).min or array.max() > np.iinfo(np.int32).max):
+            raise InputError(f"The {name} '{path}' has labels outside the 32-bit integer range.",
+                             "Renumber the labels.")
+        return sitk.Cast(image, sitk.sitkInt32)
+    return image
+
+
+def read_labels(
+    path: str | os.PathLike,
+    reference: Geometry | None = None,
+    *,
+    name: str = "labels",
+    series_uid: str | None = None,
+) -> Image:
+    """Read an integer label map; optionally bring it onto ``reference``'s grid.
+
+    When ``reference`` is given and the label map's own header describes another grid (other
+    size, spacing, origin or direction, as in some public datasets), the labels are resampled
+    onto ``reference`` in PHYSICAL space with nearest neighbour (voxels outside the label map
+    become 0), never copied voxel for voxel. Grids whose corners agree within 1% of a voxel
+    count as the same grid and are copied, with ``reference``'s geometry.
+
+    Returns:
+        :class:`Image` whose array has the file's integer type (a float file holding whole
+        numbers becomes int32), on ``reference``'s grid when given.
+
+    Raises:
+        InputError: unreadable file, non-integer values, multi-component voxels, a dimension
+        different from ``reference``'s, or a label map that does not overlap ``reference``.
+    """
+    path = Path(path)
+    image = _read_sitk(path, name, series_uid)
+    _check_pixel_type(image, path, name)
+    image = _integer_labels(image, path, name)
+    own = Geometry.from_sitk(image)
+    if reference is None:
+        return Image(sitk.GetArrayFromImage(image), own)
+    if own.ndim != reference.ndim:
+        raise InputError(
+            f"The {name} '{path}' is {own.ndim}D but its image is {reference.ndim}D.",
+            "Give the label map that belongs to this image (same dimension).",
+        )
+    if _same_grid(own, reference):
+        return Image(sitk.GetArrayFromImage(image), reference)
+    ref = reference.to_sitk_reference()
+    identity = sitk.Transform(reference.ndim, sitk.sitkIdentity)
+    coverage = sitk.Image(image.GetSize(), sitk.sitkUInt8) + 1
+    coverage.CopyInformation(image)
+    covered = sitk.Resample(coverage, ref, identity, sitk.sitkNearestNeighbor, 0)
+    fraction = float(sitk.GetArrayFromImage(covered).mean())  # a copy: a view would outlive `covered`
+    if fraction == 0.0:
+        raise InputError(
+            f"The {name} '{path}' does not overlap its image at all in physical space "
+            f"(label origin {np.round(own.origin, 2).tolist()} mm, image origin "
+            f"{np.round(reference.origin, 2).tolist()} mm, LPS).",
+            "Check that this label map belongs to this image and that both headers (origin, "
+            "direction, spacing) are right.",
+        )
+    log.info("%s '%s' has another grid than its image: resampled onto it in physical space "
+             "(nearest neighbour), %.0f%% of the image covered.", name, path, 100 * fraction)
+    resampled = sitk.Resample(image, ref, identity, sitk.sitkNearestNeighbor, 0, image.GetPixelID())
+    return Image(sitk.GetArrayFromImage(resampled), reference)
+
+
+# ---- checks ---------------------------------------------------------------------------
+def validate_image(image: Image, name: str, *, ndim: int | None = None, reference_name: str | None = None) -> None:
+    """Raise :class:`InputError` (with a fix) when ``image`` cannot be registered or segmented.
+
+    Checks: empty array, NaN/Inf voxels, a constant image (no contrast), and when ``ndim`` is
+    given a different dimension. ``reference_name`` names where ``ndim`` came from, for the
+    message "fixed image is 2D but moving image is 3D"
+    (``validate_image(moving, "moving image", ndim=fixed.ndim, reference_name="fixed image")``).
+    """
+    if ndim is not None and image.ndim != ndim:
+        if reference_name:
+            problem = f"The {reference_name} is {ndim}D but the {name} is {image.ndim}D."
+        else:
+            problem = f"The {name} is {image.ndim}D but a {ndim}D image is needed."
+        raise InputError(problem, "Give images of the same dimension: two 2D images or two 3D volumes "
+                         "(a single slice saved as a 3D file counts as 3D).")
+    array = np.asarray(image.array)
+    if array.size == 0:
+        raise InputError(f"The {name} is empty (array shape {array.shape}).", "Give an image with voxels in it.")
+    if np.issubdtype(array.dtype, np.inexact):
+        finite = np.isfinite(array)
+        if not finite.all():
+            n_nan = int(np.isnan(array).sum())
+            n_inf = int(array.size - finite.sum() - n_nan)
+            raise InputError(
+                f"The {name} has {n_nan} NaN and {n_inf} infinite voxel values.",
+                "Replace them (e.g. with the background value) before using it; they often come from "
+                "a division by zero in preprocessing.",
+            )
+    lo, hi = array.min(), array.max()
+    if lo == hi:
+        raise InputError(
+            f"The {name} has the same value ({float(lo):g}) in every voxel: there is no contrast to work with.",
+            "Check that the right file was given (not an empty mask or a blank export).",
+        )
+
+
+# ---- writing --------------------------------------------------------------------------
+def _to_sitk(image: Image) -> sitk.Image:
+    array = np.asarray(image.array)
+    if array.dtype == bool:
+        array = array.astype(np.uint8)
+    elif array.dtype == np.float16:
+        array = array.astype(np.float32)
+    out = sitk.GetImageFromArray(np.ascontiguousarray(array), isVector=image.is_vector)
+    image.geometry.apply_to_sitk(out)
+    return out
+
+
+def _write_error(path: Path, reason: str) -> InputError:
+    return InputError(f"Cannot write '{path}': {reason}.",
+                      "Check that the folder is writable and has free space, and the file is not open elsewhere.")
+
+
+def write_image(image: Image, path: str | os.PathLike) -> Path:
+    """Write ``image`` (scalar or vector) with its geometry; the format follows the extension.
+
+    ``.nii.gz``, ``.nii``, ``.nrrd``, ``.nhdr``, ``.mha``, ``.mhd`` take any pixel type and
+    vector images (written as vector images); ``.png`` takes 2D scalar uint8/uint16 only.
+    Compression is on for ``.nii.gz``/``.nrrd``/``.mha``. The write is atomic (see
+    :func:`atomic_path`); ``.mhd``/``.nhdr`` (header + ``.raw`` data file) are written in a
+    temporary folder and moved in, data first, header last (their data file is ``<stem>.raw``
+    for both, so ``x.mhd`` and ``x.nhdr`` in one folder overwrite each other's data). Parent
+    folders are created.
+
+    Returns the written path. Raises :class:`InputError` for an unsupported extension or
+    pixel type, or when the write fails (no partial or temporary file is left).
+    """
+    path = Path(path)
+    ext = extension(path)
+    if ext not in WRITE_EXTENSIONS:
+        raise InputError(f"Cannot write '{path}': unsupported extension '{ext or path.name}'.",
+                         f"Use one of {', '.join(WRITE_EXTENSIONS)}.")
+    if ext == ".png" and (image.ndim != 2 or image.is_vector or image.array.dtype not in (np.uint8, np.uint16)):
+        raise InputError(
+            f"Cannot write '{path}': PNG holds 2D single-channel uint8/uint16 images, this one is "
+            f"{image.ndim}D{' vector' if image.is_vector else ''} {image.array.dtype}.",
+            "Rescale and cast it to uint8 or uint16 first, or write .nii.gz / .nrrd to keep the values.",
+        )
+    sitk_image = _to_sitk(image)
+    writer = _atomic_detached if ext in _DETACHED else atomic_path
+    try:
+        with writer(path) as tmp:
+            sitk.WriteImage(sitk_image, str(tmp), useCompression=ext in _COMPRESSED)
+    except RuntimeError as exc:
+        raise _write_error(path, _itk_reason(exc)) from exc
+    except OSError as exc:
+        raise _write_error(path, str(exc)) from exc
+    log.debug("Wrote %s", path)
+    return path
+
+
+# ---- displacement fields --------------------------------------------------------------
+def write_displacement_field(field: Image, path: str | os.PathLike) -> Path:
+    """Write a physical displacement field as a float64 vector image ITK and Slicer read as a transform.
+
+    ``field.array`` is ``(*S, ndim)``: displacement in mm, LPS, components in ITK ``(x, y[, z])``
+    order, pull-back convention (the fixed point ``x`` maps to the moving point ``x + u(x)``).
+    That is ITK's displacement-field convention, so
+    ``sitk.DisplacementFieldTransform(sitk.ReadImage(path, sitk.sitkVectorFloat64))`` is the
+    resampling transform, and 3D Slicer loads the file (as "Transform") as a grid transform.
+    The vectors are stored in LPS as ITK does: NIfTI files get ITK's vector intent
+    (``intent_code`` 1007, the ANTs/ITK convention); NRRD files ``kinds: vector domain...``.
+    Formats: ``.nii.gz``, ``.nii``, ``.nrrd``, ``.nhdr``, ``.mha``, ``.mhd``.
+    """
+    path = Path(path)
+    if extension(path) not in tuple(e for e in WRITE_EXTENSIONS if e != ".png"):
+        raise InputError(f"Cannot write the displacement field '{path}': unsupported extension.",
+                         "Use .nii.gz, .nrrd or .mha (3D Slicer loads them as grid transforms).")
+    ndim = field.ndim
+    if not field.is_vector or field.array.shape[-1] != ndim:
+        raise InputError(f"A {ndim}D displacement field needs an array (*S, {ndim}), got {field.array.shape}.",
+                         "Give one displacement component per spatial axis, last.")
+    if not np.all(np.isfinite(field.array)):
+        raise InputError("The displacement field has NaN or infinite values.",
+                         "Check the model output; this is usually a diverged network.")
+    return write_image(Image(np.asarray(field.array, dtype=np.float64), field.geometry), path)
+
+
+def read_displacement_field(path: str | os.PathLike, *, name: str = "displacement field") -> Image:
+    """Read a displacement field written by :func:`write_displacement_field` (or ITK/ANTs/Slicer).
+
+    Returns an :class:`Image` with a float64 array ``(*S, ndim)`` (mm, LPS, ITK component order).
+    Raises :class:`InputError` when the file is not a vector image with one component per axis.
+    """
+    path = Path(path)
+    image = _read_sitk(path, name)
+    comps = image.GetNumberOfComponentsPerPixel()
+    if comps != image.GetDimension():
+        raise InputError(
+            f"The {name} '{path}' has {comps} component(s) per voxel; a {image.GetDimension()}D "
+            f"displacement field has {image.GetDimension()}.",
+            "Give a displacement-field (vector) image, e.g. one written by steprl or ITK/ANTs.",
+        )
+    return Image.from_sitk(sitk.Cast(image, sitk.sitkVectorFloat64))
+
+
+# ---- DICOM export ---------------------------------------------------------------------
+def _new_uid() -> str:
+    """A DICOM UID from a random UUID (the '2.25.' root of DICOM PS3.5 B.2)."""
+    return f"2.25.{uuid.uuid4().int}"
+
+
+def _ds(value: float) -> str:
+    """A DICOM decimal string (at most 16 characters) for ``value``."""
+    for digits in range(12, 3, -1):
+        text = f"{value:.{digits}g}"
+        if len(text) <= 16:
+            return text
+    return f"{value:.3e}"
+
+
+def _int16_mapping(array: np.ndarray) -> tuple[float, float]:
+    """``(slope, intercept)`` such that ``array ~ slope * q + intercept`` with q in int16.
+
+    Whole numbers spanning at most 65534 are kept exactly (slope 1); other data are quantised
+    to 65001 levels, an error of at most half a slope.
+    """
+    lo, hi = float(array.min()), float(array.max())
+    if np.array_equal(array, np.round(array)) and hi - lo <= 65534:
+        intercept = 0.0 if lo >= -32767 and hi <= 32767 else float(np.floor((lo + hi) / 2))
+        return 1.0, intercept
+    slope = float(_ds((hi - lo) / 65000.0)) if hi > lo else 1.0
+    return slope, float(_ds((hi + lo) / 2.0))
+
+
+def write_dicom_series(
+    image: Image,
+    folder: str | os.PathLike,
+    *,
+    series_description: str = "StepRL",
+    tags: dict[str, str] | None = None,
+) -> Path:
+    """Write a 3D scalar image as a DICOM series, one file per slice, geometry kept.
+
+    Voxels are stored as int16 with Rescale Slope/Intercept (exact for whole numbers spanning
+    at most 65534, else quantised to 65001 levels). Every slice carries ImagePositionPatient,
+    ImageOrientationPatient (from the direction's first two columns), PixelSpacing and
+    SliceThickness; new Study/Series/FrameOfReference/SOP instance UIDs are made. The series
+    is Secondary Capture ("OT", DERIVED). ``tags`` (``{"0010|0010": "Doe^Jane"}``) adds or
+    overrides tags. The files are written to a temporary folder beside ``folder`` and renamed
+    into place; ``folder`` must not exist yet or be empty.
+
+    A left-handed grid (third direction column opposite to row x column) is written as it
+    is; readers sort slices by position along row x column, so they may return the slices in
+    the other order with the direction flipped to match: the same physical image.
+    """
+    folder = Path(folder)
+    if image.ndim != 3 or image.is_vector:
+        raise InputError(f"A DICOM series needs a 3D scalar volume, got a {image.ndim}D "
+                         f"{'vector ' if image.is_vector else ''}image.", "Write .nii.gz or .nrrd instead.")
+    direction = image.geometry.direction
+    if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-4):
+        raise InputError("The image direction is not orthonormal (sheared): DICOM cannot store it.",
+                         "Resample the image onto an orthogonal grid, or write .nii.gz / .nrrd.")
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise InputError(f"Cannot write a DICOM series into '{folder}': it exists and is not an empty folder.",
+                         "Give a new folder name (series are never mixed with other files).")
+    array = np.asarray(image.array, dtype=np.float64)
+    if not np.all(np.isfinite(array)):
+        raise InputError("The image has NaN or infinite voxels; DICOM cannot store them.",
+                         "Replace them with the background value first.")
+    slope, intercept = _int16_mapping(array)
+    quantised = np.clip(np.round((array - intercept) / slope), -32767, 32767) * slope + intercept
+    volume = sitk.GetImageFromArray(quantised)
+    image.geometry.apply_to_sitk(volume)
+
+    now = time.localtime()
+    date, clock = time.strftime("%Y%m%d", now), time.strftime("%H%M%S", now)
+    d = direction
+    common = {
+        "0008|0008": "DERIVED\\SECONDARY",
+        "0008|0060": "OT",
+        "0008|0020": date, "0008|0030": clock, "0008|0021": date, "0008|0031": clock,
+        "0008|0023": date, "0008|0033": clock,
+        "0008|103e": series_description[:64],
+        "0010|0010": "Anonymous", "0010|0020": "StepRL",
+        "0020|000d": _new_uid(), "0020|000e": _new_uid(), "0020|0052": _new_uid(),
+        "0020|0010": "1", "0020|0011": "1",
+        "0020|0037": "\\".join(_ds(v) for v in (*d[:, 0], *d[:, 1])),
+        "0018|0050": _ds(image.geometry.spacing[2]),
+        "0018|0088": _ds(image.geometry.spacing[2]),
+        "0028|1052": _ds(intercept), "0028|1053": _ds(slope), "0028|1054": "US",
+        "0028|0100": "16", "0028|0101": "16", "0028|0102": "15", "0028|0103": "1",
+    }
+    common.update(tags or {})
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()  # keep the UIDs set here instead of GDCM's own
+    try:
+        with atomic_path(folder) as tmp:
+            tmp.mkdir()
+            for k in range(volume.GetDepth()):
+                slice_ = volume[:, :, k]
+                for key, value in common.items():
+                    slice_.SetMetaData(key, value)
+                position = volume.TransformIndexToPhysicalPoint((0, 0, k))
+                slice_.SetMetaData("0020|0032", "\\".join(_ds(v) for v in position))
+                slice_.SetMetaData("0020|0013", str(k + 1))
+                slice_.SetMetaData("0008|0018", _new_uid())
+                writer.SetFileName(str(tmp / f"IM{k + 1:05d}.dcm"))
+                writer.Execute(slice_)
+    except RuntimeError as exc:
+        raise _write_error(folder, _itk_reason(exc)) from exc
+    except OSError as exc:
+        raise _write_error(folder, str(exc)) from exc
+    log.info("Wrote DICOM series (%d slices, slope %s, intercept %s) to %s",
+             volume.GetDepth(), _ds(slope), _ds(intercept), folder)
+    return folder
