@@ -1,0 +1,160 @@
+"""What the registration sub-commands of ``steprl`` do (the CLI only parses arguments).
+
+Each function takes the parsed ``argparse.Namespace`` and returns an exit code.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import sys
+from pathlib import Path
+
+from steprl.errors import InputError
+
+log = logging.getLogger(__name__)
+
+SAMPLE_DIR = Path(__file__).resolve().parent.parent / "data"
+DEFAULT_MODELS = {2: "spac2d_brain", 3: "spac3d_brain"}
+IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".tif", ".tiff", ".jpg")
+
+
+def _progress(total: int, quiet: bool, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", disable=quiet, file=sys.stderr, dynamic_ncols=True)
+
+
+def expand_files(paths: list[Path], what: str) -> list[Path]:
+    """Files as given, or the image files inside a single folder (sorted)."""
+    if len(paths) == 1 and paths[0].is_dir():
+        files = sorted(p for p in paths[0].iterdir() if p.name.lower().endswith(IMAGE_SUFFIXES))
+        if not files:
+            raise InputError(f"No image files in folder {paths[0]} ({what}).",
+                             f"Put {', '.join(IMAGE_SUFFIXES)} files there, or list the files.")
+        return files
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise InputError(f"{what.capitalize()} not found: {', '.join(missing[:3])}.", "Check the paths.")
+    return list(paths)
+
+
+def default_model(ndim: int) -> str:
+    return DEFAULT_MODELS[ndim]
+
+
+# ---- register / demo ----------------------------------------------------------------------
+def register_command(args) -> int:
+    from steprl import io
+    from steprl.registration.outputs import run_and_write
+
+    fixed = io.read_image(args.fixed, name="fixed image")
+    moving = io.read_image(args.moving, name="moving image")
+    if (args.fixed_labels is None) != (args.moving_labels is None):
+        raise InputError("Only one of --fixed-labels / --moving-labels was given.", "Give both, or neither.")
+    fixed_labels = moving_labels = None
+    if args.fixed_labels is not None:
+        fixed_labels = io.read_labels(args.fixed_labels, fixed.geometry, name="fixed labels")
+        moving_labels = io.read_labels(args.moving_labels, moving.geometry, name="moving labels")
+    summary = run_and_write(
+        fixed, moving, args.model or default_model(fixed.ndim), args.out, steps=args.steps, device=args.device,
+        fixed_labels=fixed_labels, moving_labels=moving_labels, prealign=args.prealign, max_step=args.max_step,
+        early_stop=args.early_stop, step_fields=not args.no_step_fields, quiet=args.quiet,
+        inputs={"fixed": str(args.fixed), "moving": str(args.moving)},
+    )
+    _print_summary(summary)
+    return 0
+
+
+def demo(args) -> int:
+    """The main job on the embedded default: the bundled sample pair and the bundled 2D model."""
+    from steprl import io
+    from steprl.registration.outputs import run_and_write
+
+    fixed = io.read_image(SAMPLE_DIR / "sample_fixed.nrrd", name="sample fixed image")
+    moving = io.read_image(SAMPLE_DIR / "sample_moving.nrrd", name="sample moving image")
+    summary = run_and_write(fixed, moving, default_model(2), args.out, steps=args.steps, device=args.device,
+                            quiet=args.quiet, inputs={"fixed": "bundled sample_fixed.nrrd",
+                                                      "moving": "bundled sample_moving.nrrd"})
+    _print_summary(summary)
+    print(f"Open {Path(args.out) / 'steps.png'} to see the steps.")
+    return 0
+
+
+def _print_summary(summary: dict) -> None:
+    first, last = summary["steps"][0], summary["steps"][-1]
+    line = f"steps: {last['step']}  NCC {first['ncc']:.3f} -> {last['ncc']:.3f}"
+    if "dice" in last:
+        line += f"  Dice {first['dice']:.3f} -> {last['dice']:.3f}"
+    line += f"  folding {summary['final']['folding_percent']:.3f}%  time {last['seconds']:.1f} s"
+    print(line)
+    print(f"outputs in {summary['out']}")
+
+
+# ---- info -----------------------------------------------------------------------------------
+def info(args) -> int:
+    import json
+
+    from steprl.registration.model import load_spac, resolve_model_path
+    from steprl.registration.networks import Critic, count_parameters
+
+    path = resolve_model_path(args.model)
+    from steprl.modelfile import read_card
+
+    card = read_card(path)
+    print(json.dumps(card, indent=2))
+    if card.get("method") == "spac":
+        spac = load_spac(path)
+        print(f"parameters: policy (planner + actor) {count_parameters(spac.policy):,}; "
+              f"each critic (training only) {count_parameters(Critic(spac.config)):,}")
+    return 0
+
+
+# ---- train ----------------------------------------------------------------------------------
+def train_command(args) -> int:
+    from steprl.registration.training import train_registration
+
+    train_registration(args)
+    return 0
+
+
+# ---- evaluate -------------------------------------------------------------------------------
+def _read_pairs_csv(path: Path) -> list[dict[str, Path | None]]:
+    if not path.is_file():
+        raise InputError(f"Pairs file {path} not found.",
+                         "Give a CSV with columns fixed,moving[,fixed_labels,moving_labels].")
+    with open(path, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows or not {"fixed", "moving"} <= set(rows[0]):
+        raise InputError(f"{path} has no 'fixed' and 'moving' columns.",
+                         "Write a header line: fixed,moving[,fixed_labels,moving_labels].")
+    base = path.parent
+    def resolve(v):
+        return None if not v else (Path(v) if Path(v).is_absolute() else base / v)
+    return [{k: resolve(row.get(k)) for k in ("fixed", "moving", "fixed_labels", "moving_labels")} for row in rows]
+
+
+def evaluate_command(args) -> int:
+    from steprl.registration.evaluation import evaluate_pairs, format_table
+
+    if args.pairs is not None:
+        pairs = _read_pairs_csv(args.pairs)
+    else:
+        images = expand_files(args.images, "images")
+        labels = expand_files(args.labels, "label maps") if args.labels else None
+        if len(images) < 2:
+            raise InputError("Evaluation needs at least 2 images.", "Give more --images.")
+        if labels is not None and len(labels) != len(images):
+            raise InputError(f"{len(images)} images but {len(labels)} label maps.", "Give one label map per image.")
+        n = len(images)
+        pairs = [{"fixed": images[i], "moving": images[(i + 1) % n],
+                  "fixed_labels": labels[i] if labels else None,
+                  "moving_labels": labels[(i + 1) % n] if labels else None} for i in range(n if n > 2 else 1)]
+    rows = evaluate_pairs(pairs, args.model, steps=args.steps, device=args.device, prealign=args.prealign,
+                          quiet=args.quiet)
+    print(format_table(rows))
+    if args.json:
+        from steprl.io import write_json
+
+        write_json({"pairs": rows}, args.json)
+    return 0

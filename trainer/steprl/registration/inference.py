@@ -1,0 +1,235 @@
+"""SPAC inference: ``register()`` yields the registration step by step, in physical space.
+
+    for result in register(fixed, moving, "spac2d_brain", steps=20):
+        print(result.step, result.metrics["ncc"])
+    final = result.displacement      # Image (*S, ndim): mm, LPS, pull-back, on the network grid
+    warped = result.warped           # Image on the fixed grid (computed on first access)
+
+Pipeline: both images are normalised on their own grids (percentiles), then resampled in
+physical space onto the network grid covering the FIXED image (the moving one through the
+optional affine pre-alignment), so fixed and moving may differ in size, spacing, orientation
+and intensity range. Every step runs the policy with the plan MEAN (deterministic), clamps
+the step to ``max_step`` voxels, composes it into the accumulated field and warps the ORIGINAL
+moving image by it. Step 0 is the input (identity, or the affine alone).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from steprl import spatial
+from steprl.errors import InputError
+from steprl.geometry import Geometry, Image
+from steprl.preprocess import normalise_percentile
+from steprl.registration.model import LoadedSPAC, load_spac
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Context:
+    """What every step shares: grids, tensors on the device, the affine."""
+
+    fixed: Image
+    moving: Image
+    net: Geometry
+    affine: np.ndarray | None
+    moving_raw: torch.Tensor  # (1, 1, *S_moving) original intensities
+    fixed_labels: torch.Tensor | None  # (1, 1, *S_fixed)
+    moving_labels: Image | None
+    labels: list[int]
+
+
+@dataclass
+class StepResult:
+    """One step of a registration.
+
+    Attributes:
+        step: 0 (input) .. n.
+        voxel_field: accumulated voxel displacement on the network grid ``(1, ndim, *S_net)``
+            (device tensor; the affine is not included).
+        metrics: ``ncc`` (local NCC on the network grid), ``folding_percent``, ``seconds``
+            since the start, and with labels ``dice`` (mean) and ``dice_per_label`` on the fixed grid.
+    """
+
+    step: int
+    voxel_field: torch.Tensor
+    metrics: dict
+    _ctx: _Context = field(repr=False)
+    _warped_labels: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def warped_labels(self) -> np.ndarray | None:
+        """The moving labels warped onto the fixed grid (nearest), when labels were given."""
+        return None if self._warped_labels is None else self._warped_labels[0, 0].cpu().numpy().astype(np.int32)
+
+    @property
+    def fixed_labels_array(self) -> np.ndarray | None:
+        """The fixed labels on the fixed grid, when labels were given."""
+        lab = self._ctx.fixed_labels
+        return None if lab is None else lab[0, 0].cpu().numpy().astype(np.int32)
+
+    @cached_property
+    def physical_field(self) -> torch.Tensor:
+        """Total physical displacement ``(1, ndim, *S_net)`` in mm (LPS), affine included."""
+        ctx = self._ctx
+        u = spatial.voxel_to_physical(self.voxel_field, ctx.net)
+        return spatial.total_displacement(u, ctx.net, ctx.affine)
+
+    @cached_property
+    def displacement(self) -> Image:
+        """The accumulated field as a vector Image on the network grid (an ITK displacement field)."""
+        arr = self.physical_field[0].movedim(0, -1).float().cpu().numpy()
+        return Image(arr, self._ctx.net)
+
+    def field_on_fixed_grid(self) -> torch.Tensor:
+        """Physical displacement WITHOUT the affine, resampled onto the fixed grid ``(1, ndim, *S_fixed)``."""
+        ctx = self._ctx
+        u = spatial.voxel_to_physical(self.voxel_field, ctx.net)
+        return spatial.resample(u, ctx.net, ctx.fixed.geometry)
+
+    def warp_moving(self, moving: torch.Tensor, geometry: Geometry, mode: str = "linear") -> torch.Tensor:
+        """Resample any image on the moving side ``(1, C, *S)`` onto the fixed grid by this step."""
+        ctx = self._ctx
+        return spatial.resample(moving, geometry, ctx.fixed.geometry, self.field_on_fixed_grid(), ctx.affine, mode)
+
+    @cached_property
+    def warped(self) -> Image:
+        """The ORIGINAL moving image (its own intensities) warped onto the fixed grid."""
+        ctx = self._ctx
+        out = self.warp_moving(ctx.moving_raw, ctx.moving.geometry)
+        return Image(out[0, 0].cpu().numpy(), ctx.fixed.geometry)
+
+
+def _tensor(array: np.ndarray, device) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None].to(device)
+
+
+def _check_inputs(fixed: Image, moving: Image, model: LoadedSPAC) -> None:
+    from steprl.io import validate_image
+
+    validate_image(fixed, "fixed image")
+    validate_image(moving, "moving image", ndim=fixed.ndim)
+    if fixed.ndim != model.config.ndim:
+        raise InputError(f"The images are {fixed.ndim}D but model '{model.path.stem}' is {model.config.ndim}D.",
+                         f"Choose a {fixed.ndim}D SPAC model.")
+
+
+def _labels_on_fixed(labels: Image | None, fixed: Geometry, device) -> torch.Tensor | None:
+    if labels is None:
+        return None
+    t = _tensor(labels.array, device)
+    if labels.geometry.matches(fixed):
+        return t
+    return spatial.resample(t, labels.geometry, fixed, mode="nearest")
+
+
+def _dice(fixed_labels: torch.Tensor, warped_labels: torch.Tensor, labels: list[int]) -> dict[int, float]:
+    out = {}
+    for lab in labels:
+        a, b = fixed_labels == lab, warped_labels == lab
+        total = int(a.sum() + b.sum())
+        if total:
+            out[lab] = float(2 * (a & b).sum()) / total
+    return out
+
+
+def register(
+    fixed: Image,
+    moving: Image,
+    model: LoadedSPAC | str | Path,
+    steps: int | None = None,
+    device: str | torch.device = "auto",
+    *,
+    fixed_labels: Image | None = None,
+    moving_labels: Image | None = None,
+    prealign: bool = False,
+    max_step: float | None = None,
+    early_stop: int | None = None,
+    bf16: bool | None = None,
+) -> Iterator[StepResult]:
+    """Register ``moving`` to ``fixed`` step by step; yields ``steps + 1`` :class:`StepResult`.
+
+    Args:
+        fixed, moving: scalar Images (2D or 3D, any geometry; intensities any range).
+        model: a :class:`LoadedSPAC`, a model file path or a bundled model name.
+        steps: number of policy steps (default: the model card's, usually 20).
+        device: "auto", "cpu", "cuda", "cuda:N".
+        fixed_labels, moving_labels: optional label maps (any grid) for per-step Dice.
+        prealign: run an affine pre-alignment first (SimpleITK, mutual information).
+        max_step: per-step clamp in voxels (default: the card's, official SPAC 3).
+        early_stop: stop after this many steps without local-NCC improvement (None: never).
+        bf16: autocast the network in bfloat16 (default: on for CUDA, off on CPU).
+    """
+    from steprl.device import resolve_device
+    from steprl.metrics import local_ncc
+
+    dev = resolve_device(device)
+    spac = model if isinstance(model, LoadedSPAC) else load_spac(model, dev)
+    spac.policy.to(dev)
+    _check_inputs(fixed, moving, spac)
+    if (fixed_labels is None) != (moving_labels is None):
+        raise InputError("Only one label map was given.", "Give both fixed and moving labels, or neither.")
+    steps = spac.default_steps if steps is None else int(steps)
+    if steps < 0:
+        raise InputError(f"steps must be >= 0, got {steps}.", "Use e.g. --steps 20.")
+    max_step = spac.max_step if max_step is None else float(max_step)
+    use_bf16 = (dev.type == "cuda") if bf16 is None else bf16
+    start = time.perf_counter()
+
+    from steprl.registration.prealign import affine_prealign
+
+    affine = affine_prealign(fixed, moving) if prealign else None
+    net = fixed.geometry.resized(spac.grid)
+    f_net = spatial.resample(_tensor(normalise_percentile(fixed.array), dev), fixed.geometry, net)
+    m_norm = _tensor(normalise_percentile(moving.array), dev)
+    m_net = spatial.resample(m_norm, moving.geometry, net, affine=affine)
+    label_ids: list[int] = []
+    if fixed_labels is not None:
+        present = set(np.unique(fixed_labels.array).tolist()) | set(np.unique(moving_labels.array).tolist())
+        label_ids = sorted(int(v) for v in present if v != 0)
+    ctx = _Context(fixed, moving, net, affine, _tensor(moving.array, dev),
+                   _labels_on_fixed(fixed_labels, fixed.geometry, dev), moving_labels, label_ids)
+    moving_label_t = None if moving_labels is None else _tensor(moving_labels.array, dev)
+    window = int(spac.card.get("inference", {}).get("ncc_window", 9))
+
+    u = f_net.new_zeros(1, net.ndim, *net.shape)
+    warped = m_net
+    best, since_best = -np.inf, 0
+    for t in range(steps + 1):
+        if t > 0:
+            with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
+                _, step = spac.policy.act(torch.cat([f_net, warped], dim=1), deterministic=True)
+            u = spatial.compose(u, step.float().clamp(-max_step, max_step))
+            warped = spatial.warp(m_net, u)
+        with torch.no_grad():
+            ncc = float(local_ncc(f_net, warped, window))
+            folding = float((spatial.jacobian_determinant(u) <= 0).float().mean() * 100)
+        metrics: dict = {"ncc": ncc, "folding_percent": folding}
+        result = StepResult(t, u, metrics, ctx)
+        if moving_label_t is not None:
+            warped_labels = result.warp_moving(moving_label_t, moving_labels.geometry, mode="nearest")
+            result._warped_labels = warped_labels
+            per_label = _dice(ctx.fixed_labels, warped_labels, label_ids)
+            metrics["dice_per_label"] = per_label
+            metrics["dice"] = float(np.mean(list(per_label.values()))) if per_label else float("nan")
+        metrics["seconds"] = time.perf_counter() - start
+        yield result
+        if early_stop is not None and t > 0:
+            if ncc > best + 1e-4:
+                best, since_best = ncc, 0
+            else:
+                since_best += 1
+                if since_best >= early_stop:
+                    log.info("early stop at step %d: no NCC improvement for %d steps", t, early_stop)
+                    return
+        elif t == 0:
+            best = ncc

@@ -1,0 +1,239 @@
+"""The SPAC learner: SAC on the low-dimensional plan, plus the unsupervised registration loss.
+
+One ``train_iteration`` is one episode on a batch of pairs (``episode_steps`` steps). At each
+step, in this order:
+
+1. **Act and learn to register** (paper Eq. 8): the planner samples a plan ``z`` by
+   reparameterisation, the actor decodes it into a raw step ``a``; the loss
+   ``-LNCC(fixed, moving o (u + a)) + smooth * |grad a|^2 + kl * KL(pi(z|s) || N(0, I))`` trains
+   planner and actor. The ORIGINAL moving image is warped by the composed field.
+2. **Step the environment** with ``a`` clamped to ``+-train_max_step`` voxels; the reward is the
+   Dice improvement of (pseudo-)labels; the transition ``(s, z, r, s')`` enters the replay buffer.
+3. **SAC update** from a replay batch (once the buffer holds ``replay_batch`` transitions):
+   twin critics regress the soft Bellman target with clipped double Q,
+   ``y = r + gamma (1 - d) (min Q'(s', z') - alpha log pi(z'|s'))``; the planner maximises
+   ``min Q(s, z) - alpha log pi(z|s)``; ``log alpha`` is learned towards ``target_entropy``;
+   target critics follow by Polyak averaging with ``tau``.
+
+Multi-process (torchrun): every rank runs its own episodes (different seeds) and gradients
+are averaged across ranks before every optimiser step, which is what DDP does.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import sys
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from steprl import spatial
+from steprl.registration.data import PairSource
+from steprl.registration.environment import RegistrationEnv
+from steprl.registration.networks import Critic, SPACConfig, SPACPolicy, count_parameters, squash
+from steprl.registration.replay import ReplayBuffer
+from steprl.training.distributed import DistInfo, average_gradients
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SPACTrainConfig:
+    """Learning hyper-parameters (stored in checkpoints and model cards)."""
+
+    batch_pairs: int = 4
+    episode_steps: int = 5
+    replay_capacity: int = 2000
+    replay_batch: int = 16
+    gamma: float = 0.9
+    tau: float = 0.005
+    lr: float = 1e-3
+    planner_lr: float = 2e-4  # SAC's planner update; official SPAC uses lr / 5
+    critic_lr: float = 2e-4
+    alpha_lr: float = 1e-4
+    init_log_alpha: float = -1.0
+    target_entropy: float | None = None  # default: -plan_dim / 2
+    ncc_window: int = 9
+    smooth_weight: float = 1.0
+    kl_weight: float = 0.01
+    train_max_step: float = 1.0
+    test_max_step: float = 3.0
+    val_steps: int = 10
+    reward_scale: float = 10.0
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def kl_to_standard_normal(mu: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
+    """Mean KL(N(mu, std) || N(0, I)) over batch and plan dimensions."""
+    var = (2 * log_std).exp()
+    return 0.5 * (var + mu**2 - 1 - 2 * log_std).mean()
+
+
+class SPACLearner:
+    """Implements :class:`steprl.training.loop.Learner` for SPAC."""
+
+    method = "spac"
+
+    def __init__(self, net_cfg: SPACConfig, cfg: SPACTrainConfig, source: PairSource, dist: DistInfo) -> None:
+        from steprl.metrics import local_ncc
+
+        self._ncc = local_ncc
+        self.net_cfg, self.cfg, self.source, self.dist = net_cfg, cfg, source, dist
+        self.device = dist.device
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        self.policy = SPACPolicy(net_cfg).to(self.device)
+        self.critic1, self.critic2 = Critic(net_cfg).to(self.device), Critic(net_cfg).to(self.device)
+        self.critic1_target, self.critic2_target = copy.deepcopy(self.critic1), copy.deepcopy(self.critic2)
+        for p in [*self.critic1_target.parameters(), *self.critic2_target.parameters()]:
+            p.requires_grad_(False)
+        self.log_alpha = torch.nn.Parameter(torch.tensor(cfg.init_log_alpha, device=self.device))
+        self.alpha_holder = torch.nn.Module()
+        self.alpha_holder.log_alpha = self.log_alpha
+        self.target_entropy = cfg.target_entropy if cfg.target_entropy is not None else -net_cfg.plan_dim / 2
+        self.modules = {"policy": self.policy, "critic1": self.critic1, "critic2": self.critic2,
+                        "critic1_target": self.critic1_target, "critic2_target": self.critic2_target,
+                        "alpha": self.alpha_holder}
+        self.optimizers = {
+            "policy": torch.optim.Adam(self.policy.parameters(), lr=cfg.lr),
+            "planner": torch.optim.Adam(self.policy.planner.parameters(), lr=cfg.planner_lr),
+            "critics": torch.optim.Adam([*self.critic1.parameters(), *self.critic2.parameters()], lr=cfg.critic_lr),
+            "alpha": torch.optim.Adam([self.log_alpha], lr=cfg.alpha_lr),
+        }
+        self.replay = ReplayBuffer(cfg.replay_capacity)
+        self.data_description: dict = {}
+        self.rng = np.random.default_rng(cfg.seed + 1000 * dist.rank)
+        if dist.is_main:
+            log.info("SPAC %dD: policy %d parameters, each critic %d", net_cfg.ndim, count_parameters(self.policy),
+                     count_parameters(self.critic1))
+
+    # ---- the Learner protocol -------------------------------------------------------
+    def train_iteration(self, iteration: int) -> dict[str, float]:
+        cfg = self.cfg
+        batch = self.source.sample(cfg.batch_pairs, self.rng).to(self.device)
+        env = RegistrationEnv(batch.fixed, batch.moving, batch.fixed_labels, batch.moving_labels,
+                              self.source.num_labels, cfg.episode_steps, cfg.train_max_step, cfg.reward_scale)
+        state = env.reset()
+        logs: dict[str, list[float]] = {}
+        done = False
+        while not done:
+            plan, step, aux = self._registration_update(env, state)
+            out = env.step(step)
+            self.replay.add(state, plan, out.reward, out.state, out.done)
+            state, done = out.state, out.done
+            _append(logs, aux)
+            _append(logs, {"reward": out.reward.mean().item()})
+            if len(self.replay) >= cfg.replay_batch:
+                _append(logs, self._sac_update())
+        result = {k: float(np.mean(v)) for k, v in logs.items()}
+        result["dice_final"] = env.dice.mean().item()
+        return result
+
+    def validate(self) -> dict[str, float]:
+        """Deterministic rollouts on the fixed validation pairs; ``score`` = final mean Dice."""
+        batch = self.source.validation().to(self.device)
+        env = RegistrationEnv(batch.fixed, batch.moving, batch.fixed_labels, batch.moving_labels,
+                              self.source.num_labels, self.cfg.val_steps, self.cfg.test_max_step)
+        state = env.reset()
+        curve = [env.dice.mean().item()]
+        with torch.no_grad():
+            for _ in range(self.cfg.val_steps):
+                _, step = self.policy.act(state, deterministic=True)
+                state = env.step(step).state
+                curve.append(env.dice.mean().item())
+            ncc = self._ncc(batch.fixed, env.warped(), self.cfg.ncc_window).item()
+        return {"score": curve[-1], "dice_identity": curve[0], "dice_step1": curve[1], "dice_final": curve[-1],
+                "ncc_final": ncc}
+
+    def end_epoch(self, epoch: int) -> None:
+        pass
+
+    def export_model(self) -> tuple[dict[str, torch.Tensor], dict]:
+        state = {k: v.detach().cpu() for k, v in self.policy.state_dict().items()}
+        card = {
+            "method": "spac",
+            "ndim": self.net_cfg.ndim,
+            "config": self.net_cfg.to_dict(),
+            "inference": {"max_step": self.cfg.test_max_step, "steps": 20, "ncc_window": self.cfg.ncc_window},
+            "normalisation": {"kind": "percentile", "percentiles": [0.5, 99.5]},
+            "training": {**self.cfg.to_dict(), "labels": "real" if self.source.labels_are_real else "kmeans-3",
+                         "data": self.data_description, "command": " ".join(["steprl", *sys.argv[1:]])},
+        }
+        return state, card
+
+    def state(self) -> dict:
+        return {"rng": self.rng.bit_generator.state, "replay_next": self.replay.next}
+
+    def load_state(self, state: dict) -> None:
+        if "rng" in state:
+            self.rng.bit_generator.state = state["rng"]
+        self.replay.next = int(state.get("replay_next", 0))
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The replay buffer, so a resumed run continues exactly where it stopped."""
+        return self.replay.to_tensors()
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.replay.load_tensors(tensors)
+
+    # ---- updates ----------------------------------------------------------------------
+    def _step_optimizer(self, name: str, loss: torch.Tensor, params) -> None:
+        opt = self.optimizers[name]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        average_gradients(params)
+        opt.step()
+
+    def _registration_update(self, env: RegistrationEnv, state: torch.Tensor):
+        """Paper Eq. 8 on the current states; returns the sampled plan, raw step and logs."""
+        mu, log_std, skips = self.policy.planner(state)
+        plan, _ = squash(mu, log_std)
+        step = self.policy.actor(plan, skips)
+        warped = env.warped(spatial.compose(env.field, step))
+        ncc = self._ncc(env.fixed, warped, self.cfg.ncc_window)
+        smooth = spatial.gradient_penalty(step)
+        kl = kl_to_standard_normal(mu, log_std)
+        loss = -ncc + self.cfg.smooth_weight * smooth + self.cfg.kl_weight * kl
+        self._step_optimizer("policy", loss, self.policy.parameters())
+        return plan.detach(), step.detach(), {"ncc": ncc.item(), "smooth": smooth.item(), "kl": kl.item()}
+
+    def _sac_update(self) -> dict[str, float]:
+        cfg = self.cfg
+        s, z, r, s2, d = self.replay.sample(cfg.replay_batch, self.rng, self.device)
+        alpha = self.log_alpha.exp().detach()
+        with torch.no_grad():
+            mu2, ls2, _ = self.policy.planner(s2)
+            z2, log_pi2 = squash(mu2, ls2)
+            q_next = torch.min(self.critic1_target(s2, z2), self.critic2_target(s2, z2)).squeeze(1)
+            target = r + cfg.gamma * (1 - d) * (q_next - alpha * log_pi2)
+        q1, q2 = self.critic1(s, z).squeeze(1), self.critic2(s, z).squeeze(1)
+        critic_loss = F.mse_loss(q1, target) + F.mse_loss(q2, target)
+        critic_params = [*self.critic1.parameters(), *self.critic2.parameters()]
+        self._step_optimizer("critics", critic_loss, critic_params)
+
+        mu, log_std, _ = self.policy.planner(s)
+        z_new, log_pi = squash(mu, log_std)
+        q_new = torch.min(self.critic1(s, z_new), self.critic2(s, z_new)).squeeze(1)
+        planner_loss = (alpha * log_pi - q_new).mean()
+        self._step_optimizer("planner", planner_loss, self.policy.planner.parameters())
+        for p in critic_params:  # the planner loss reached the critics: drop those gradients
+            p.grad = None
+
+        alpha_loss = -(self.log_alpha * (log_pi.detach() + self.target_entropy)).mean()
+        self._step_optimizer("alpha", alpha_loss, [self.log_alpha])
+        with torch.no_grad():
+            for target_net, net in ((self.critic1_target, self.critic1), (self.critic2_target, self.critic2)):
+                for tp, p in zip(target_net.parameters(), net.parameters()):
+                    tp.lerp_(p, cfg.tau)
+        return {"critic_loss": critic_loss.item(), "planner_loss": planner_loss.item(),
+                "alpha": self.log_alpha.exp().item(), "q": q1.mean().item()}
+
+
+def _append(logs: dict[str, list[float]], values: dict[str, float]) -> None:
+    for k, v in values.items():
+        logs.setdefault(k, []).append(v)

@@ -1,0 +1,70 @@
+"""Loading a SPAC model file into a ready-to-run policy (never unpickling anything).
+
+``model`` arguments across steprl accept a path to a ``.safetensors`` / ``.json`` model file,
+or the name of a model bundled with steprl (``steprl.models``), e.g. ``"spac2d_brain"``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from steprl.errors import ModelFileError
+from steprl.registration.networks import SPACConfig, SPACPolicy
+
+BUNDLED_DIR = Path(__file__).resolve().parent.parent / "models"
+
+
+@dataclass
+class LoadedSPAC:
+    """A policy in eval mode on its device, with its card and network config."""
+
+    policy: SPACPolicy
+    card: dict
+    config: SPACConfig
+    path: Path
+
+    @property
+    def grid(self) -> tuple[int, ...]:
+        return self.config.grid
+
+    @property
+    def max_step(self) -> float:
+        return float(self.card.get("inference", {}).get("max_step", 3.0))
+
+    @property
+    def default_steps(self) -> int:
+        return int(self.card.get("inference", {}).get("steps", 20))
+
+
+def resolve_model_path(model: str | Path) -> Path:
+    """A path as given if it exists, else a bundled model of that name; ModelFileError otherwise."""
+    path = Path(model)
+    for candidate in (path, path.with_suffix(".safetensors"), BUNDLED_DIR / f"{path.name}.safetensors",
+                      BUNDLED_DIR / path.name):
+        if candidate.is_file():
+            return candidate
+    bundled = ", ".join(sorted(p.stem for p in BUNDLED_DIR.glob("*.safetensors"))) or "none"
+    raise ModelFileError(f"Model '{model}' not found (neither a file nor a bundled model).",
+                         f"Give a .safetensors model path, or one of the bundled models: {bundled}.")
+
+
+def load_spac(model: str | Path, device: torch.device | str = "cpu") -> LoadedSPAC:
+    """Read a SPAC model file, rebuild its network from the card and load the weights."""
+    from steprl.modelfile import check_state_dict, load_model
+
+    path = resolve_model_path(model)
+    state, card = load_model(path, method="spac", device="cpu")
+    try:
+        cfg = SPACConfig.from_dict(card["config"])
+    except (TypeError, ValueError, KeyError) as err:
+        raise ModelFileError(f"Model card of {path.name} has an invalid network config ({err}).",
+                             "Re-export the model with `steprl train registration`.") from err
+    policy = SPACPolicy(cfg)
+    check_state_dict(policy, state, path)
+    policy.to(device).eval()
+    for p in policy.parameters():
+        p.requires_grad_(False)
+    return LoadedSPAC(policy, card, cfg, path)

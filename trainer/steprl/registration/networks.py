@@ -1,0 +1,204 @@
+"""SPAC networks: planner (encoder -> stochastic plan), actor (decoder -> displacement), critic.
+
+2D and 3D alike (``ndim`` chooses Conv2d/Conv3d). Shapes use ``*S`` for the network grid
+(``(H, W)`` or ``(D, H, W)``); every axis of ``S`` must be divisible by ``2 ** len(channels)``.
+
+Architecture (our reading of SPAC, AAAI 2022, and its official 3D code):
+
+- **Planner**: a strided-conv encoder of the state ``(fixed, warped moving)`` ``(B, 2, *S)``;
+  its bottleneck is pooled into a diagonal Gaussian over a low-dimensional plan ``z``
+  (``plan_dim``, 64 in the official 3D code). The encoder's feature maps are the actor's skips.
+- **Actor**: broadcasts a linear projection of ``z`` over the bottleneck grid, then decodes with
+  skip connections from the planner up to HALF the input resolution, and upsamples the
+  predicted displacement (voxels, array-axis order) by 2. Predicting at half resolution is
+  what makes a 20-step policy interactive on a CPU (DESIGN.md, performance notes); the fields
+  SPAC predicts per step are small and smooth, so little is lost.
+- **Critic**: its own strided encoder of the state, globally pooled, concatenated with ``z``,
+  then an MLP -> ``Q(s, z)`` ``(B, 1)``. SAC uses two critics and two target copies.
+
+No normalisation layers: a policy is run on one pair at a time and RL targets move, which
+makes batch statistics unhelpful.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class SPACConfig:
+    """Network sizes; stored in the model card so a model file rebuilds its own network.
+
+    Attributes:
+        ndim: 2 or 3.
+        grid: network grid in array order, e.g. ``(128, 128)`` or ``(128, 128, 128)``.
+        channels: encoder widths per level (each level halves the resolution).
+        plan_dim: size of the stochastic plan ``z``.
+        critic_channels: critic encoder widths.
+        log_std_range: ``(min, max)`` of the plan's log standard deviation.
+    """
+
+    ndim: int = 2
+    grid: tuple[int, ...] = (128, 128)
+    channels: tuple[int, ...] = (16, 32, 32, 32)
+    plan_dim: int = 32
+    critic_channels: tuple[int, ...] = (8, 16, 16, 16)
+    log_std_range: tuple[float, float] = (-5.0, 1.0)
+
+    def __post_init__(self) -> None:
+        if self.ndim not in (2, 3):
+            raise ValueError(f"ndim must be 2 or 3, got {self.ndim}")
+        if len(self.grid) != self.ndim:
+            raise ValueError(f"grid {self.grid} must have {self.ndim} axes")
+        factor = 2 ** len(self.channels)
+        bad = [n for n in self.grid if n % factor]
+        if bad:
+            raise ValueError(f"every grid axis must be divisible by {factor} (2**levels); got {self.grid}")
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SPACConfig:
+        fields = cls.__dataclass_fields__
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in fields})
+
+
+def _conv(ndim: int):
+    return nn.Conv2d if ndim == 2 else nn.Conv3d
+
+
+def _block(ndim: int, cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(_conv(ndim)(cin, cout, 3, stride=stride, padding=1), nn.LeakyReLU(0.2, inplace=True))
+
+
+class Planner(nn.Module):
+    """State ``(B, 2, *S)`` -> ``(mu, log_std)`` each ``(B, plan_dim)``, plus skip features."""
+
+    def __init__(self, cfg: SPACConfig) -> None:
+        super().__init__()
+        nd, chans = cfg.ndim, cfg.channels
+        self.levels = nn.ModuleList()
+        cin = 2
+        for cout in chans:
+            self.levels.append(nn.Sequential(_block(nd, cin, cout, stride=2), _block(nd, cout, cout)))
+            cin = cout
+        self.head = nn.Linear(cin, 2 * cfg.plan_dim)
+        self.log_std_range = cfg.log_std_range
+
+    def forward(self, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        skips = []
+        x = state
+        for level in self.levels:
+            x = level(x)
+            skips.append(x)
+        pooled = x.flatten(2).mean(-1)
+        mu, raw = self.head(pooled.float()).chunk(2, dim=1)
+        lo, hi = self.log_std_range
+        log_std = lo + 0.5 * (hi - lo) * (torch.tanh(raw) + 1.0)
+        return mu, log_std, skips
+
+
+class Actor(nn.Module):
+    """Plan ``z`` ``(B, plan_dim)`` + planner skips -> voxel displacement ``(B, ndim, *S)``."""
+
+    def __init__(self, cfg: SPACConfig) -> None:
+        super().__init__()
+        nd, chans = cfg.ndim, cfg.channels
+        self.ndim = nd
+        self.plan_proj = nn.Linear(cfg.plan_dim, chans[-1])
+        self.ups = nn.ModuleList()
+        cin = 2 * chans[-1]  # bottleneck features + broadcast plan
+        for skip_c in reversed(chans[:-1]):
+            cout = skip_c
+            self.ups.append(_block(nd, cin + skip_c, cout))
+            cin = cout
+        self.out = _conv(nd)(cin, nd, 3, padding=1)
+        # Start near the identity: small initial steps keep early rollouts sane.
+        nn.init.normal_(self.out.weight, std=1e-3)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, plan: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
+        bottom = skips[-1]
+        z = self.plan_proj(plan).to(bottom.dtype)
+        z = z.view(*z.shape, *([1] * self.ndim)).expand(-1, -1, *bottom.shape[2:])
+        x = torch.cat([bottom, z], dim=1)
+        mode = "bilinear" if self.ndim == 2 else "trilinear"
+        for up, skip in zip(self.ups, reversed(skips[:-1])):
+            x = F.interpolate(x, size=skip.shape[2:], mode=mode, align_corners=False)
+            x = up(torch.cat([x, skip], dim=1))
+        half = self.out(x)  # displacement in voxels of the half-resolution grid
+        full = F.interpolate(half.float(), scale_factor=2, mode=mode, align_corners=False)
+        return 2.0 * full  # half-grid voxels -> full-grid voxels
+
+
+class Critic(nn.Module):
+    """``Q(state, plan)``: state ``(B, 2, *S)``, plan ``(B, plan_dim)`` -> ``(B, 1)``."""
+
+    def __init__(self, cfg: SPACConfig) -> None:
+        super().__init__()
+        nd, chans = cfg.ndim, cfg.critic_channels
+        layers, cin = [], 2
+        for cout in chans:
+            layers.append(_block(nd, cin, cout, stride=2))
+            cin = cout
+        self.encoder = nn.Sequential(*layers)
+        hidden = 128
+        self.mlp = nn.Sequential(
+            nn.Linear(cin + cfg.plan_dim, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, hidden), nn.LeakyReLU(0.2),
+            nn.Linear(hidden, 1),
+        )
+
+    def forward(self, state: torch.Tensor, plan: torch.Tensor) -> torch.Tensor:
+        feat = self.encoder(state).flatten(2).mean(-1).float()
+        return self.mlp(torch.cat([feat, plan.float()], dim=1))
+
+
+class SPACPolicy(nn.Module):
+    """What inference needs: planner + actor. ``act`` runs one step.
+
+    This is the module saved in a model file (keys ``planner.*`` and ``actor.*``).
+    """
+
+    def __init__(self, cfg: SPACConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.planner = Planner(cfg)
+        self.actor = Actor(cfg)
+
+    def act(self, state: torch.Tensor, deterministic: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """State ``(B, 2, *S)`` -> (plan ``(B, plan_dim)``, raw voxel step ``(B, ndim, *S)``).
+
+        ``deterministic`` uses the plan mean (test time); otherwise a reparameterised sample.
+        The plan is squashed into ``[-1, 1]`` by tanh (see :func:`squash`). The step is NOT
+        clamped here: the environment / inference clamps it.
+        """
+        mu, log_std, skips = self.planner(state)
+        plan, _ = squash(mu, log_std, deterministic)
+        return plan, self.actor(plan, skips)
+
+
+def squash(mu: torch.Tensor, log_std: torch.Tensor, deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample a plan ``tanh(mu + std * eps)`` (or ``tanh(mu)``) and its log-density ``(B,)``.
+
+    The standard SAC squashing: a bounded plan keeps the critic's maximisation from pushing
+    the plan to infinity (the official SPAC code instead penalises a KL term in the planner
+    loss). The log-density includes the tanh change of variables.
+    """
+    import math
+
+    pre = mu if deterministic else mu + log_std.exp() * torch.randn_like(mu)
+    plan = torch.tanh(pre)
+    noise = (pre - mu) / log_std.exp()
+    log_prob = (-0.5 * noise**2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+    log_prob = log_prob - (2 * (math.log(2) - pre - F.softplus(-2 * pre))).sum(-1)
+    return plan, log_prob
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)

@@ -1,0 +1,129 @@
+"""Run a registration and write its outputs: the files behind ``steprl register`` and ``steprl demo``.
+
+Output folder::
+
+    warped.nii.gz                 the moving image warped onto the fixed grid (fixed geometry)
+    displacement.nii.gz           final field: ITK displacement-field image (LPS mm, pull-back),
+                                  read by SimpleITK (DisplacementFieldTransform) and Slicer as a transform
+    steps/displacement_step_NNN.nii.gz   the accumulated field after each step (optional)
+    metrics.json                  per-step NCC (and Dice with labels), final Jacobian statistics
+    steps.png                     the moving image at selected steps beside the fixed, with the curves
+
+Everything is written into a hidden staging folder next to ``out`` and moved in only when the
+whole run succeeded, so a failure (bad input, a crash, Ctrl-C) never leaves half an output.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+import steprl
+from steprl.geometry import Image
+
+log = logging.getLogger(__name__)
+
+
+def _slice(array: np.ndarray) -> np.ndarray:
+    from steprl.plotting import representative_slice
+
+    return array if array.ndim == 2 else representative_slice(array, axis=0)
+
+
+def _final_metrics(last, fixed_labels: Image | None) -> dict:
+    from steprl import metrics, spatial
+
+    jac = spatial.jacobian_determinant(last.voxel_field)[0].cpu().numpy()
+    out = {"step": last.step, "ncc": last.metrics["ncc"], **metrics.jacobian_stats(jac)}
+    if "dice" in last.metrics:
+        out["dice"] = last.metrics["dice"]
+        out["dice_per_label"] = last.metrics["dice_per_label"]
+    if fixed_labels is not None and last.warped_labels is not None:
+        per = metrics.hd95_per_label(last.warped_labels, last.fixed_labels_array, fixed_labels.geometry.spacing)
+        out["hd95_per_label"] = per
+        finite = [v for v in per.values() if np.isfinite(v)]
+        out["hd95"] = float(np.mean(finite)) if finite else float("nan")
+    return out
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Move every staged file into ``out`` (replacing same-named files), then drop the staging folder."""
+    out.mkdir(parents=True, exist_ok=True)
+    for src in sorted(staging.rglob("*")):
+        if src.is_file():
+            dst = out / src.relative_to(staging)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(src, dst)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def run_and_write(fixed: Image, moving: Image, model, out, *, steps: int | None = None, device="auto",
+                  fixed_labels: Image | None = None, moving_labels: Image | None = None, prealign: bool = False,
+                  max_step: float | None = None, early_stop: int | None = None, step_fields: bool = True,
+                  quiet: bool = False, inputs: dict | None = None) -> dict:
+    """Register and write the outputs listed in the module docstring; returns the metrics summary."""
+    from tqdm import tqdm
+
+    from steprl import io
+    from steprl.device import resolve_device
+    from steprl.plotting import registration_steps_figure, select_steps
+    from steprl.registration.inference import register
+    from steprl.registration.model import load_spac
+
+    dev = resolve_device(device)
+    spac = load_spac(model, dev)
+    n_steps = spac.default_steps if steps is None else steps
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    wanted = set(select_steps(n_steps, 5)) if n_steps > 0 else {0}
+    try:
+        records, pictures, last = [], {}, None
+        start = time.perf_counter()
+        with tqdm(total=n_steps, desc="SPAC", unit="step", disable=quiet, dynamic_ncols=True) as bar:
+            for result in register(fixed, moving, spac, n_steps, dev, fixed_labels=fixed_labels,
+                                   moving_labels=moving_labels, prealign=prealign, max_step=max_step,
+                                   early_stop=early_stop):
+                if step_fields and result.step > 0:
+                    io.write_displacement_field(result.displacement,
+                                                staging / "steps" / f"displacement_step_{result.step:03d}.nii.gz")
+                records.append({"step": result.step, **result.metrics})
+                if result.step in wanted:
+                    pictures[result.step] = _slice(result.warped.array)
+                last = result
+                if result.step:
+                    bar.update(1)
+                    bar.set_postfix(ncc=f"{result.metrics['ncc']:.3f}")
+        if last.step not in pictures:  # stopped early
+            pictures[last.step] = _slice(last.warped.array)
+        io.write_image(last.warped, staging / "warped.nii.gz")
+        io.write_displacement_field(last.displacement, staging / "displacement.nii.gz")
+        summary = {
+            "steprl_version": steprl.__version__,
+            "model": {"path": str(spac.path), "sha256": spac.card.get("sha256"), "method": "spac"},
+            "inputs": inputs or {},
+            "device": str(dev),
+            "prealign": prealign,
+            "steps": records,
+            "final": _final_metrics(last, fixed_labels),
+            "seconds_total": time.perf_counter() - start,
+            "out": str(out),
+        }
+        io.write_json(summary, staging / "metrics.json")
+        curves = {"local NCC": [r["ncc"] for r in records]}
+        if "dice" in records[-1]:
+            curves["Dice"] = [r["dice"] for r in records]
+        shown = sorted(pictures)
+        registration_steps_figure(_slice(fixed.array), [pictures[s] for s in shown], shown, curves,
+                                  staging / "steps.png", title=f"SPAC registration ({spac.path.stem})")
+        _publish(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return summary

@@ -1,0 +1,16 @@
+"""PixelDRL-MG: pixel-level deep reinforcement learning for segmentation (2D, slice by slice).
+
+Liu et al., "Pixel level deep reinforcement learning for accurate and robust medical image
+segmentation", Scientific Reports 15, 8213 (2025), built on PixelRL (Furuta et al.). Every
+pixel is an agent; at each of ``t_max`` steps it either sets itself to zero (background) or
+keeps its value (object), so the mask is refined step by step, with no threshold and no coarse
+mask as input.
+
+Modules (torch is imported by them, not by this package, so importing
+``steprl.segmentation`` stays cheap):
+
+- ``networks``: half-width dilated VGG16 features, self-attention, policy and value heads
+  (:class:`~steprl.segmentation.networks.PixelDRLNet`).
+- ``environment``: the batched pixel environment (state, actions, per-pixel reward).
+- ``pa3c``: the learner's maths (reward-map convolution, n-step returns, PA3C loss, episodes).
+"""
