@@ -63,10 +63,14 @@ class ImagePairSource:
         labels: integer arrays of shape ``S``, or None for K-means pseudo-labels.
         val_count: how many images (taken from the end) are kept for validation only.
         val_pairs: number of validation pairs (drawn once, deterministically, among them).
+        gamma_range: training images get a random gamma ``x ** g``, ``log g`` uniform in
+            ``+-gamma_range`` (0 = off), so the policy relies less on one exact contrast.
     """
 
     def __init__(self, images: Sequence[np.ndarray], labels: Sequence[np.ndarray] | None = None, *,
-                 val_count: int = 2, val_pairs: int = 8, pseudo_classes: int = 3, seed: int = 0) -> None:
+                 val_count: int = 2, val_pairs: int = 8, pseudo_classes: int = 3, seed: int = 0,
+                 gamma_range: float = 0.0) -> None:
+        self.gamma_range = gamma_range
         if len(images) < 2 + val_count:
             raise InputError(f"Training needs at least {2 + val_count} images ({val_count} kept for validation), "
                              f"got {len(images)}.", "Add images, or lower --val-count.")
@@ -92,7 +96,12 @@ class ImagePairSource:
                          _stack([labels[i] for i in f], torch.long), _stack([labels[i] for i in m], torch.long))
 
     def sample(self, n: int, rng: np.random.Generator) -> PairBatch:
-        return self._batch([tuple(rng.choice(self.train_ids, 2, replace=False)) for _ in range(n)])
+        batch = self._batch([tuple(rng.choice(self.train_ids, 2, replace=False)) for _ in range(n)])
+        if self.gamma_range > 0:
+            for t in (batch.fixed, batch.moving):
+                gammas = np.exp(rng.uniform(-self.gamma_range, self.gamma_range, size=n)).astype(np.float32)
+                t.pow_(torch.from_numpy(gammas).view(-1, *([1] * (t.ndim - 1))))
+        return batch
 
     def validation(self) -> PairBatch:
         return self._batch(self.val_pairs)

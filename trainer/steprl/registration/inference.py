@@ -117,7 +117,7 @@ def _check_inputs(fixed: Image, moving: Image, model: LoadedSPAC) -> None:
     from steprl.io import validate_image
 
     validate_image(fixed, "fixed image")
-    validate_image(moving, "moving image", ndim=fixed.ndim)
+    validate_image(moving, "moving image", ndim=fixed.ndim, reference_name="fixed image")
     if fixed.ndim != model.config.ndim:
         raise InputError(f"The images are {fixed.ndim}D but model '{model.path.stem}' is {model.config.ndim}D.",
                          f"Choose a {fixed.ndim}D SPAC model.")
@@ -182,6 +182,10 @@ def register(
     if steps < 0:
         raise InputError(f"steps must be >= 0, got {steps}.", "Use e.g. --steps 20.")
     max_step = spac.max_step if max_step is None else float(max_step)
+    if not max_step > 0:
+        raise InputError(f"max_step must be a positive number of voxels, got {max_step}.", "Use e.g. --max-step 3.")
+    if early_stop is not None and early_stop < 1:
+        raise InputError(f"early_stop must be at least 1 step, got {early_stop}.", "Use e.g. --early-stop 3.")
     use_bf16 = (dev.type == "cuda") if bf16 is None else bf16
     start = time.perf_counter()
 

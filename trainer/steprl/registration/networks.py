@@ -200,5 +200,5 @@ def squash(mu: torch.Tensor, log_std: torch.Tensor, deterministic: bool = False)
 
 
 def count_parameters(module: nn.Module) -> int:
-    """Number of trainable parameters."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+    """Number of parameters (frozen ones included: a loaded policy is frozen)."""
+    return sum(p.numel() for p in module.parameters())

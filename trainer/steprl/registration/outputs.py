@@ -53,8 +53,13 @@ def _final_metrics(last, fixed_labels: Image | None) -> dict:
 
 
 def _publish(staging: Path, out: Path) -> None:
-    """Move every staged file into ``out`` (replacing same-named files), then drop the staging folder."""
+    """Move every staged file into ``out``, then drop the staging folder.
+
+    Same-named files are replaced; a previous run's ``steps/`` folder is removed first, so the
+    per-step fields always belong to the run whose ``metrics.json`` is there.
+    """
     out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out / "steps", ignore_errors=True)
     for src in sorted(staging.rglob("*")):
         if src.is_file():
             dst = out / src.relative_to(staging)

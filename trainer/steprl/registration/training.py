@@ -35,8 +35,10 @@ def build_source(args, ndim_hint: int | None = None):
     grid = tuple(args.grid) if args.grid else _default_grid(ndim)
     if len(grid) != ndim:
         raise InputError(f"--grid has {len(grid)} values but the images are {ndim}D.", f"Give {ndim} values.")
-    source, _ = ImagePairSource.from_files(images, labels, grid, val_count=args.val_count, seed=args.seed)
-    data = {"kind": "files", "images": [str(p) for p in images], "labels": [str(p) for p in labels] if labels else None}
+    source, _ = ImagePairSource.from_files(images, labels, grid, val_count=args.val_count, seed=args.seed,
+                                           gamma_range=args.gamma_augment)
+    data = {"kind": "files", "count": len(images), "folder": str(images[0].parent),
+            "labels": "given" if labels else "3-class K-means pseudo-labels", "gamma_augment": args.gamma_augment}
     return source, grid, data
 
 
@@ -54,10 +56,12 @@ def train_registration(args) -> None:
             net_cfg = SPACConfig(ndim=ndim, grid=grid, channels=tuple(args.channels or (16, 32, 32, 32)),
                                  plan_dim=args.plan_dim or (32 if ndim == 2 else 64))
         except ValueError as err:
-            raise InputError(f"Invalid network settings: {err}.", "Choose a --grid divisible by 2**len(--channels).") \
+            raise InputError(f"Invalid network settings: {str(err).rstrip('.')}.", "Choose a --grid divisible by 2**len(--channels).") \
                 from err
         cfg = SPACTrainConfig(batch_pairs=args.batch, episode_steps=args.episode_steps, lr=args.lr, seed=args.seed)
         learner = SPACLearner(net_cfg, cfg, source, dist)
+        if args.data_licence:
+            data["licence"] = args.data_licence
         learner.data_description = data
         config = {"method": "spac", "network": net_cfg.to_dict(), "training": cfg.to_dict(), "data": data,
                   "epochs": args.epochs}

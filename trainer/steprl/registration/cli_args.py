@@ -1,0 +1,80 @@
+"""Command-line arguments of the registration sub-commands (``register``, ``train registration``,
+``evaluate registration``). Each parser names its handler as ``"module:function"`` so the heavy
+modules are imported only for the command that runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def add_parsers(sub, train_sub, evaluate_sub, add_common) -> None:
+    """Register the registration commands on the top-level, ``train`` and ``evaluate`` sub-parsers."""
+    _add_register(sub, add_common)
+    _add_train(train_sub, add_common)
+    _add_evaluate(evaluate_sub, add_common)
+
+
+def _add_register(sub, add_common) -> None:
+    p = sub.add_parser("register", help="register MOVING onto FIXED with a SPAC model, step by step",
+                       description="Writes warped image, displacement fields, metrics.json and steps.png to --out.")
+    p.add_argument("fixed", type=Path, help="fixed image (NIfTI, NRRD, MHA, PNG, or a DICOM folder)")
+    p.add_argument("moving", type=Path, help="moving image (any grid, orientation and intensity range)")
+    p.add_argument("--model", default=None, help="model file (.safetensors) or bundled model name "
+                                                 "(default: the bundled model for the images' dimension)")
+    p.add_argument("--steps", type=int, default=None, help="policy steps (default: the model's, usually 20)")
+    p.add_argument("--out", type=Path, required=True, help="output folder (created; files are replaced)")
+    p.add_argument("--fixed-labels", type=Path, help="label map of the fixed image (for Dice per step)")
+    p.add_argument("--moving-labels", type=Path, help="label map of the moving image (for Dice per step)")
+    p.add_argument("--prealign", action="store_true", help="affine pre-alignment (SimpleITK) before SPAC")
+    p.add_argument("--max-step", type=float, default=None, help="per-step clamp in voxels (default: model's)")
+    p.add_argument("--early-stop", type=int, default=None, metavar="K",
+                   help="stop after K steps without NCC improvement")
+    p.add_argument("--no-step-fields", action="store_true", help="do not write the per-step displacement fields")
+    p.set_defaults(handler="steprl.registration.commands:register_command")
+    add_common(p)
+
+
+def _add_train(tsub, add_common) -> None:
+    r = tsub.add_parser("registration", help="train a SPAC registration model",
+                        description="Pairs are drawn at random among the images. Runs unchanged under torchrun.")
+    src = r.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", nargs="+", type=Path, help="image files, or one folder of images")
+    src.add_argument("--synthetic", nargs="+", type=int, metavar="N",
+                     help="train on endless synthetic blob pairs of this grid (e.g. 64 64): a quick self-check")
+    r.add_argument("--labels", nargs="+", type=Path, help="label maps (files in image order, or one folder); "
+                                                         "default: 3-class K-means pseudo-labels")
+    r.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, models, logs); resumed if present")
+    r.add_argument("--grid", nargs="+", type=int, help="network grid, array order (default 128 128 / 128 128 128)")
+    r.add_argument("--epochs", type=int, default=20)
+    r.add_argument("--iterations", type=int, default=50, help="episodes per epoch")
+    r.add_argument("--batch", type=int, default=4, help="pairs per episode")
+    r.add_argument("--episode-steps", type=int, default=5, help="steps per training episode")
+    r.add_argument("--val-count", type=int, default=2, help="images kept for validation")
+    r.add_argument("--channels", nargs="+", type=int, default=None, help="encoder widths (default 16 32 32 32)")
+    r.add_argument("--plan-dim", type=int, default=None, help="plan size (default 32 in 2D, 64 in 3D)")
+    r.add_argument("--lr", type=float, default=1e-3, help="learning rate of the registration loss (planner + actor)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--gamma-augment", type=float, default=0.0, metavar="R",
+                   help="random gamma on training images, log-uniform in +-R (e.g. 0.4; default off)")
+    r.add_argument("--data-licence", default=None, help="licence / attribution of the training data, kept in the "
+                                                        "model card (e.g. 'OASIS: research use, cite ...')")
+    r.add_argument("--no-resume", action="store_true",
+                   help="start afresh even if --out holds an interrupted run (its files are overwritten)")
+    r.add_argument("--no-tensorboard", action="store_true")
+    r.set_defaults(handler="steprl.registration.commands:train_command")
+    add_common(r)
+
+
+def _add_evaluate(esub, add_common) -> None:
+    r = esub.add_parser("registration", help="evaluate SPAC over pairs")
+    src = r.add_mutually_exclusive_group(required=True)
+    src.add_argument("--pairs", type=Path, help="CSV with columns fixed,moving[,fixed_labels,moving_labels]")
+    src.add_argument("--images", nargs="+", type=Path, help="images; each is registered to the next (cyclic)")
+    r.add_argument("--labels", nargs="+", type=Path, help="label maps for --images, same order")
+    r.add_argument("--model", default=None)
+    r.add_argument("--steps", type=int, default=None)
+    r.add_argument("--prealign", action="store_true")
+    r.add_argument("--json", type=Path, help="also write the table as JSON")
+    r.set_defaults(handler="steprl.registration.commands:evaluate_command")
+    add_common(r)
