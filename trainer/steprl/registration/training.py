@@ -56,8 +56,8 @@ def train_registration(args) -> None:
             net_cfg = SPACConfig(ndim=ndim, grid=grid, channels=tuple(args.channels or (16, 32, 32, 32)),
                                  plan_dim=args.plan_dim or (32 if ndim == 2 else 64))
         except ValueError as err:
-            raise InputError(f"Invalid network settings: {str(err).rstrip('.')}.", "Choose a --grid divisible by 2**len(--channels).") \
-                from err
+            problem = f"Invalid network settings: {str(err).rstrip('.')}."
+            raise InputError(problem, "Choose a --grid divisible by 2**len(--channels).") from err
         cfg = SPACTrainConfig(batch_pairs=args.batch, episode_steps=args.episode_steps, lr=args.lr, seed=args.seed)
         learner = SPACLearner(net_cfg, cfg, source, dist)
         if args.data_licence:
