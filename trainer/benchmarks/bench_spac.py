@@ -21,7 +21,9 @@ peak RSS belongs to that row alone):
   environment plumbing (composition, warping, local NCC, Jacobian) costs on top of the network;
 - for a bf16 row, after its peaks are recorded, an fp32 run of the same ``register()`` in the
   same process, giving the bf16 speed-up against fp32 measured side by side;
-- peak RSS (``getrusage``), and on CUDA ``torch.cuda.max_memory_allocated``.
+- peak RSS (``getrusage``), and on CUDA ``torch.cuda.max_memory_allocated``;
+- next to every wall time, the process CPU time (all threads) of the same span, and the minor
+  page faults per step: on a shared machine wall time mostly measures the neighbours.
 
 Usage::
 
@@ -29,6 +31,7 @@ Usage::
     python trainer/benchmarks/bench_spac.py --configs 3d128 --devices cpu --precisions fp32 --breakdown
     python trainer/benchmarks/bench_spac.py --markdown results.md
     python trainer/benchmarks/bench_spac.py --one 3d64 cpu bf16 --json   # one row (what the parent runs)
+    python trainer/benchmarks/bench_spac.py --configs 3d128 --child-env OMP_WAIT_POLICY=PASSIVE
 
 torch's default thread count is left alone (printed in the header).
 """
@@ -144,6 +147,7 @@ def _timed_register(spac, fixed, moving, dev, bf16: bool, steps: int) -> dict:
 
     walls, cpus = [], []
     _sync(dev)
+    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     c0, t0 = time.process_time(), time.perf_counter()
     result = None
     for res in register(fixed, moving, spac, steps=steps, device=dev, bf16=bf16):
@@ -154,6 +158,7 @@ def _timed_register(spac, fixed, moving, dev, bf16: bool, steps: int) -> dict:
     # per-step deltas; index 0 is step 1, which still pays first-call costs: medians use steps 2..N
     step_wall = [b - a for a, b in zip(walls[:-1], walls[1:])]
     step_cpu = [b - a for a, b in zip(cpus[:-1], cpus[1:])]
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
     t1 = time.perf_counter()
     _ = result.warped
     _sync(dev)
@@ -167,6 +172,9 @@ def _timed_register(spac, fixed, moving, dev, bf16: bool, steps: int) -> dict:
         "step1_s": step_wall[0],
         "warped_s": warp_s,
         "final_ncc": float(result.metrics["ncc"]),
+        # minor page faults per step: memory freshly mapped from the kernel (large temporaries the
+        # allocator returned and asks for again); a high count is CPU time spent zeroing pages
+        "faults_per_step": faults / max(1, len(walls)),
     }
 
 
@@ -333,9 +341,11 @@ def _target(row: dict) -> tuple[str, str]:
     return text, "PASS" if ok else "FAIL"
 
 
-COLUMNS = ["config", "device", "prec", "params policy", "params critic", "ms/step", "CPU ms/step", "s/{steps} steps",
-           "CPU s", "setup s", "warped s", "fwd ms", "overhead", "CPU overhead", "bf16 speed-up (CPU)",
-           "peak RSS GiB", "start RSS GiB", "peak CUDA GiB", "target", "result"]
+COLUMNS = [
+    "config", "device", "threads", "prec", "params policy", "params critic", "ms/step", "CPU ms/step",
+    "s/{steps} steps", "CPU s", "setup s", "warped s", "fwd ms", "overhead", "CPU overhead", "bf16 speed-up (CPU)",
+    "faults/step", "peak RSS GiB", "start RSS GiB", "peak CUDA GiB", "target", "result",
+]
 
 
 def table(rows: list[dict], steps: int) -> list[list[str]]:
@@ -343,17 +353,19 @@ def table(rows: list[dict], steps: int) -> list[list[str]]:
     out = [[c.replace("{steps}", str(steps)) for c in COLUMNS]]
     for r in rows:
         if "error" in r:
-            out.append([r["config"], r["device"], r["precision"], *[""] * (len(COLUMNS) - 4),
+            out.append([r["config"], r["device"], "", r["precision"], *[""] * (len(COLUMNS) - 5),
                         f"ERROR: {r['error']}"])
             continue
         target, result = _target(r)
         speed = f"{r['speedup_vs_fp32']:.2f}x ({r['speedup_vs_fp32_cpu']:.2f}x)" if "speedup_vs_fp32" in r else ""
         cuda = f"{r['peak_cuda_gib']:.2f}" if "peak_cuda_gib" in r else ""
         out.append([
-            r["config"], r["device"], r["precision"], f"{r['params_policy']:,}", f"{r['params_critic']:,}",
-            f"{r['step_s'] * 1e3:.1f}", f"{r['step_cpu_s'] * 1e3:.1f}", f"{r['total_s']:.2f}", f"{r['cpu_s']:.2f}",
-            f"{r['setup_s']:.2f}", f"{r['warped_s']:.2f}", f"{r['forward_s'] * 1e3:.1f}", f"{r['overhead']:.2f}",
-            f"{r['overhead_cpu']:.2f}", speed, f"{r['peak_rss_gib']:.2f}", f"{r['rss_start_gib']:.2f}", cuda,
+            r["config"], r["device"], str(r["threads"]), r["precision"],
+            f"{r['params_policy']:,}", f"{r['params_critic']:,}",
+            f"{r['step_s'] * 1e3:.1f}", f"{r['step_cpu_s'] * 1e3:.1f}",
+            f"{r['total_s']:.2f}", f"{r['cpu_s']:.2f}", f"{r['setup_s']:.2f}", f"{r['warped_s']:.2f}",
+            f"{r['forward_s'] * 1e3:.1f}", f"{r['overhead']:.2f}", f"{r['overhead_cpu']:.2f}", speed,
+            f"{r['faults_per_step']:.0f}", f"{r['peak_rss_gib']:.2f}", f"{r['rss_start_gib']:.2f}", cuda,
             target, result,
         ])
     return out
@@ -414,6 +426,8 @@ NOTES = [
     "process right after the bf16 one, after the bf16 row's peak memory was recorded.",
     "peak RSS: getrusage ru_maxrss of the row's own subprocess (torch import included; start RSS = RSS after "
     "imports, data and model load); peak CUDA: torch.cuda.max_memory_allocated.",
+    "faults/step: minor page faults per yielded step of the timed run (fresh pages from the kernel for large "
+    "temporaries; each costs CPU time to map and zero).",
     "params critic: ONE critic (SAC training uses two plus two target copies; inference uses none).",
     "target: on the wall time s/N steps (and peak RSS) of 3d128 rows; they assume N = 20.",
 ]
@@ -482,8 +496,14 @@ def main(argv: list[str] | None = None) -> int:
         name, device, precision = args.one
         _wanted([name], CONFIGS, "config")
         _wanted([precision], PRECISIONS, "precision")
-        row = run_one(name, device, precision, args.steps, args.warmup_steps, args.workdir, args.breakdown,
-                      args.reps)
+        from steprl.errors import StepRLError
+
+        try:
+            row = run_one(name, device, precision, args.steps, args.warmup_steps, args.workdir, args.breakdown,
+                          args.reps)
+        except StepRLError as exc:  # e.g. cuda asked for on a machine without it
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         if args.json:
             print(JSON_PREFIX + json.dumps(row), flush=True)
         else:
@@ -517,6 +537,9 @@ def main(argv: list[str] | None = None) -> int:
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     head.append(f"load average at end (1/5/15 min): {load}")
     print(f"load average at end (1/5/15 min): {load}\n")
+    if not rows:
+        print("nothing to measure (no device left)")
+        return 0
     cells = table(rows, args.steps)
     print(format_text(cells))
     extra = format_breakdowns(rows)
