@@ -1,0 +1,86 @@
+"""The module's parameter node: the panel's state, saved with the scene.
+
+In Slicer the class is decorated with ``parameterNodeWrapper``, and ``connectGui`` binds each
+field to the .ui widget whose dynamic property ``SlicerParameterName`` names it (node selectors,
+spin box, check boxes, folder line edit, device combo box). ``model`` is set by the widget code
+(the model list is built at run time) and ``sequenceBrowser`` holds the latest result so that a
+saved scene reopens with its slider.
+
+Outside Slicer (slicer-core, no Qt) ``slicer.parameterNodeWrapper`` does not exist: the class
+stays a plain annotated class, with stand-ins for the two annotations, so that the headless tests
+can read the field names, types and defaults. Do not add ``from __future__ import annotations``
+here: parameterNodeWrapper reads the real types.
+"""
+
+import dataclasses
+import pathlib
+import typing
+from typing import Annotated
+
+from slicer import (
+    vtkMRMLLabelMapVolumeNode,
+    vtkMRMLScalarVolumeNode,
+    vtkMRMLSequenceBrowserNode,
+)
+
+try:
+    from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+except ImportError:  # slicer-core: no Qt, no parameterNodeWrapper
+
+    @dataclasses.dataclass(frozen=True)
+    class WithinRange:  # noqa: D101 - stand-in with the same fields as Slicer's validator
+        minimum: float
+        maximum: float
+
+    @dataclasses.dataclass(frozen=True)
+    class Choice:  # noqa: D101 - stand-in with the same field as Slicer's validator
+        choices: tuple
+
+    def parameterNodeWrapper(classtype):  # noqa: N802 - Slicer's name
+        return classtype
+
+
+#: Device choices (the widget relabels them with what was detected, e.g. "GPU: NVIDIA ...").
+DEVICES = ("auto", "cpu", "cuda")
+#: Bounds of the number of policy steps (the .ui spin box has the same range).
+MIN_STEPS, MAX_STEPS = 1, 200
+
+
+@parameterNodeWrapper
+class SPACRegistrationParameterNode:
+    """Inputs and options of one registration, plus the latest result.
+
+    fixedVolume, movingVolume - the volumes to register (moving is warped onto fixed).
+    fixedLabels, movingLabels - optional label maps; with both, Dice is computed per step.
+    model - the chosen model: a ``.safetensors`` path or a bundled model name.
+    userModelsFolder - a folder of the user's own models (listed after the bundled ones).
+    steps - number of policy steps.
+    device - where the policy runs: auto (GPU when available), cpu or cuda.
+    prealign - affine pre-alignment before the policy.
+    createWarpedVolume - "Keep this step" also creates the resampled moving volume.
+    sequenceBrowser - the browser of the latest result (its slider is the step slider).
+    """
+
+    fixedVolume: vtkMRMLScalarVolumeNode
+    movingVolume: vtkMRMLScalarVolumeNode
+    fixedLabels: vtkMRMLLabelMapVolumeNode
+    movingLabels: vtkMRMLLabelMapVolumeNode
+    model: str = ""
+    userModelsFolder: pathlib.Path = pathlib.Path()
+    steps: Annotated[int, WithinRange(MIN_STEPS, MAX_STEPS)] = 20
+    device: Annotated[str, Choice(list(DEVICES))] = "auto"
+    prealign: bool = False
+    createWarpedVolume: bool = False
+    sequenceBrowser: vtkMRMLSequenceBrowserNode
+
+
+def parameter_types() -> dict[str, typing.Any]:
+    """Field name -> annotated type, in declaration order (for the GUI binding checks)."""
+    return typing.get_type_hints(SPACRegistrationParameterNode, include_extras=True)
+
+
+def user_folder(path: pathlib.Path | str | None) -> pathlib.Path | None:
+    """The user models folder, or None when unset (the wrapper's default Path is ".")."""
+    if path is None or str(path) in ("", "."):
+        return None
+    return pathlib.Path(path).expanduser()

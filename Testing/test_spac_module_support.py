@@ -1,0 +1,122 @@
+"""Helpers shared by the SPACRegistration module tests (``test_spac_module_*.py``); no tests here.
+
+The module's Lib is imported from the source tree (``SPACRegistration/`` on ``sys.path``), as
+Slicer does with a scripted module's folder. ``slicer`` is slicer-core's MRML package (no Qt).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MODULE_DIR = REPO_ROOT / "SPACRegistration"
+if str(MODULE_DIR) not in sys.path:
+    sys.path.insert(0, str(MODULE_DIR))
+
+
+def require_slicer_core():
+    """Skip (with the reason) when slicer-core's MRML classes are not importable."""
+    slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (pip install -e 'trainer[test]')")
+    if not hasattr(slicer, "vtkMRMLScene"):
+        pytest.skip("the importable 'slicer' package is not slicer-core (no vtkMRMLScene)")
+    return slicer
+
+
+def save_tiny_model(folder: Path, *, ndim: int = 3, steps: int = 3, name: str = "tiny") -> Path:
+    """A random SPAC policy on a 16^ndim grid whose steps move a few voxels (a near-zero step tests nothing)."""
+    import torch
+    from steprl.modelfile import save_model
+    from steprl.registration.networks import SPACConfig, SPACPolicy
+
+    torch.manual_seed(0)
+    grid = (16,) * ndim
+    cfg = SPACConfig(ndim=ndim, grid=grid, channels=(8, 8), plan_dim=4, critic_channels=(4, 4))
+    policy = SPACPolicy(cfg)
+    with torch.no_grad():
+        policy.actor.out.weight.normal_(0.0, 0.05)
+        policy.actor.out.bias.copy_(torch.tensor([0.6, -0.5, 0.4][:ndim]))
+    card = {"method": "spac", "ndim": ndim, "config": cfg.to_dict(), "inference": {"max_step": 3.0, "steps": steps}}
+    folder.mkdir(parents=True, exist_ok=True)
+    return save_model(folder / name, policy.state_dict(), card)
+
+
+def rotation(degrees: float, axis) -> np.ndarray:
+    """3x3 rotation matrix about ``axis`` (Rodrigues)."""
+    axis = np.asarray(axis, float) / np.linalg.norm(axis)
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    angle = np.radians(degrees)
+    return np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * k @ k
+
+
+def physical_points(geometry) -> np.ndarray:
+    """LPS positions (mm) of every voxel centre, ``(D, H, W, 3)``."""
+    a, b = geometry.tensor_index_to_physical()
+    index = np.stack(np.meshgrid(*[np.arange(n) for n in geometry.shape], indexing="ij"), axis=-1)
+    return index @ a.T + b
+
+
+BLOBS = np.array([[-6.0, 8.0, -12.0], [5.0, 14.0, -20.0], [0.0, 6.0, -16.0], [-3.0, 12.0, -8.0]])
+
+
+def blob_image(points: np.ndarray) -> np.ndarray:
+    """A smooth analytic image of physical (LPS) position: Gaussian blobs on a ramp and a soft 3D
+    chequer pattern (12 mm period), so that a warp shows in every part of a picture."""
+    period = 2 * np.pi / 12.0
+    out = 0.02 * points[..., 0] + 0.01 * points[..., 2]
+    waves = np.sin(period * points)
+    out = out + 0.4 * waves[..., 0] * waves[..., 1] * waves[..., 2]
+    for k, centre in enumerate(BLOBS):
+        out = out + (1.0 + 0.5 * k) * np.exp(-np.sum((points - centre) ** 2, axis=-1) / (2 * 3.5**2))
+    return out.astype(np.float32)
+
+
+def oblique_pair(scale: float = 1.0):
+    """Fixed and moving steprl Images that differ in size, spacing, origin and (oblique, one left-handed)
+    orientation, sampling the same analytic image (no motion: any change comes from the policy)."""
+    from steprl.geometry import Geometry, Image
+
+    fixed_geom = Geometry((int(14 * scale), int(16 * scale), int(15 * scale)), (1.7, 1.4, 2.0),
+                          (-16.0, 0.0, -28.0), rotation(25, (1.0, 2.0, 3.0)))
+    centre = fixed_geom.center()
+    direction = rotation(-20, (0.3, -1.0, 2.0)) @ np.diag([1.0, 1.0, -1.0])
+    shape = (int(22 * scale), int(24 * scale), int(26 * scale))
+    spacing = (1.3, 1.45, 1.2)
+    half = direction @ (np.asarray(spacing) * (np.asarray(shape[::-1]) - 1) / 2)
+    moving_geom = Geometry(shape, spacing, tuple(centre - half), direction)
+    fixed = Image(blob_image(physical_points(fixed_geom)), fixed_geom)
+    moving = Image(blob_image(physical_points(moving_geom)), moving_geom)
+    return fixed, moving
+
+
+def group_alive(pgid: int) -> list[int]:
+    """Pids of live (not zombie) processes in process group ``pgid`` (Linux /proc)."""
+    alive = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            alive.append(int(entry.name))
+    return alive
+
+
+def wait_group_gone(pgid: int, timeout: float = 5.0) -> list[int]:
+    """Live processes of group ``pgid`` once they are gone, or when ``timeout`` passed (a kill is asynchronous)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return group_alive(pgid)
+
+
+needs_proc = pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc to list processes")

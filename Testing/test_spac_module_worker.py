@@ -1,0 +1,206 @@
+"""The worker protocol (``steprl worker``) and the process runner the Slicer logic uses.
+
+The worker is run in-process through ``run_job`` (fast) with an emitter that checks, at the moment
+each event is emitted, that the files it names are already complete; the subprocess path is
+covered by test_spac_module_logic.py and by the CLI tests below.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from steprl import io
+from steprl.worker import read_job, run_job
+from test_spac_module_support import group_alive, needs_proc, oblique_pair, save_tiny_model, wait_group_gone
+
+STEPS = 2
+
+
+@pytest.fixture(scope="module")
+def job_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("worker_job")
+    save_tiny_model(folder, ndim=3, steps=STEPS, name="tiny3d")
+    save_tiny_model(folder, ndim=2, steps=STEPS, name="tiny2d")
+    fixed, moving = oblique_pair()
+    io.write_image(fixed, folder / "fixed.nrrd")
+    io.write_image(moving, folder / "moving.nrrd")
+    labels = (fixed.array > np.percentile(fixed.array, 70)).astype(np.uint8)
+    io.write_image(type(fixed)(labels, fixed.geometry), folder / "fixed_labels.nrrd")
+    labels = (moving.array > np.percentile(moving.array, 70)).astype(np.uint8)
+    io.write_image(type(moving)(labels, moving.geometry), folder / "moving_labels.nrrd")
+    return folder
+
+
+def write_job(folder: Path, name: str = "job.json", **changes) -> Path:
+    job = {"version": 1, "task": "register", "fixed": "fixed.nrrd", "moving": "moving.nrrd",
+           "model": "tiny3d.safetensors", "steps": STEPS, "device": "cpu", "prealign": False, "output": f"out_{name}"}
+    job.update(changes)
+    path = folder / name
+    path.write_text(json.dumps(job), encoding="utf-8")
+    return path
+
+
+class Recorder:
+    """An emitter that records events and checks each step's file when its event is emitted."""
+
+    def __init__(self) -> None:
+        self.events: list[dict] = []
+        self.complete_at_emit: list[bool] = []
+
+    def __call__(self, event: dict) -> None:
+        json.dumps(event, allow_nan=False)  # strict JSON, as the real emitter writes it
+        if event["event"] == "step":
+            path = Path(event["field"])
+            partial = [p for p in path.parent.iterdir() if p.name.startswith(".steprl-tmp-")]
+            self.complete_at_emit.append(path.is_file() and not partial)
+        self.events.append(event)
+
+
+def test_register_job_streams_steps_with_complete_fields(job_folder):
+    from SPACRegistrationLib.protocol import DoneEvent, StartedEvent, StepEvent, parse_line
+
+    record = Recorder()
+    code = run_job(write_job(job_folder, fixed_labels="fixed_labels.nrrd", moving_labels="moving_labels.nrrd"), record)
+    assert code == 0
+    kinds = [e["event"] for e in record.events]
+    assert kinds[-1] == "done" and kinds.count("started") == 1 and "error" not in kinds
+    steps = [e for e in record.events if e["event"] == "step"]
+    assert [e["step"] for e in steps] == list(range(STEPS + 1)) and all(e["total"] == STEPS for e in steps)
+    assert record.complete_at_emit == [True] * (STEPS + 1)  # written (atomically) BEFORE the event
+    assert kinds.index("started") < kinds.index("step")
+    assert all("dice" in e["metrics"] and "ncc" in e["metrics"] for e in steps)
+    assert steps[0]["eta_seconds"] is None and steps[-1]["eta_seconds"] == pytest.approx(0.0)
+
+    # Each field is an ITK displacement field on the network grid covering the fixed image (LPS).
+    fixed = io.read_image(job_folder / "fixed.nrrd")
+    for event in steps:
+        image = sitk.ReadImage(event["field"])
+        assert image.GetNumberOfComponentsPerPixel() == 3 and image.GetSize() == (16, 16, 16)
+        assert image.GetPixelIDValue() == sitk.sitkVectorFloat32
+        assert np.allclose(np.asarray(image.GetDirection()).reshape(3, 3), fixed.geometry.direction, atol=1e-6)
+        assert np.allclose(image.GetOrigin(), fixed.geometry.origin, atol=1e-4)
+        field = sitk.GetArrayFromImage(image)
+        assert (np.abs(field).max() == 0.0) == (event["step"] == 0)
+
+    # The Slicer side reads every line back as a typed event.
+    parsed = [parse_line(json.dumps(e)) for e in record.events]
+    assert isinstance(parsed[-1], DoneEvent) and any(isinstance(p, StartedEvent) for p in parsed)
+    assert [p.step for p in parsed if isinstance(p, StepEvent)] == list(range(STEPS + 1))
+    assert parse_line("some library chatter") is None and parse_line('{"event": "nonsense"}') is None
+
+
+@pytest.mark.parametrize(("changes", "code", "words"), [
+    ({"model": "missing.safetensors"}, 3, ["not found"]),
+    ({"model": "tiny2d.safetensors"}, 2, ["3D", "2D"]),
+    ({"fixed_labels": "fixed_labels.nrrd"}, 2, ["Only one label map"]),
+    ({"steps": -1}, 2, ["steps must be"]),
+    ({"fixed": None}, 2, ["lacks fixed"]),
+    ({"task": "dance"}, 2, ["no known task"]),
+    ({"device": "tpu"}, 2, ["Unknown device"]),
+])
+def test_bad_jobs_end_with_one_error_event(job_folder, changes, code, words):
+    record = Recorder()
+    name = "bad_" + "_".join(f"{k}" for k in changes) + ".json"
+    assert run_job(write_job(job_folder, name, **changes), record) == code
+    errors = [e for e in record.events if e["event"] == "error"]
+    assert len(errors) == 1 and record.events[-1] is errors[0]
+    assert errors[0]["exit_code"] == code and errors[0]["fix"]
+    text = errors[0]["message"] + " " + errors[0]["fix"]
+    for word in words:
+        assert word in text
+    assert not any(e["event"] == "step" for e in record.events)
+
+
+def test_unexpected_exception_is_reported_as_a_bug(job_folder, monkeypatch):
+    import steprl.worker as worker
+
+    def explode(job, emit):
+        raise ZeroDivisionError("oops")
+
+    monkeypatch.setattr(worker, "run_register", explode)
+    record = Recorder()
+    assert run_job(write_job(job_folder, "bug.json"), record) == 1
+    assert record.events == [{"event": "error", "kind": "ZeroDivisionError", "exit_code": 1,
+                              "message": "Unexpected error in the registration worker: ZeroDivisionError: oops",
+                              "fix": "Please report it with the Slicer log (it holds the worker's traceback)."}]
+
+
+def test_read_job_resolves_paths_relative_to_the_job(job_folder):
+    job = read_job(write_job(job_folder, "rel.json"))
+    assert job["fixed"] == str((job_folder / "fixed.nrrd").resolve())
+    assert job["model"] == str((job_folder / "tiny3d.safetensors").resolve())
+    assert Path(job["output"]).is_absolute()
+
+
+def test_cli_worker_prints_only_json_lines(job_folder):
+    """``python -m steprl worker --devices``: stdout holds nothing but events (logs go to stderr)."""
+    proc = subprocess.run([sys.executable, "-m", "steprl", "worker", "--devices", "--debug"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    events = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [e["event"] for e in events] == ["devices", "done"]
+    assert {"value": "cpu"}.items() <= events[0]["devices"][0].items()
+    bad = subprocess.run([sys.executable, "-m", "steprl", "worker", str(job_folder / "absent.json")],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2
+    assert json.loads(bad.stdout)["message"].startswith("Job file")
+
+
+# ---- the process runner ----------------------------------------------------------------------------
+CHILD = """
+import subprocess, sys, time
+subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # a grandchild
+for k in range(3):
+    print(f'{{"event": "progress", "stage": "s{k}", "message": "m{k}"}}', flush=True)
+print("plain text", flush=True)
+sys.stderr.write("warning: something\\n"); sys.stderr.flush()
+time.sleep(60)
+"""
+
+
+@needs_proc
+def test_runner_streams_lines_and_kills_the_whole_tree():
+    from SPACRegistrationLib.process import SubprocessRunner
+    from SPACRegistrationLib.protocol import ProgressEvent, parse_line
+
+    handle = SubprocessRunner().start([sys.executable, "-c", CHILD])
+    lines: list[str] = []
+    deadline = time.monotonic() + 30
+    while len(lines) < 4:
+        lines += handle.read_lines()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert [type(parse_line(line)) for line in lines] == [ProgressEvent] * 3 + [type(None)]
+    deadline = time.monotonic() + 10
+    while len(group_alive(handle.pid)) < 2:  # the worker and its grandchild
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert not handle.finished() and handle.returncode() is None
+    handle.kill(grace_seconds=0.2)
+    assert wait_group_gone(handle.pid) == []
+    assert handle.finished() and handle.returncode() is not None and handle.returncode() < 0
+    assert "warning: something" in handle.stderr_tail()
+
+
+def test_runner_reports_exit_codes_in_words():
+    from SPACRegistrationLib.process import SubprocessRunner
+    from SPACRegistrationLib.protocol import describe_exit
+
+    handle = SubprocessRunner().start([sys.executable, "-c", "import sys; print('{\"event\": \"done\"}'); sys.exit(3)"])
+    deadline = time.monotonic() + 30
+    lines: list[str] = []
+    while not handle.finished():
+        lines += handle.read_lines()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    lines += handle.read_lines()
+    assert lines == ['{"event": "done"}'] and handle.returncode() == 3
+    assert describe_exit(3) == "exit code 3 (a model file problem)"
+    assert describe_exit(-9) == "killed by signal 9"

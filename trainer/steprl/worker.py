@@ -1,0 +1,258 @@
+"""The Slicer worker: ``python -m steprl worker JOB.json`` runs one job and streams JSON-line events.
+
+Why a child process (DESIGN.md, layers): the Slicer GUI stays responsive, Cancel kills the
+process tree, a crash in torch cannot take Slicer down, and torch is never imported into
+Slicer's own process. The Slicer logic (``SPACRegistrationLib``) writes the job, reads the
+events line by line and streams every finished step into the scene.
+
+Job file (JSON, written by the logic; relative paths are relative to the job file's folder)::
+
+    {"version": 1, "task": "register",
+     "fixed": "fixed.nrrd", "moving": "moving.nrrd",          # any grid, LPS headers
+     "fixed_labels": null, "moving_labels": null,             # optional, for Dice per step
+     "model": "spac3d_brain",                                 # bundled name or .safetensors path
+     "steps": 20, "device": "auto", "prealign": false,
+     "output": "out"}                                         # folder for the step fields
+
+    {"version": 1, "task": "devices"}                         # what torch can use here
+
+Events, one JSON object per line on stdout (flushed after each line)::
+
+    {"event": "started", "task": "register", "pid": 4242, "device": "cpu", "model": "...", "steps": 20, "grid": [..]}
+    {"event": "progress", "stage": "loading", "message": "Loading model ..."}
+    {"event": "step", "step": 3, "total": 20, "field": "/abs/out/field_step_003.mha",
+     "metrics": {"ncc": 0.41, "folding_percent": 0.0, "seconds": 2.1}, "eta_seconds": 11.9, "time": 1.7e9}
+    {"event": "devices", "devices": [{"value": "cpu", "label": "CPU (8 threads)"}], "default": "cpu"}
+    {"event": "done", "steps": 20, "seconds": 14.0}
+    {"event": "error", "kind": "InputError", "message": "...", "fix": "...", "exit_code": 2}
+
+Step 0 is the input (identity field, or the affine pre-alignment alone), so a run of ``n``
+steps emits ``n + 1`` step events. Each step's field is an ITK displacement field (LPS mm,
+pull-back, float32, uncompressed MetaImage for speed) on the network grid covering the fixed
+image; it is written atomically (temporary name, then rename) BEFORE its event is printed, so
+whoever reads the event can read the file. Exit codes: 0 done; a user error exits with its
+:class:`~steprl.errors.StepRLError` ``exit_code`` (2 input, 3 model file); anything else is a
+bug and exits 1, always after one ``error`` event. SIGTERM ends the run like Ctrl-C (exit 130).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TextIO
+
+from steprl.errors import InputError, StepRLError
+
+log = logging.getLogger(__name__)
+
+JOB_VERSION = 1
+TASKS = ("register", "devices")
+FIELD_SUFFIX = ".mha"
+
+Emit = Callable[[dict[str, Any]], None]
+
+
+# ---- events ---------------------------------------------------------------------------------
+def _jsonable(value: Any) -> Any:
+    """Metrics as strict JSON: numpy scalars to float, NaN/inf to None, dict keys to str."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        return value
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return number if math.isfinite(number) else None
+
+
+def line_emitter(stream: TextIO) -> Emit:
+    """An ``emit`` that writes one JSON line per event to ``stream`` and flushes it at once."""
+
+    def emit(event: dict[str, Any]) -> None:
+        stream.write(json.dumps(_jsonable(event), allow_nan=False) + "\n")
+        stream.flush()
+
+    return emit
+
+
+def _claim_stdout() -> TextIO:
+    """Keep the real stdout for events and send everything else written to fd 1 to stderr.
+
+    A library printing to stdout (or a C extension writing to fd 1) would otherwise corrupt
+    the event stream.
+    """
+    sys.stdout.flush()
+    events = os.fdopen(os.dup(1), "w", encoding="utf-8", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return events
+
+
+# ---- the job --------------------------------------------------------------------------------
+def read_job(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and check a job file; relative paths become absolute (relative to its folder)."""
+    path = Path(path)
+    try:
+        job = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise InputError(f"Job file {path} does not exist.", "Start the worker from the Slicer module.") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"Job file {path} cannot be read as JSON ({exc}).",
+                         "Start the worker from the Slicer module.") from exc
+    if not isinstance(job, dict) or job.get("task") not in TASKS:
+        raise InputError(f"Job file {path} names no known task (expected one of {', '.join(TASKS)}).",
+                         "Start the worker from the Slicer module.")
+    if job.get("version", JOB_VERSION) > JOB_VERSION:
+        raise InputError(f"Job file {path} has version {job['version']}; this steprl reads up to {JOB_VERSION}.",
+                         "Update the StepRL extension so the module and steprl match.")
+    if job["task"] == "register":
+        missing = [k for k in ("fixed", "moving", "model", "output") if not job.get(k)]
+        if missing:
+            raise InputError(f"Job file {path} lacks {', '.join(missing)}.", "Start the worker from the Slicer module.")
+        for key in ("fixed", "moving", "fixed_labels", "moving_labels", "output"):
+            if job.get(key):
+                job[key] = str((path.parent / job[key]).resolve())
+        model = Path(job["model"])
+        if not model.is_absolute() and (path.parent / model).exists():
+            job["model"] = str((path.parent / model).resolve())
+        steps = job.get("steps")
+        if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 0):
+            raise InputError(f"steps must be a whole number >= 0, got {steps!r}.", "Choose e.g. 20 steps.")
+    return job
+
+
+def field_path(output: str | os.PathLike, step: int) -> Path:
+    """Where the field of ``step`` is written."""
+    return Path(output) / f"field_step_{step:03d}{FIELD_SUFFIX}"
+
+
+def _write_field(result, path: Path) -> None:
+    """The step's physical displacement (LPS mm, pull-back) as an uncompressed float32 vector image."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from steprl.geometry import Image
+    from steprl.io import atomic_path
+
+    displacement = result.displacement
+    image = Image(np.asarray(displacement.array, dtype=np.float32), displacement.geometry).to_sitk()
+    with atomic_path(path) as tmp:
+        sitk.WriteImage(image, str(tmp), useCompression=False)
+
+
+def run_devices(emit: Emit) -> None:
+    """Report the devices torch can use here (the module's device selector shows them)."""
+    import torch
+
+    from steprl.device import list_devices
+
+    devices = [{"value": value, "label": label} for value, label in list_devices()]
+    emit({"event": "devices", "devices": devices, "default": "cuda" if torch.cuda.is_available() else "cpu"})
+
+
+def run_register(job: dict[str, Any], emit: Emit) -> int:
+    """Run a registration job, emitting one step event per finished step; returns the step count."""
+    from steprl import io
+    from steprl.device import resolve_device
+    from steprl.registration.inference import register
+    from steprl.registration.model import load_spac
+
+    start = time.perf_counter()
+    output = Path(job["output"])
+    output.mkdir(parents=True, exist_ok=True)
+    emit({"event": "progress", "stage": "reading", "message": "Reading the images"})
+    fixed = io.read_image(job["fixed"], name="fixed volume")
+    moving = io.read_image(job["moving"], name="moving volume")
+    io.validate_image(moving, "moving volume", ndim=fixed.ndim, reference_name="fixed volume")
+    fixed_labels = moving_labels = None
+    if bool(job.get("fixed_labels")) != bool(job.get("moving_labels")):
+        raise InputError("Only one label map was given.",
+                         "Choose both the fixed and the moving label maps, or neither.")
+    if job.get("fixed_labels"):
+        fixed_labels = io.read_labels(job["fixed_labels"], fixed.geometry, name="fixed label map")
+        moving_labels = io.read_labels(job["moving_labels"], moving.geometry, name="moving label map")
+    device = resolve_device(job.get("device") or "auto")
+    emit({"event": "progress", "stage": "loading", "message": f"Loading model {job['model']} on {device}"})
+    spac = load_spac(job["model"], device)
+    steps = spac.default_steps if job.get("steps") is None else int(job["steps"])
+    emit({"event": "started", "task": "register", "pid": os.getpid(), "device": str(device),
+          "model": str(spac.path), "steps": steps, "grid": list(spac.grid)})
+    if job.get("prealign"):
+        emit({"event": "progress", "stage": "prealign", "message": "Affine pre-alignment"})
+    last = 0
+    for result in register(fixed, moving, spac, steps, device, fixed_labels=fixed_labels,
+                           moving_labels=moving_labels, prealign=bool(job.get("prealign"))):
+        path = field_path(output, result.step)
+        _write_field(result, path)  # atomically, before the event that names it
+        elapsed = result.metrics["seconds"]
+        eta = elapsed / result.step * (steps - result.step) if result.step else None
+        emit({"event": "step", "step": result.step, "total": steps, "field": str(path.resolve()),
+              "metrics": result.metrics, "eta_seconds": eta, "time": time.time()})
+        last = result.step
+    emit({"event": "done", "steps": last, "seconds": time.perf_counter() - start})
+    return last
+
+
+def run_job(job_path: str | os.PathLike | None, emit: Emit, *, devices: bool = False) -> int:
+    """Run one job, reporting everything through ``emit``; returns the process exit code.
+
+    Never raises for a user error or a bug: both become one ``error`` event (the traceback of
+    a bug goes to the log, i.e. stderr).
+    """
+    try:
+        if devices or job_path is None:
+            if not devices:
+                raise InputError("No job file given.", "Run `steprl worker JOB.json` or `steprl worker --devices`.")
+            run_devices(emit)
+            emit({"event": "done", "steps": 0, "seconds": 0.0})
+            return 0
+        job = read_job(job_path)
+        if job["task"] == "devices":
+            run_devices(emit)
+            emit({"event": "done", "steps": 0, "seconds": 0.0})
+        else:
+            run_register(job, emit)
+        return 0
+    except StepRLError as err:
+        emit({"event": "error", "kind": type(err).__name__, "message": err.problem, "fix": err.fix,
+              "exit_code": err.exit_code})
+        return err.exit_code
+    except KeyboardInterrupt:
+        emit({"event": "error", "kind": "Interrupted", "message": "The registration was interrupted.", "fix": "",
+              "exit_code": 130})
+        return 130
+    except Exception as err:  # a bug: say so once, keep the traceback in the log
+        log.exception("worker failed")
+        emit({"event": "error", "kind": type(err).__name__,
+              "message": f"Unexpected error in the registration worker: {type(err).__name__}: {err}",
+              "fix": "Please report it with the Slicer log (it holds the worker's traceback).", "exit_code": 1})
+        return 1
+
+
+def _interrupt_on_sigterm() -> None:
+    """Cancel sends SIGTERM first: unwind like Ctrl-C so temporary files are removed."""
+
+    def handler(signum, frame):  # noqa: ARG001 - signal handler signature
+        raise KeyboardInterrupt
+
+    if hasattr(signal, "SIGTERM"):
+        signal.signal(signal.SIGTERM, handler)
+
+
+def main(args) -> int:
+    """Entry point of ``steprl worker`` (see :mod:`steprl.worker_cli`)."""
+    events = _claim_stdout()
+    _interrupt_on_sigterm()
+    return run_job(args.job, line_emitter(events), devices=args.devices)
