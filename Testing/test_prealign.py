@@ -47,3 +47,14 @@ def test_affine_matrix_of_a_sitk_transform():
     m = affine_matrix(t)
     for p in ((0.0, 0.0), (10.0, -4.0), (3.5, 8.0)):
         assert np.allclose(m @ np.array([*p, 1.0]), [*t.TransformPoint(p), 1.0])
+
+
+def test_prealign_of_an_aligned_pair_stays_near_identity_and_small_images_work():
+    rng = np.random.default_rng(5)
+    geom = Geometry((14, 20), (1.0, 1.0), (0.0, 0.0), np.eye(2))
+    base, _ = blob_image(geom.shape, rng, n_blobs=(3, 4))
+    fixed = Image(base.astype(np.float32), geom)
+    moving = Image(base.astype(np.float32) * 2.0 + 1.0, geom)
+    found = affine_prealign(fixed, moving)  # 14 voxels: no shrink level may go below the minimum
+    corners = np.array([[0.0, 0.0, 1.0], [19.0, 0.0, 1.0], [0.0, 13.0, 1.0], [19.0, 13.0, 1.0]]).T
+    assert np.abs(found @ corners - corners)[:2].max() < 1.5

@@ -12,21 +12,50 @@ import logging
 
 import numpy as np
 
+from steprl.errors import InputError
 from steprl.geometry import Image
 
 log = logging.getLogger(__name__)
+
+#: Coarsest level keeps at least this many voxels along every axis.
+_MIN_LEVEL_SIZE = 16
+
+
+def _shrink_factors(shape: tuple[int, ...]) -> list[int]:
+    """``[4, 2, 1]`` or fewer levels, so that no shrunk axis falls below ``_MIN_LEVEL_SIZE`` voxels."""
+    smallest = min(n for n in shape if n > 1)
+    return [f for f in (4, 2) if smallest // f >= _MIN_LEVEL_SIZE] + [1]
 
 
 def affine_prealign(fixed: Image, moving: Image, *, iterations: int = 200, seed: int = 0) -> np.ndarray:
     """Affine fixed -> moving point map ``(ndim + 1, ndim + 1)`` by Mattes mutual information.
 
-    Multi-resolution (shrink 4, 2, 1), centre-of-mass initialisation, 20% random sampling
-    (fixed ``seed`` for reproducibility). Works across modalities and intensity ranges.
+    Multi-resolution (shrink 4, 2, 1 as far as the image size allows), centre-of-mass
+    initialisation, 20% random sampling (fixed ``seed`` for reproducibility). Works across
+    modalities and intensity ranges. If the optimised affine matches the images WORSE than no
+    transform at all (an optimisation that went astray), the identity is returned, with a warning.
     """
     import SimpleITK as sitk
 
     f = sitk.Cast(fixed.to_sitk(), sitk.sitkFloat32)
     m = sitk.Cast(moving.to_sitk(), sitk.sitkFloat32)
+    try:
+        return _register(f, m, fixed, iterations, seed)
+    except RuntimeError as err:  # SimpleITK reports its failures as RuntimeError
+        first = str(err).strip().splitlines()[-1][:200]
+        raise InputError(f"Affine pre-alignment failed ({first}).",
+                         "Check that the two images overlap and show the same anatomy, or run without --prealign.") \
+            from err
+
+
+def _metric(reg, f, m, transform) -> float:
+    reg.SetInitialTransform(transform, inPlace=False)
+    return reg.MetricEvaluate(f, m)
+
+
+def _register(f, m, fixed: Image, iterations: int, seed: int) -> np.ndarray:
+    import SimpleITK as sitk
+
     nd = fixed.ndim
     init = sitk.CenteredTransformInitializer(f, m, sitk.AffineTransform(nd),
                                              sitk.CenteredTransformInitializerFilter.MOMENTS)
@@ -38,13 +67,20 @@ def affine_prealign(fixed: Image, moving: Image, *, iterations: int = 200, seed:
     reg.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-4, numberOfIterations=iterations,
                                                  gradientMagnitudeTolerance=1e-6)
     reg.SetOptimizerScalesFromPhysicalShift()
-    reg.SetShrinkFactorsPerLevel([4, 2, 1])
-    reg.SetSmoothingSigmasPerLevel([2, 1, 0])
+    shrink = _shrink_factors(fixed.geometry.shape)
+    reg.SetShrinkFactorsPerLevel(shrink)
+    reg.SetSmoothingSigmasPerLevel([f // 2 for f in shrink])
     reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
+    before = _metric(reg, f, m, sitk.AffineTransform(nd))
     reg.SetInitialTransform(init, inPlace=True)
     reg.Execute(f, m)
-    log.info("affine pre-alignment: metric %.4f after %d iterations", reg.GetMetricValue(),
+    after = _metric(reg, f, m, init)
+    log.info("affine pre-alignment: Mattes MI %.4f -> %.4f after %d iterations", before, after,
              reg.GetOptimizerIteration())
+    if not after < before:  # Mattes MI is negated: lower is better
+        log.warning("affine pre-alignment did not improve on the identity (MI %.4f -> %.4f): keeping the identity",
+                    before, after)
+        return np.eye(nd + 1)
     return affine_matrix(init)
 
 

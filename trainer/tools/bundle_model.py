@@ -1,0 +1,55 @@
+"""Copy a trained model into steprl's bundled models with a complete model card.
+
+    python trainer/tools/bundle_model.py runs/spac2d_oasis spac2d_brain --card-extra card_extra.json
+
+Takes ``RUN/model_best.safetensors`` (+ its card), verifies it loads, and writes
+``trainer/steprl/models/NAME.safetensors`` + ``NAME.json``. The card keeps everything training
+recorded (method, config, normalisation, training command, validation metrics, sha256) and
+gains the keys of ``--card-extra`` (task, modality, data licence and attribution, intended use,
+limits, training time...). Weights trained on data whose licence forbids redistribution
+(e.g. BraTS, CC BY-NC-SA) must never be bundled: the caller states the licence in the extra card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from steprl.io import write_json
+from steprl.modelfile import load_model, model_paths
+
+BUNDLED = Path(__file__).resolve().parents[1] / "steprl" / "models"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", type=Path, help="training run folder (with model_best.safetensors)")
+    parser.add_argument("name", help="bundled model name, e.g. spac2d_brain")
+    parser.add_argument("--card-extra", type=Path, required=True, help="JSON object merged into the card")
+    parser.add_argument("--which", default="best", choices=["best", "last"])
+    args = parser.parse_args(argv)
+
+    weights, card_path = model_paths(args.run / f"model_{args.which}.safetensors")
+    _, card = load_model(weights)  # verifies sha256 and format
+    extra = json.loads(args.card_extra.read_text(encoding="utf-8"))
+    if "licence" not in json.dumps(extra).lower():
+        print("refusing: --card-extra must state the training data's licence", file=sys.stderr)
+        return 2
+    card.update(extra)
+    card["name"] = args.name
+    BUNDLED.mkdir(parents=True, exist_ok=True)
+    target = BUNDLED / f"{args.name}.safetensors"
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.copyfile(weights, tmp)
+    tmp.replace(target)
+    write_json(card, BUNDLED / f"{args.name}.json")
+    load_model(target)  # the bundled copy verifies too
+    print(f"bundled {target} ({card.get('parameters')} parameters)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
