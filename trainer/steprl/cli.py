@@ -15,15 +15,21 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from pathlib import Path
 
 from steprl import __version__
 from steprl.errors import StepRLError
 
+# Idle OpenMP threads sleep instead of spinning: on a busy or shared CPU, spinning threads burn
+# the cores their partners need (measured: 3x less CPU per 3D SPAC step on a loaded 2-core
+# machine, trainer/benchmarks/README.md). Set before torch is imported; the user's value wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 #: Modules with an ``add_parsers(sub, train_sub, evaluate_sub, add_common)`` for further tasks
 #: (segmentation, the Slicer worker). Each parser sets ``handler="module:function"``.
-TASK_PARSERS: list[str] = []
+TASK_PARSERS: list[str] = ["steprl.worker_cli"]
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
