@@ -6,9 +6,14 @@ here touches ``sys.path``.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# As the steprl CLI does: idle OpenMP threads sleep instead of spinning, which matters on the
+# small shared machines CI runs on (set before any test module imports torch).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 #: The repository root (the parent of ``Testing/``).
 REPO_ROOT = Path(__file__).resolve().parent.parent
