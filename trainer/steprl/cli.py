@@ -29,7 +29,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 #: Modules with an ``add_parsers(sub, train_sub, evaluate_sub, add_common)`` for further tasks
 #: (segmentation, the Slicer worker). Each parser sets ``handler="module:function"``.
-TASK_PARSERS: list[str] = ["steprl.worker_cli"]
+TASK_PARSERS: list[str] = ["steprl.worker_cli", "steprl.segmentation.cli_args"]
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:

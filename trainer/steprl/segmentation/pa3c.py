@@ -241,17 +241,19 @@ def collect_episode(
     """Run one sampled episode of ``env.t_max`` steps; the network's outputs keep their graph.
 
     ``images``, ``gt``: ``(B, 1, H, W)`` on the network's device. Call under the autocast of
-    your choice; the loss casts to float32.
+    your choice; the loss casts to float32. The mask-independent part of the network
+    (``net.encode``) runs once per episode; with late fusion its graph is shared by all steps.
     """
     if gt is None:
         raise ValueError("training episodes need the ground truth (gt) for their rewards")
     episode = Episode()
-    state = env.reset(images, gt)
+    env.reset(images, gt)
+    encoded = _encode(net, images, with_value=True)
     while not env.done:
         episode.active.append(env.actionable)
-        logits, value = net(state)
+        logits, value = _decide(net, encoded, env.mask, with_value=True)
         actions = sample_actions(logits, generator)
-        state, reward, _ = env.step(actions)
+        _, reward, _ = env.step(actions)
         episode.logits.append(logits)
         episode.values.append(value)
         episode.actions.append(actions)
@@ -287,13 +289,28 @@ def greedy_masks(
     the last one being the segmentation. The value head is not evaluated.
     """
     env = SegmentationEnv(t_max, allow_revival)
-    state = env.reset(images)
+    env.reset(images)
+    encoded = _encode(net, images, with_value=False)
     masks = []
     while not env.done:
-        logits, _ = net(state, with_value=False)
-        state, _, _ = env.step(greedy_actions(logits))
+        logits, _ = _decide(net, encoded, env.mask, with_value=False)
+        env.step(greedy_actions(logits))
         masks.append(env.mask.clone())
     return masks
+
+
+def _encode(net: nn.Module, images: torch.Tensor, with_value: bool):
+    """``net.encode`` when the network splits image and mask (PixelDRLNet), else the images themselves."""
+    encode = getattr(net, "encode", None)
+    return encode(images, with_value=with_value) if callable(encode) else images
+
+
+def _decide(net: nn.Module, encoded, mask: torch.Tensor, with_value: bool):
+    """One step's ``(logits, value)``: ``net.decide`` on the encoding, or ``net([images, mask])``."""
+    decide = getattr(net, "decide", None)
+    if callable(decide):
+        return decide(encoded, mask, with_value=with_value)
+    return net(torch.cat([encoded, mask.to(encoded.dtype)], dim=1), with_value=with_value)
 
 
 def make_optimizer(modules: Iterable[nn.Module], config: PA3CConfig) -> torch.optim.Adam:

@@ -1,0 +1,107 @@
+"""Command-line arguments of the segmentation sub-commands (``segment``, ``train segmentation``,
+``evaluate segmentation``). Each parser names its handler as ``"module:function"`` so torch and
+the heavy modules are imported only for the command that runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+AXES = ("axial", "coronal", "sagittal", "0", "1", "2")
+
+
+def add_parsers(sub, train_sub, evaluate_sub, add_common) -> None:
+    """Register the segmentation commands on the top-level, ``train`` and ``evaluate`` sub-parsers."""
+    _add_segment(sub, add_common)
+    _add_train(train_sub, add_common)
+    _add_evaluate(evaluate_sub, add_common)
+
+
+def _add_slicing(p) -> None:
+    p.add_argument("--axis", default="axial", choices=AXES,
+                   help="slicing axis of 3D volumes: axial, coronal, sagittal (from the image orientation) "
+                        "or the array axis 0, 1, 2 (default axial)")
+    p.add_argument("--label-values", nargs="+", type=int, default=None, metavar="V",
+                   help="label values that form the object (default: every label > 0)")
+
+
+def _add_precision(p) -> None:
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bfloat16 autocast (default: on for CUDA and CPUs with native bf16)")
+
+
+def _add_segment(sub, add_common) -> None:
+    p = sub.add_parser("segment", help="segment IMAGE with a PixelDRL-MG (or U-Net) model, step by step",
+                       description="Writes labelmap, per-step masks, metrics.json (with --labels) and steps.png.")
+    p.add_argument("image", type=Path, help="2D image or 3D volume (NIfTI, NRRD, MHA, PNG, or a DICOM folder)")
+    p.add_argument("--model", required=True, help="segmentation model file (.safetensors with its .json card)")
+    p.add_argument("--out", type=Path, required=True, help="output folder (created; files are replaced)")
+    p.add_argument("--labels", type=Path, help="reference label map (any grid: resampled onto the image) "
+                                               "for per-step Dice and the final metrics")
+    p.add_argument("--steps", type=int, default=None, help="policy steps (default: the model's, 10)")
+    _add_slicing(p)
+    p.add_argument("--batch-slices", type=int, default=16, metavar="N", help="slices per network call (default 16)")
+    p.add_argument("--format", choices=("nii.gz", "nrrd"), default="nii.gz", help="labelmap file format")
+    p.add_argument("--no-step-masks", action="store_true", help="do not write the per-step masks")
+    _add_precision(p)
+    p.set_defaults(handler="steprl.segmentation.commands:segment_command")
+    add_common(p)
+
+
+def _add_train(tsub, add_common) -> None:
+    r = tsub.add_parser("segmentation", help="train a PixelDRL-MG (or U-Net baseline) segmentation model",
+                        description="2D, slice by slice. Runs unchanged under torchrun.")
+    src = r.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", nargs="+", type=Path, help="image files (2D or 3D), or one folder of images")
+    src.add_argument("--synthetic", nargs="+", type=int, metavar="N",
+                     help="train on endless synthetic noisy-ellipse slices of H W pixels: a quick self-check")
+    r.add_argument("--labels", nargs="+", type=Path, help="label maps (files in image order, or one folder)")
+    r.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, models, logs); resumed if present")
+    r.add_argument("--method", choices=("pixeldrl", "pixeldrl-mg", "unet"), default="pixeldrl",
+                   help="pixeldrl (PixelDRL-MG, PA3C) or unet (MONAI U-Net baseline, Dice + BCE); default pixeldrl")
+    r.add_argument("--epochs", type=int, default=20)
+    r.add_argument("--iterations", type=int, default=50, help="updates per epoch (episodes for PixelDRL-MG)")
+    r.add_argument("--batch", type=int, default=8, help="slices per update")
+    r.add_argument("--size", nargs=2, type=int, default=[128, 128], metavar=("H", "W"),
+                   help="network grid the slices are resampled to (default 128 128)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (x0.9 every 25 epochs)")
+    r.add_argument("--revival", action=argparse.BooleanOptionalAction, default=True,
+                   help="a pixel set to zero may come back (default; --no-revival: a zero is final)")
+    r.add_argument("--t-max", type=int, default=10, help="steps per episode (paper: 10)")
+    r.add_argument("--gamma", type=float, default=0.95, help="discount (paper: 0.95)")
+    r.add_argument("--fusion", choices=("late", "input"), default="late",
+                   help="where the mask enters the network: late (fast, default) or input (the paper's reading)")
+    r.add_argument("--widths", nargs=4, type=int, default=[32, 64, 128, 256], metavar="C",
+                   help="PixelDRL-MG encoder widths, VGG16 blocks 1-4 (default 32 64 128 256, the paper's)")
+    r.add_argument("--unet-channels", nargs="+", type=int, default=None,
+                   help="U-Net widths per level (default 64 128 256 512 1024)")
+    _add_slicing(r)
+    r.add_argument("--empty-fraction", type=float, default=0.2,
+                   help="slices without object kept per slice with object (default 0.2)")
+    r.add_argument("--val-count", type=int, default=None, help="cases kept for validation (default 20%%, >= 1)")
+    r.add_argument("--val-slices", type=int, default=64, help="validation slices (evenly spaced; default 64)")
+    r.add_argument("--no-augment", action="store_true", help="no random flips")
+    _add_precision(r)
+    r.add_argument("--data-licence", default=None, help="licence / attribution of the training data, kept in the "
+                                                        "model card")
+    r.add_argument("--no-resume", action="store_true",
+                   help="start afresh even if --out holds an interrupted run (its files are overwritten)")
+    r.add_argument("--no-tensorboard", action="store_true")
+    r.set_defaults(handler="steprl.segmentation.commands:train_command")
+    add_common(r)
+
+
+def _add_evaluate(esub, add_common) -> None:
+    r = esub.add_parser("segmentation", help="evaluate a segmentation model over a dataset (six metrics)")
+    r.add_argument("--images", nargs="+", type=Path, required=True, help="images, or one folder")
+    r.add_argument("--labels", nargs="+", type=Path, required=True, help="label maps in image order, or one folder")
+    r.add_argument("--model", required=True)
+    r.add_argument("--steps", type=int, default=None)
+    _add_slicing(r)
+    r.add_argument("--batch-slices", type=int, default=16, metavar="N")
+    _add_precision(r)
+    r.add_argument("--json", type=Path, help="also write the table as JSON")
+    r.set_defaults(handler="steprl.segmentation.commands:evaluate_command")
+    add_common(r)

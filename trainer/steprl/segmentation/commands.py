@@ -1,0 +1,84 @@
+"""What the segmentation sub-commands of ``steprl`` do (the CLI only parses arguments).
+
+Each function takes the parsed ``argparse.Namespace`` and returns an exit code.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from steprl.errors import InputError
+
+log = logging.getLogger(__name__)
+
+
+def _check_steps(args) -> None:
+    if getattr(args, "steps", None) is not None and args.steps < 0:
+        raise InputError(f"--steps must be >= 0, got {args.steps}.", "Use e.g. --steps 10.")
+    if getattr(args, "batch_slices", 1) < 1:
+        raise InputError(f"--batch-slices must be >= 1, got {args.batch_slices}.", "Use e.g. --batch-slices 16.")
+
+
+def segment_command(args) -> int:
+    from steprl import io
+    from steprl.geometry import Image
+    from steprl.segmentation.data import object_mask
+    from steprl.segmentation.outputs import run_and_write
+
+    _check_steps(args)
+    image = io.read_image(args.image, name="image")
+    labels = None
+    if args.labels is not None:
+        lab = io.read_labels(args.labels, image.geometry, name="label map")
+        labels = Image(object_mask(lab.array, args.label_values).astype(np.uint8), image.geometry)
+    summary = run_and_write(image, args.model, args.out, steps=args.steps, device=args.device, axis=args.axis,
+                            batch_slices=args.batch_slices, labels=labels, fmt=args.format,
+                            step_masks=not args.no_step_masks, bf16=args.bf16, quiet=args.quiet,
+                            inputs={"image": str(args.image), "labels": str(args.labels) if args.labels else None})
+    _print_summary(summary)
+    return 0
+
+
+def _print_summary(summary: dict) -> None:
+    steps = summary["steps"]
+    last = steps[-1]
+    line = f"steps: {last['step']}  object {100 * last['object_fraction']:.2f}% of the voxels"
+    if "final" in summary:
+        final = summary["final"]
+        first = steps[1]["dice"] if len(steps) > 1 else steps[0]["dice"]
+        line += (f"  Dice step 1 {first:.3f} -> {final['dice']:.3f}  IoU {final['iou']:.3f}  "
+                 f"HD95 {final['hd95']:.2f} mm")
+    line += f"  time {summary['seconds_total']:.1f} s"
+    print(line)
+    print(f"outputs in {summary['out']}")
+
+
+def train_command(args) -> int:
+    from steprl.segmentation.training import train_segmentation
+
+    if args.synthetic and args.labels:
+        raise InputError("--labels makes no sense with --synthetic (the synthetic slices bring their own).",
+                         "Drop --labels, or train on --images.")
+    train_segmentation(args)
+    return 0
+
+
+def evaluate_command(args) -> int:
+    from steprl.registration.commands import expand_files
+    from steprl.segmentation.evaluation import evaluate_dataset, format_table, mean_row
+
+    _check_steps(args)
+    images = expand_files(args.images, "images")
+    labels = expand_files(args.labels, "label maps")
+    rows = evaluate_dataset(images, labels, args.model, steps=args.steps, device=args.device, axis=args.axis,
+                            batch_slices=args.batch_slices, label_values=args.label_values, bf16=args.bf16,
+                            quiet=args.quiet)
+    print(format_table(rows))
+    if args.json:
+        from steprl.io import write_json
+
+        write_json({"cases": rows, "mean": mean_row(rows), "model": str(args.model)}, Path(args.json))
+    return 0

@@ -1,0 +1,225 @@
+"""The segmentation learners for :func:`steprl.training.loop.fit`: PixelDRL-MG (PA3C) and the U-Net baseline.
+
+Both draw the same slices (:mod:`steprl.segmentation.data`), one batch per ``train_iteration``
+(one update), so "same data and budget" means the same ``--epochs``, ``--iterations`` and
+``--batch``. Both validate the same way: the masks of the validation slices, pooled Dice
+(``2 sum TP / (sum |P| + sum |G|)`` over all slices, stable with empty slices) as the score.
+
+- :class:`PixelDRLLearner`: one ``train_iteration`` is one episode of ``t_max`` steps on a
+  batch of slices (:func:`steprl.segmentation.pa3c.collect_episode`), terminal n-step returns
+  through the learnable reward-map convolution, loss ``policy + 0.5 value - 0.01 entropy``,
+  gradients averaged across ranks (torchrun), one Adam step over the network and ``w``.
+- :class:`UNetLearner`: MONAI U-Net, Dice + BCE, one Adam step per batch.
+
+Learning rate (both, as in the paper): ``lr * lr_decay ** ((epoch - 1) // lr_decay_every)``,
+i.e. 1e-3 x 0.9 every 25 epochs. It is recomputed from the iteration number before every
+update rather than kept in a scheduler, because the fit loop does not checkpoint schedulers:
+a resumed run therefore continues with the right rate.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from steprl.device import autocast
+from steprl.segmentation.data import NORMALISATION_CARD, SliceBatch, SliceSource, pooled_dice
+from steprl.segmentation.networks import PixelDRLNet, count_parameters, format_parameter_summary
+from steprl.segmentation.pa3c import PA3CConfig, RewardMapConv, collect_episode, episode_loss, greedy_masks
+from steprl.training.distributed import DistInfo, average_gradients
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SegTrainConfig:
+    """What both learners share (stored in checkpoints and model cards)."""
+
+    batch: int = 8
+    iterations_per_epoch: int = 50
+    lr: float = 1e-3
+    lr_decay: float = 0.9
+    lr_decay_every: int = 25  # epochs
+    val_batch: int = 16  # slices per forward in validation
+    seed: int = 0
+    bf16: bool | None = None  # autocast: None = steprl.device's default (on for CUDA, off on CPU)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def learning_rate(cfg: SegTrainConfig, iteration: int) -> float:
+    """The paper's step decay as a function of the global iteration (0-based)."""
+    epoch_index = iteration // max(1, cfg.iterations_per_epoch)  # epoch - 1
+    return cfg.lr * cfg.lr_decay ** (epoch_index // max(1, cfg.lr_decay_every))
+
+
+class _SliceLearner:
+    """What both learners share: RNG, device, learning rate, pooled-Dice validation, the card."""
+
+    method = ""
+
+    def __init__(self, cfg: SegTrainConfig, source: SliceSource, dist: DistInfo) -> None:
+        self.cfg, self.source, self.dist, self.device = cfg, source, dist, dist.device
+        self.rng = np.random.default_rng(cfg.seed + 1000 * dist.rank)
+        self.data_description: dict = dict(getattr(source, "description", {}))
+        self.modules: dict[str, torch.nn.Module] = {}
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+
+    def _set_lr(self, iteration: int) -> float:
+        lr = learning_rate(self.cfg, iteration)
+        for optimizer in self.optimizers.values():
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+        return lr
+
+    def _update(self, loss: torch.Tensor) -> None:
+        optimizer = self.optimizers["adam"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        average_gradients([p for g in optimizer.param_groups for p in g["params"]])
+        optimizer.step()
+
+    def _autocast(self):
+        return autocast(self.device, self.cfg.bf16)
+
+    def _validation_chunks(self):
+        batch = self.source.validation()
+        for start in range(0, len(batch), self.cfg.val_batch):
+            end = start + self.cfg.val_batch
+            yield SliceBatch(batch.images[start:end], batch.masks[start:end]).to(self.device)
+
+    def end_epoch(self, epoch: int) -> None:
+        """Nothing to do: the learning rate is a function of the iteration (see the module docstring)."""
+
+    def state(self) -> dict:
+        return {"rng": self.rng.bit_generator.state}
+
+    def load_state(self, state: dict) -> None:
+        if "rng" in state:
+            self.rng.bit_generator.state = state["rng"]
+
+    def _card(self, net: torch.nn.Module, config: dict, inference: dict, extra_training: dict) -> dict:
+        return {
+            "method": self.method,
+            "ndim": 2,
+            "config": config,
+            "inference": {"size": list(self.source.size), **inference},
+            "normalisation": dict(NORMALISATION_CARD),
+            "labels": {"object": self.data_description.get("object", "labels > 0")},
+            "parameters_trainable": count_parameters(net),
+            "training": {**self.cfg.to_dict(), **extra_training, "data": self.data_description,
+                         "world_size": self.dist.world_size, "command": " ".join(["steprl", *sys.argv[1:]])},
+        }
+
+
+class PixelDRLLearner(_SliceLearner):
+    """PA3C on PixelDRL-MG (see the module docstring). Implements :class:`steprl.training.loop.Learner`."""
+
+    method = "pixeldrl-mg"
+
+    def __init__(self, net_config: dict, pa3c: PA3CConfig, cfg: SegTrainConfig, source: SliceSource,
+                 dist: DistInfo) -> None:
+        super().__init__(cfg, source, dist)
+        self.pa3c = pa3c
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        self.net = PixelDRLNet(**net_config).to(self.device)
+        self.reward_conv = RewardMapConv(pa3c.reward_conv_size).to(self.device)
+        self.modules = {"net": self.net, "reward_conv": self.reward_conv}
+        params = [*self.net.parameters(), *self.reward_conv.parameters()]
+        self.optimizers = {"adam": torch.optim.Adam(params, lr=cfg.lr)}
+        from steprl.segmentation.environment import SegmentationEnv
+
+        self.env = SegmentationEnv(pa3c.t_max, pa3c.allow_revival)
+        if dist.is_main:
+            log.info("PixelDRL-MG (%s fusion): %s", self.net.config["fusion"], format_parameter_summary(self.net))
+
+    def train_iteration(self, iteration: int) -> dict[str, float]:
+        lr = self._set_lr(iteration)
+        batch = self.source.sample(self.cfg.batch, self.rng).to(self.device)
+        self.net.train()
+        with self._autocast():
+            episode = collect_episode(self.net, self.env, batch.images, batch.masks)
+        losses = episode_loss(episode, self.reward_conv, self.pa3c)
+        self._update(losses["total"])
+        out = {"loss": float(losses["total"].detach())}
+        out.update({k: float(v.detach()) for k, v in losses.items() if k != "total"})
+        out["dice_train"] = pooled_dice(episode.final_mask, batch.masks)
+        out["lr"] = lr
+        return out
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Greedy rollouts on the validation slices; ``score`` = pooled Dice after the last step."""
+        self.net.eval()
+        per_step: list[list[torch.Tensor]] = []
+        refs = []
+        for batch in self._validation_chunks():
+            with self._autocast():
+                masks = greedy_masks(self.net, batch.images, self.pa3c.t_max, self.pa3c.allow_revival)
+            per_step.append([m.float().cpu() for m in masks])
+            refs.append(batch.masks.cpu())
+        ref = torch.cat(refs)
+        curve = [pooled_dice(torch.cat([chunk[t] for chunk in per_step]), ref) for t in range(self.pa3c.t_max)]
+        self.net.train()
+        return {"score": curve[-1], "dice_step1": curve[0], "dice_final": curve[-1], "dice_best_step": max(curve)}
+
+    def export_model(self) -> tuple[dict[str, torch.Tensor], dict]:
+        state = {k: v.detach().cpu() for k, v in self.net.state_dict().items()}
+        inference = {"steps": self.pa3c.t_max, "allow_revival": self.pa3c.allow_revival}
+        centre = self.pa3c.reward_conv_size // 2
+        extra = {"pa3c": asdict(self.pa3c),
+                 "reward_conv_centre_weight": float(self.reward_conv.kernel[0, 0, centre, centre].detach().cpu())}
+        return state, self._card(self.net, dict(self.net.config), inference, extra)
+
+
+class UNetLearner(_SliceLearner):
+    """The MONAI U-Net baseline, Dice + BCE. Implements :class:`steprl.training.loop.Learner`."""
+
+    method = "unet"
+
+    def __init__(self, unet_cfg: dict, cfg: SegTrainConfig, source: SliceSource, dist: DistInfo) -> None:
+        from steprl.segmentation.unet import build_unet, check_grid, dice_ce_loss
+
+        super().__init__(cfg, source, dist)
+        check_grid(unet_cfg, source.size)
+        self.unet_cfg = dict(unet_cfg)
+        torch.manual_seed(cfg.seed)
+        self.net = build_unet(unet_cfg).to(self.device)
+        self.loss = dice_ce_loss()
+        self.modules = {"net": self.net}
+        self.optimizers = {"adam": torch.optim.Adam(self.net.parameters(), lr=cfg.lr)}
+        if dist.is_main:
+            log.info("U-Net baseline: %.2fM parameters", count_parameters(self.net) / 1e6)
+
+    def train_iteration(self, iteration: int) -> dict[str, float]:
+        lr = self._set_lr(iteration)
+        batch = self.source.sample(self.cfg.batch, self.rng).to(self.device)
+        self.net.train()
+        with self._autocast():
+            logits = self.net(batch.images)
+        loss = self.loss(logits.float(), batch.masks)
+        self._update(loss)
+        return {"loss": float(loss.detach()), "dice_train": pooled_dice((logits.detach() >= 0).float(), batch.masks),
+                "lr": lr}
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """``score`` = pooled Dice of the thresholded predictions (probability >= 0.5)."""
+        self.net.eval()
+        preds, refs = [], []
+        for batch in self._validation_chunks():
+            with self._autocast():
+                preds.append((self.net(batch.images).float() >= 0).float().cpu())
+            refs.append(batch.masks.cpu())
+        self.net.train()
+        dice = pooled_dice(torch.cat(preds), torch.cat(refs))
+        return {"score": dice, "dice_step1": dice, "dice_final": dice, "dice_best_step": dice}
+
+    def export_model(self) -> tuple[dict[str, torch.Tensor], dict]:
+        state = {k: v.detach().cpu() for k, v in self.net.state_dict().items()}
+        return state, self._card(self.net, dict(self.unet_cfg), {"steps": 1}, {"loss": "Dice + BCE (MONAI DiceCELoss)"})

@@ -1,0 +1,92 @@
+"""Loading a segmentation model file (PixelDRL-MG or the U-Net baseline) without unpickling anything.
+
+``model`` arguments accept a ``.safetensors`` / ``.json`` path or the name of a model bundled
+with steprl (none is bundled for segmentation yet: weights trained on BraTS may not ship).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from steprl.errors import ModelFileError
+
+METHODS = ("pixeldrl-mg", "unet")
+
+
+@dataclass
+class LoadedSegmenter:
+    """A network in eval mode on the CPU (move it with ``.net.to(device)``), with its card."""
+
+    net: torch.nn.Module
+    card: dict
+    path: Path
+
+    @property
+    def method(self) -> str:
+        return str(self.card["method"])
+
+    @property
+    def is_rl(self) -> bool:
+        """True for PixelDRL-MG (a step-by-step policy), False for the one-shot U-Net."""
+        return self.method == "pixeldrl-mg"
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """The network grid (H, W) the slices are resampled to."""
+        size = self.card.get("inference", {}).get("size", [128, 128])
+        return int(size[0]), int(size[1])
+
+    @property
+    def default_steps(self) -> int:
+        return int(self.card.get("inference", {}).get("steps", 10 if self.is_rl else 1))
+
+    @property
+    def allow_revival(self) -> bool:
+        return bool(self.card.get("inference", {}).get("allow_revival", True))
+
+
+def resolve_model_path(model: str | Path) -> Path:
+    """A model file path (or bundled name); the same rules as for registration models."""
+    from steprl.registration.model import resolve_model_path as resolve
+
+    return resolve(model)
+
+
+def build_network(card: dict, path: Path) -> torch.nn.Module:
+    """The untrained network the card's ``config`` describes."""
+    config = dict(card["config"])
+    try:
+        if card["method"] == "pixeldrl-mg":
+            from steprl.segmentation.networks import PixelDRLNet
+
+            return PixelDRLNet(**config)
+        from steprl.segmentation.unet import build_unet
+
+        return build_unet(config)
+    except (TypeError, ValueError, KeyError) as err:
+        raise ModelFileError(f"Model card of {path.name} has an invalid network config ({err}).",
+                             "Re-export the model with `steprl train segmentation`.") from err
+
+
+def load_segmenter(model: str | Path | LoadedSegmenter) -> LoadedSegmenter:
+    """Read a PixelDRL-MG or U-Net model file, rebuild its network from the card, load the weights.
+
+    Raises:
+        ModelFileError: missing or corrupt files, or a model of another method (e.g. a SPAC
+            registration model), or of another dimension.
+    """
+    from steprl.modelfile import check_state_dict, load_model
+
+    if isinstance(model, LoadedSegmenter):
+        return model
+    path = resolve_model_path(model)
+    state, card = load_model(path, method=METHODS, ndim=2, device="cpu")
+    net = build_network(card, path)
+    check_state_dict(net, state, path)
+    net.eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return LoadedSegmenter(net, card, path)
