@@ -67,18 +67,6 @@ COLUMNS = [("pair", "pair", "{}"), ("dice_identity", "Dice id", "{:.3f}"), ("dic
 
 def format_table(rows: list[dict]) -> str:
     """A plain-text table with a final 'mean' row (NaN-aware)."""
-    cols = [c for c in COLUMNS if any(c[0] in r for r in rows)]
-    means = {"pair": "mean"}
-    for key, _, _ in cols[1:]:
-        vals = [r[key] for r in rows if key in r and math.isfinite(r[key])]
-        if vals:
-            means[key] = float(np.mean(vals))
-    cells = [[title for _, title, _ in cols]]
-    for r in [*rows, means]:
-        cells.append([fmt.format(r[key]) if key in r else "-" for key, _, fmt in cols])
-    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-             for row in cells]
-    lines.insert(1, "-" * len(lines[0]))
-    lines.insert(len(lines) - 1, "-" * len(lines[0]))
-    return "\n".join(lines)
+    from steprl.reporting import format_table as table
+
+    return table(rows, COLUMNS)

@@ -16,7 +16,6 @@ whole run succeeded, so a failure (bad input, a crash, Ctrl-C) never leaves half
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -26,6 +25,7 @@ import numpy as np
 
 import steprl
 from steprl.geometry import Image
+from steprl.reporting import publish
 
 log = logging.getLogger(__name__)
 
@@ -50,22 +50,6 @@ def _final_metrics(last, fixed_labels: Image | None) -> dict:
         finite = [v for v in per.values() if np.isfinite(v)]
         out["hd95"] = float(np.mean(finite)) if finite else float("nan")
     return out
-
-
-def _publish(staging: Path, out: Path) -> None:
-    """Move every staged file into ``out``, then drop the staging folder.
-
-    Same-named files are replaced; a previous run's ``steps/`` folder is removed first, so the
-    per-step fields always belong to the run whose ``metrics.json`` is there.
-    """
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(out / "steps", ignore_errors=True)
-    for src in sorted(staging.rglob("*")):
-        if src.is_file():
-            dst = out / src.relative_to(staging)
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(src, dst)
-    shutil.rmtree(staging, ignore_errors=True)
 
 
 def run_and_write(fixed: Image, moving: Image, model, out, *, steps: int | None = None, device="auto",
@@ -127,7 +111,7 @@ def run_and_write(fixed: Image, moving: Image, model, out, *, steps: int | None 
         shown = sorted(pictures)
         registration_steps_figure(_slice(fixed.array), [pictures[s] for s in shown], shown, curves,
                                   staging / "steps.png", title=f"SPAC registration ({spac.path.stem})")
-        _publish(staging, out)
+        publish(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

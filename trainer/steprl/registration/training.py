@@ -7,7 +7,6 @@ Runs unchanged under torchrun: ``torchrun --nproc_per_node 2 -m steprl train reg
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
 from steprl.errors import InputError
@@ -45,7 +44,7 @@ def build_source(args, ndim_hint: int | None = None):
 def train_registration(args) -> None:
     from steprl.registration.learner import SPACLearner, SPACTrainConfig
     from steprl.registration.networks import SPACConfig
-    from steprl.training.distributed import cleanup, init_distributed
+    from steprl.training.distributed import cleanup, exit_if_distributed, init_distributed
     from steprl.training.loop import fit
 
     dist = init_distributed(args.device)
@@ -73,9 +72,4 @@ def train_registration(args) -> None:
                   f"model: {args.out}/model_best.safetensors", file=sys.stdout)
     finally:
         cleanup()
-    if dist.distributed:
-        # torch 2.13 + gloo occasionally aborts in a static destructor AFTER a clean shutdown,
-        # which torchrun reports as a failed run: everything is written, so leave at once.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    exit_if_distributed(dist)

@@ -7,7 +7,6 @@ the seconds; a final ``mean`` row (NaN-aware: HD95 is NaN when only one mask is 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -84,23 +83,13 @@ COLUMNS = [("case", "case", "{}"), ("dice", "Dice", "{:.3f}"), ("ppv", "PPV", "{
 
 def mean_row(rows: list[dict]) -> dict:
     """Means of every numeric column over the finite values (NaN/inf left out)."""
-    means: dict = {"case": "mean"}
-    for key, _, _ in COLUMNS[1:]:
-        values = [r[key] for r in rows if key in r and isinstance(r[key], (int, float)) and math.isfinite(r[key])]
-        if values:
-            means[key] = float(np.mean(values))
-    return means
+    from steprl.reporting import mean_row as means
+
+    return means(rows, COLUMNS)
 
 
 def format_table(rows: list[dict]) -> str:
     """A plain-text table with a final 'mean' row."""
-    cols = [c for c in COLUMNS if any(c[0] in r for r in rows)]
-    cells = [[title for _, title, _ in cols]]
-    for r in [*rows, mean_row(rows)]:
-        cells.append([fmt.format(r[key]) if key in r else "-" for key, _, fmt in cols])
-    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-             for row in cells]
-    lines.insert(1, "-" * len(lines[0]))
-    lines.insert(len(lines) - 1, "-" * len(lines[0]))
-    return "\n".join(lines)
+    from steprl.reporting import format_table as table
+
+    return table(rows, COLUMNS)

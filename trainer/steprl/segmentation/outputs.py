@@ -17,7 +17,6 @@ longer run survives), so a failure never leaves half an output.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -27,6 +26,7 @@ import numpy as np
 
 import steprl
 from steprl.geometry import Image
+from steprl.reporting import publish
 
 log = logging.getLogger(__name__)
 
@@ -46,17 +46,6 @@ def picture_slice(array: np.ndarray, axis: int, mask: np.ndarray | None = None) 
 def take(array: np.ndarray, index: int, axis: int) -> np.ndarray:
     """The 2D slice ``index`` along ``axis`` (a 2D array unchanged)."""
     return array if array.ndim == 2 else np.take(array, index, axis=axis)
-
-
-def _publish(staging: Path, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(out / "steps", ignore_errors=True)
-    for src in sorted(staging.rglob("*")):
-        if src.is_file():
-            dst = out / src.relative_to(staging)
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(src, dst)
-    shutil.rmtree(staging, ignore_errors=True)
 
 
 def run_and_write(image: Image, model, out, *, steps: int | None = None, device="auto", axis: str | int = "axial",
@@ -132,7 +121,7 @@ def run_and_write(image: Image, model, out, *, steps: int | None = None, device=
             staging / "steps.png", changed=[take(kept[s][1], index, array_axis) for s in shown],
             title=f"{loaded.method} segmentation ({loaded.path.stem})" + (
                 f", slice {index} along axis {array_axis}" if image.ndim == 3 else ""))
-        _publish(staging, out)
+        publish(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -92,7 +92,7 @@ def train(learner, config: dict, out: str | os.PathLike, *, epochs: int, dist=No
 
 def train_segmentation(args) -> None:
     """The handler behind ``steprl train segmentation`` (see the module docstring)."""
-    from steprl.training.distributed import cleanup, init_distributed
+    from steprl.training.distributed import cleanup, exit_if_distributed, init_distributed
 
     dist = init_distributed(args.device)
     try:
@@ -111,9 +111,4 @@ def train_segmentation(args) -> None:
                   f"model: {Path(args.out) / 'model_best.safetensors'}", file=sys.stdout)
     finally:
         cleanup()
-    if dist.distributed:
-        # As for registration: torch + gloo may abort in a static destructor after a clean
-        # shutdown, which torchrun reports as a failure; everything is written, so leave now.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    exit_if_distributed(dist)

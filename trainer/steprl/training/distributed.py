@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -230,3 +231,14 @@ def cleanup() -> None:
     """
     if torch_dist.is_available() and torch_dist.is_initialized():
         torch_dist.destroy_process_group()
+
+
+def exit_if_distributed(dist: DistInfo) -> None:
+    """End a finished torchrun process at once (flushing output), see :func:`cleanup` for why.
+
+    Call after :func:`cleanup`, once every output is written; a no-op in a single process.
+    """
+    if dist.distributed:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
