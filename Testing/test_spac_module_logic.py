@@ -199,7 +199,12 @@ def test_cancel_mid_run_keeps_the_steps_and_leaves_nothing_behind(models_dir, sc
     nodes = run.nodes
     assert nodes.sequence.GetNumberOfDataNodes() == len(run.steps)
     assert moving.GetParentTransformNode().GetID() == nodes.proxy.GetID()
-    transform, warped = logic.keep_step(run, run.steps[-1], resample=True)  # the last step is usable
+    # The steps received stay usable. Keep step 1: the tiny untrained test policy drifts by up to
+    # 3 voxels a step, so after many steps (a fast machine runs many before the cancel) the
+    # moving volume has left the field of view and a late step's warp is legitimately empty.
+    last, _ = logic.keep_step(run, run.steps[-1])
+    assert grid_array(last).size > 0
+    transform, warped = logic.keep_step(run, run.steps[1], resample=True)
     assert grid_array(transform).size > 0 and slicer.util.arrayFromVolume(warped).std() > 0
     assert logic.poll(run) == []  # a finished run ignores further polls
 
