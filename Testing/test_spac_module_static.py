@@ -146,7 +146,7 @@ def test_parameter_bindings_match_the_parameter_node():
 
 def test_cmake_packages_every_lib_file_and_the_ui():
     text = (MODULE_DIR / "CMakeLists.txt").read_text(encoding="utf-8")
-    listed = set(re.findall(r"\$\{MODULE_NAME\}Lib/(\w+\.py)", text))
+    listed = set(re.findall(r"(?:\$\{MODULE_NAME\}|SPACRegistration)Lib/(\w+\.py)", text))
     on_disk = {p.name for p in (MODULE_DIR / "SPACRegistrationLib").glob("*.py")}
     assert listed == on_disk
     assert "Resources/UI/${MODULE_NAME}.ui" in text
