@@ -14,6 +14,12 @@ Job file (JSON, written by the logic; relative paths are relative to the job fil
      "steps": 20, "device": "auto", "prealign": false,
      "output": "out"}                                         # folder for the step fields
 
+    {"version": 1, "task": "segment",
+     "image": "image.nrrd", "labels": null,                   # labels optional (any grid), Dice per step
+     "model": "pixeldrl_brats",                               # bundled name or .safetensors path
+     "steps": 10, "axis": "axial", "device": "auto",          # steps null: the model card's default
+     "batch_slices": 16, "output": "out"}                     # folder for the step masks
+
     {"version": 1, "task": "devices"}                         # what torch can use here
 
 Events, one JSON object per line on stdout (flushed after each line)::
@@ -22,6 +28,10 @@ Events, one JSON object per line on stdout (flushed after each line)::
     {"event": "progress", "stage": "loading", "message": "Loading model ..."}
     {"event": "step", "step": 3, "total": 20, "field": "/abs/out/field_step_003.mha",
      "metrics": {"ncc": 0.41, "folding_percent": 0.0, "seconds": 2.1}, "eta_seconds": 11.9, "time": 1.7e9}
+    {"event": "step", "step": 3, "total": 10, "mask": "/abs/out/mask_step_003.nrrd",      # task segment
+     "changed": "/abs/out/changed_step_003.nrrd", "metrics": {"object_fraction": 0.1, ...}, ...}
+    {"event": "progress", "stage": "segmenting", "message": "Slices 32 of 155", "done": 32, "total": 155,
+     "eta_seconds": 3.1}                                      # task segment, while the network runs
     {"event": "devices", "devices": [{"value": "cpu", "label": "CPU (8 threads)"}], "default": "cpu"}
     {"event": "done", "steps": 20, "seconds": 14.0}
     {"event": "error", "kind": "InputError", "message": "...", "fix": "...", "exit_code": 2}
@@ -30,9 +40,15 @@ Step 0 is the input (identity field, or the affine pre-alignment alone), so a ru
 steps emits ``n + 1`` step events. Each step's field is an ITK displacement field (LPS mm,
 pull-back, float32, uncompressed MetaImage for speed) on the network grid covering the fixed
 image; it is written atomically (temporary name, then rename) BEFORE its event is printed, so
-whoever reads the event can read the file. Exit codes: 0 done; a user error exits with its
-:class:`~steprl.errors.StepRLError` ``exit_code`` (2 input, 3 model file); anything else is a
-bug and exits 1, always after one ``error`` event. SIGTERM ends the run like Ctrl-C (exit 130).
+whoever reads the event can read the file. A segmentation step's ``mask`` and ``changed`` (the
+voxels that step flipped; all 0 at step 0) are uint8 0/1 uncompressed NRRD files with exactly
+the input image's geometry, both written atomically before the step event; a U-Net model runs
+one step. ``segment()`` yields step 0 at once and steps 1..n after the whole volume has run,
+so the ``progress`` events (slices done) drive the progress bar meanwhile.
+
+Exit codes: 0 done; a user error exits with its :class:`~steprl.errors.StepRLError`
+``exit_code`` (2 input, 3 model file); anything else is a bug and exits 1, always after one
+``error`` event. SIGTERM ends the run like Ctrl-C (exit 130).
 """
 
 from __future__ import annotations
@@ -53,8 +69,13 @@ from steprl.errors import InputError, StepRLError
 log = logging.getLogger(__name__)
 
 JOB_VERSION = 1
-TASKS = ("register", "devices")
+TASKS = ("register", "segment", "devices")
 FIELD_SUFFIX = ".mha"
+MASK_SUFFIX = ".nrrd"
+#: Seconds between two slice-progress events of a segmentation (the GUI needs no more).
+PROGRESS_INTERVAL = 0.25
+#: The task's noun in error messages.
+NOUNS = {"register": "registration", "segment": "segmentation", "devices": "device check"}
 
 Emit = Callable[[dict[str, Any]], None]
 
@@ -117,11 +138,15 @@ def read_job(path: str | os.PathLike) -> dict[str, Any]:
     if job.get("version", JOB_VERSION) > JOB_VERSION:
         raise InputError(f"Job file {path} has version {job['version']}; this steprl reads up to {JOB_VERSION}.",
                          "Update the StepRL extension so the module and steprl match.")
-    if job["task"] == "register":
-        missing = [k for k in ("fixed", "moving", "model", "output") if not job.get(k)]
+    required, paths = {
+        "register": (("fixed", "moving", "model", "output"), ("fixed", "moving", "fixed_labels", "moving_labels")),
+        "segment": (("image", "model", "output"), ("image", "labels")),
+    }.get(job["task"], ((), ()))
+    if required:
+        missing = [k for k in required if not job.get(k)]
         if missing:
             raise InputError(f"Job file {path} lacks {', '.join(missing)}.", "Start the worker from the Slicer module.")
-        for key in ("fixed", "moving", "fixed_labels", "moving_labels", "output"):
+        for key in (*paths, "output"):
             if job.get(key):
                 job[key] = str((path.parent / job[key]).resolve())
         model = Path(job["model"])
@@ -130,12 +155,35 @@ def read_job(path: str | os.PathLike) -> dict[str, Any]:
         steps = job.get("steps")
         if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 0):
             raise InputError(f"steps must be a whole number >= 0, got {steps!r}.", "Choose e.g. 20 steps.")
+    if job["task"] == "segment":
+        batch = job.get("batch_slices", 16)
+        if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+            raise InputError(f"batch_slices must be a whole number >= 1, got {batch!r}.", "Use e.g. 16.")
     return job
 
 
 def field_path(output: str | os.PathLike, step: int) -> Path:
     """Where the field of ``step`` is written."""
     return Path(output) / f"field_step_{step:03d}{FIELD_SUFFIX}"
+
+
+def mask_paths(output: str | os.PathLike, step: int) -> tuple[Path, Path]:
+    """Where the mask and the changed-voxel map of segmentation ``step`` are written."""
+    return (Path(output) / f"mask_step_{step:03d}{MASK_SUFFIX}",
+            Path(output) / f"changed_step_{step:03d}{MASK_SUFFIX}")
+
+
+def _write_mask(image, path: Path) -> None:
+    """A uint8 0/1 Image (input geometry) as an uncompressed NRRD, atomically."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from steprl.geometry import Image
+    from steprl.io import atomic_path
+
+    sitk_image = Image(np.asarray(image.array, dtype=np.uint8), image.geometry).to_sitk()
+    with atomic_path(path) as tmp:
+        sitk.WriteImage(sitk_image, str(tmp), useCompression=False)
 
 
 def _write_field(result, path: Path) -> None:
@@ -205,12 +253,73 @@ def run_register(job: dict[str, Any], emit: Emit) -> int:
     return last
 
 
+def _slice_progress(emit: Emit, start: float) -> Callable[[int, int], None]:
+    """``segment()``'s progress callback: a throttled ``progress`` event with the time left."""
+    last = [-math.inf]
+
+    def progress(done: int, total: int) -> None:
+        now = time.perf_counter()
+        if now - last[0] < PROGRESS_INTERVAL and done < total:
+            return
+        last[0] = now
+        elapsed = now - start
+        eta = elapsed / done * (total - done) if done else None
+        emit({"event": "progress", "stage": "segmenting", "message": f"Slices {done} of {total}", "done": done,
+              "total": total, "eta_seconds": eta})
+
+    return progress
+
+
+def run_segment(job: dict[str, Any], emit: Emit) -> int:
+    """Run a segmentation job, emitting one step event (mask + changed files) per step; returns the last step."""
+    from steprl import io
+    from steprl.device import resolve_device
+    from steprl.segmentation.data import resolve_axis
+    from steprl.segmentation.inference import segment
+    from steprl.segmentation.model import load_segmenter
+
+    start = time.perf_counter()
+    output = Path(job["output"])
+    output.mkdir(parents=True, exist_ok=True)
+    emit({"event": "progress", "stage": "reading", "message": "Reading the image"})
+    image = io.read_image(job["image"], name="input volume")
+    labels = None
+    if job.get("labels"):
+        labels = io.read_labels(job["labels"], image.geometry, name="reference label map")
+    device = resolve_device(job.get("device") or "auto")
+    emit({"event": "progress", "stage": "loading", "message": f"Loading model {job['model']} on {device}"})
+    loaded = load_segmenter(job["model"])
+    steps = loaded.default_steps if job.get("steps") is None else int(job["steps"])
+    if not loaded.is_rl:
+        steps = min(steps, 1)
+    axis = job.get("axis", "axial")
+    array_axis = resolve_axis(axis, image.geometry)
+    emit({"event": "started", "task": "segment", "pid": os.getpid(), "device": str(device),
+          "model": str(loaded.path), "method": loaded.method, "steps": steps, "grid": list(loaded.size),
+          "axis": array_axis, "shape": list(image.array.shape)})
+    last = 0
+    for result in segment(image, loaded, steps, device, axis, int(job.get("batch_slices", 16)), labels=labels,
+                          progress=_slice_progress(emit, time.perf_counter())):
+        mask_path, changed_path = mask_paths(output, result.step)
+        _write_mask(result.mask, mask_path)  # both atomically, before the event that names them
+        _write_mask(result.changed, changed_path)
+        elapsed = result.metrics["seconds"]
+        eta = elapsed / result.step * (steps - result.step) if result.step else None
+        emit({"event": "step", "step": result.step, "total": steps, "mask": str(mask_path.resolve()),
+              "changed": str(changed_path.resolve()), "metrics": result.metrics, "eta_seconds": eta,
+              "time": time.time()})
+        last = result.step
+    emit({"event": "done", "steps": last, "seconds": time.perf_counter() - start})
+    return last
+
+
 def run_job(job_path: str | os.PathLike | None, emit: Emit, *, devices: bool = False) -> int:
     """Run one job, reporting everything through ``emit``; returns the process exit code.
 
     Never raises for a user error or a bug: both become one ``error`` event (the traceback of
     a bug goes to the log, i.e. stderr).
     """
+    noun = "registration"
     try:
         if devices or job_path is None:
             if not devices:
@@ -219,9 +328,12 @@ def run_job(job_path: str | os.PathLike | None, emit: Emit, *, devices: bool = F
             emit({"event": "done", "steps": 0, "seconds": 0.0})
             return 0
         job = read_job(job_path)
+        noun = NOUNS[job["task"]]
         if job["task"] == "devices":
             run_devices(emit)
             emit({"event": "done", "steps": 0, "seconds": 0.0})
+        elif job["task"] == "segment":
+            run_segment(job, emit)
         else:
             run_register(job, emit)
         return 0
@@ -230,13 +342,13 @@ def run_job(job_path: str | os.PathLike | None, emit: Emit, *, devices: bool = F
               "exit_code": err.exit_code})
         return err.exit_code
     except KeyboardInterrupt:
-        emit({"event": "error", "kind": "Interrupted", "message": "The registration was interrupted.", "fix": "",
+        emit({"event": "error", "kind": "Interrupted", "message": f"The {noun} was interrupted.", "fix": "",
               "exit_code": 130})
         return 130
     except Exception as err:  # a bug: say so once, keep the traceback in the log
         log.exception("worker failed")
         emit({"event": "error", "kind": type(err).__name__,
-              "message": f"Unexpected error in the registration worker: {type(err).__name__}: {err}",
+              "message": f"Unexpected error in the {noun} worker: {type(err).__name__}: {err}",
               "fix": "Please report it with the Slicer log (it holds the worker's traceback).", "exit_code": 1})
         return 1
 
