@@ -35,3 +35,15 @@ def shared_data() -> Path:
     if not path.is_dir():
         pytest.skip(f"development data not found at {path} (it lives beside the repository as ../shared/data)")
     return path
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run a test on one torch CPU thread: for small tensors it is faster, and far faster on a
+    shared, loaded machine. Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

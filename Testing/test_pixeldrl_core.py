@@ -23,13 +23,7 @@ from steprl.segmentation.pa3c import (
 PAPER_PARAMETERS = 7.14e6
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one CPU thread is faster, and far faster on a shared, loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _maps(*rows_per_step):

@@ -22,18 +22,13 @@ from steprl.geometry import Geometry, Image
 from steprl.modelfile import save_model
 from steprl.segmentation.inference import segment
 from steprl.worker import mask_paths, read_job, run_job
-from test_spac_module_support import rotation, save_tiny_model
+from test_spac_module_support import assert_one_error_event, rotation, save_tiny_model
 
 STEPS = 3
 SHAPE = (5, 20, 18)  # (D, H, W)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def save_tiny_segmenter(folder: Path, name: str = "tinyseg", method: str = "pixeldrl") -> Path:
@@ -161,13 +156,7 @@ def test_bad_segment_jobs_end_with_one_error_event(job_folder, changes, code, wo
     record = Recorder()
     name = "bad_" + "_".join(f"{k}" for k in changes) + ".json"
     assert run_job(write_job(job_folder, name, **changes), record) == code
-    errors = [e for e in record.events if e["event"] == "error"]
-    assert len(errors) == 1 and record.events[-1] is errors[0]
-    assert errors[0]["exit_code"] == code and errors[0]["fix"]
-    text = errors[0]["message"] + " " + errors[0]["fix"]
-    for word in words:
-        assert word in text
-    assert not any(e["event"] == "step" for e in record.events)
+    assert_one_error_event(record.events, code, words)
 
 
 def test_unexpected_exception_names_the_segmentation_worker(job_folder, monkeypatch):

@@ -13,14 +13,7 @@ from steprl.synthetic import write_segmentation_dataset
 TINY = ["--widths", "4", "8", "16", "32"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(monkeypatch):
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

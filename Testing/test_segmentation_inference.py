@@ -16,13 +16,7 @@ from steprl.segmentation.training import build_learner
 from steprl.synthetic import noisy_ellipse
 from steprl.training.distributed import single_process
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _export(tmp_path, method="pixeldrl", name="model", size=(24, 24), **kwargs):

@@ -16,13 +16,7 @@ SIZE = (32, 32)
 TINY = (8, 16, 32, 64)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors on a shared 2-core machine: one thread is much faster than two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def best_threshold_dice(images: torch.Tensor, masks: torch.Tensor) -> tuple[float, float]:

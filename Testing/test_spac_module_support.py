@@ -120,3 +120,15 @@ def wait_group_gone(pgid: int, timeout: float = 5.0) -> list[int]:
 
 
 needs_proc = pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc to list processes")
+
+
+def assert_one_error_event(events: list[dict], code: int, words: list[str]) -> None:
+    """A failed worker job emitted exactly one ``error`` event, last, with ``code``, a fix, the
+    key ``words`` in its text, and no ``step`` event."""
+    errors = [e for e in events if e["event"] == "error"]
+    assert len(errors) == 1 and events[-1] is errors[0]
+    assert errors[0]["exit_code"] == code and errors[0]["fix"]
+    text = errors[0]["message"] + " " + errors[0]["fix"]
+    for word in words:
+        assert word in text
+    assert not any(e["event"] == "step" for e in events)

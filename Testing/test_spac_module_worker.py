@@ -18,7 +18,14 @@ import pytest
 import SimpleITK as sitk
 from steprl import io
 from steprl.worker import read_job, run_job
-from test_spac_module_support import group_alive, needs_proc, oblique_pair, save_tiny_model, wait_group_gone
+from test_spac_module_support import (
+    assert_one_error_event,
+    group_alive,
+    needs_proc,
+    oblique_pair,
+    save_tiny_model,
+    wait_group_gone,
+)
 
 STEPS = 2
 
@@ -109,13 +116,7 @@ def test_bad_jobs_end_with_one_error_event(job_folder, changes, code, words):
     record = Recorder()
     name = "bad_" + "_".join(f"{k}" for k in changes) + ".json"
     assert run_job(write_job(job_folder, name, **changes), record) == code
-    errors = [e for e in record.events if e["event"] == "error"]
-    assert len(errors) == 1 and record.events[-1] is errors[0]
-    assert errors[0]["exit_code"] == code and errors[0]["fix"]
-    text = errors[0]["message"] + " " + errors[0]["fix"]
-    for word in words:
-        assert word in text
-    assert not any(e["event"] == "step" for e in record.events)
+    assert_one_error_event(record.events, code, words)
 
 
 def test_unexpected_exception_is_reported_as_a_bug(job_folder, monkeypatch):
