@@ -114,6 +114,27 @@ class Geometry:
         )
         return Geometry(tuple(shape), spacing, self.origin, self.direction)
 
+    def axis_aligned(self, shape: tuple[int, ...]) -> Geometry:
+        """A grid of ``shape`` voxels with IDENTITY direction (LPS axes) covering this grid's extent.
+
+        Why: a network trained on axis-aligned LPS grids (the synthesised SynthSeg heads) must
+        see every input the same way up, whatever the file's voxel order (LIA coronal, RAS
+        axial, oblique). The box spans the voxel-centre corners of this grid along each LPS axis
+        (first and last voxel centres on the box faces, as in :meth:`resized`).
+        """
+        if len(shape) != self.ndim:
+            raise InputError(f"Grid {shape} has {len(shape)} axes, the image has {self.ndim}.",
+                             "Use a network grid with as many axes as the image.")
+        a, b = self.index_to_physical()
+        last = np.asarray(self.size_xyz, dtype=np.float64) - 1
+        corners = np.array(np.meshgrid(*[[0.0, n] for n in last], indexing="ij")).reshape(self.ndim, -1)
+        physical = a @ corners + b[:, None]
+        low, high = physical.min(axis=1), physical.max(axis=1)
+        new_xyz = np.asarray(tuple(shape)[::-1], dtype=np.float64)
+        spacing = np.where(new_xyz > 1, (high - low) / np.maximum(new_xyz - 1, 1), 1.0)
+        spacing = np.maximum(spacing, 1e-6)
+        return Geometry(tuple(shape), tuple(spacing), tuple(low), tuple(np.eye(self.ndim).ravel()))
+
     # ---- SimpleITK --------------------------------------------------------------------
     @classmethod
     def from_sitk(cls, image) -> Geometry:

@@ -67,27 +67,33 @@ def _max_magnitude(field: np.ndarray) -> float:
     return float(np.sqrt((field.astype(np.float64) ** 2).sum(axis=0)).max())
 
 
-def _gaussian_blur(array: np.ndarray, sigma: float) -> np.ndarray:
-    """Separable Gaussian blur of a 2D/3D array (``sigma`` in voxels, replicate border)."""
+def gaussian_blur(t: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of ``(B, C, *S)`` (2D or 3D; ``sigma`` in voxels, replicate border)."""
     if sigma <= 0:
-        return array.astype(np.float32)
+        return t
     radius = max(1, int(math.ceil(3 * sigma)))
-    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    x = torch.arange(-radius, radius + 1, dtype=t.dtype, device=t.device)
     kernel = torch.exp(-0.5 * (x / sigma) ** 2)
     kernel = kernel / kernel.sum()
-    nd = array.ndim
+    nd = t.ndim - 2
     conv = F.conv2d if nd == 2 else F.conv3d
-    t = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None]
+    channels = t.shape[1]
     for axis in range(nd):
-        view = [1, 1] + [1] * nd
+        view = [channels, 1] + [1] * nd
         view[2 + axis] = kernel.numel()
         pad = [0, 0] * nd
         pad[2 * (nd - 1 - axis)] = pad[2 * (nd - 1 - axis) + 1] = radius  # F.pad lists the last axis first
-        t = conv(F.pad(t, pad, mode="replicate"), kernel.view(view))
-    return t[0, 0].numpy()
+        t = conv(F.pad(t, pad, mode="replicate"), kernel.view([1, 1] + view[2:]).expand(view), groups=channels)
+    return t
 
 
-def _random_rotation(ndim: int, max_deg: float, rng: np.random.Generator) -> np.ndarray:
+def _gaussian_blur(array: np.ndarray, sigma: float) -> np.ndarray:
+    """:func:`gaussian_blur` of one 2D/3D numpy array, returned as float32 numpy."""
+    t = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None]
+    return gaussian_blur(t, sigma)[0, 0].numpy()
+
+
+def random_rotation(ndim: int, max_deg: float, rng: np.random.Generator) -> np.ndarray:
     """A rotation by a uniform angle in ``[-max_deg, max_deg]`` (about a random axis in 3D)."""
     angle = math.radians(rng.uniform(-max_deg, max_deg))
     c, s = math.cos(angle), math.sin(angle)
@@ -112,7 +118,7 @@ def _random_ellipsoid(shape: tuple[int, ...], rng: np.random.Generator, size: tu
     n = np.asarray(shape, dtype=np.float64)
     centre = rng.uniform(margin, 1 - margin, size=len(shape)) * (n - 1)
     radii = np.maximum(rng.uniform(size[0], size[1], size=len(shape)) * n, 1.5)
-    return _ellipsoid(shape, centre, radii, _random_rotation(len(shape), 90.0, rng))
+    return _ellipsoid(shape, centre, radii, random_rotation(len(shape), 90.0, rng))
 
 
 # ---- displacement fields -----------------------------------------------------------------
@@ -159,7 +165,7 @@ def random_affine_field(shape: Sequence[int], rng: np.random.Generator, rotation
     """
     shape = _check_shape(shape)
     nd = len(shape)
-    rot = _random_rotation(nd, rotation_deg, rng)
+    rot = random_rotation(nd, rotation_deg, rng)
     scales = np.diag(1.0 + rng.uniform(-scale, scale, size=nd))
     sh = np.eye(nd)
     upper = np.triu_indices(nd, k=1)

@@ -42,6 +42,9 @@ def _add_train(tsub, add_common) -> None:
     src.add_argument("--images", nargs="+", type=Path, help="image files, or one folder of images")
     src.add_argument("--synthetic", nargs="+", type=int, metavar="N",
                      help="train on endless synthetic blob pairs of this grid (e.g. 64 64): a quick self-check")
+    src.add_argument("--synthseg", type=Path, metavar="DIR",
+                     help="train a contrast-agnostic 3D model on images synthesised from the SynthSeg label maps "
+                          "in DIR (training_seg_*.nii.gz); the last --test-count subjects are never used")
     r.add_argument("--labels", nargs="+", type=Path, help="label maps (files in image order, or one folder); "
                                                          "default: 3-class K-means pseudo-labels")
     r.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, models, logs); resumed if present")
@@ -50,7 +53,14 @@ def _add_train(tsub, add_common) -> None:
     r.add_argument("--iterations", type=int, default=50, help="episodes per epoch")
     r.add_argument("--batch", type=int, default=4, help="pairs per episode")
     r.add_argument("--episode-steps", type=int, default=5, help="steps per training episode")
-    r.add_argument("--val-count", type=int, default=2, help="images kept for validation")
+    r.add_argument("--val-count", type=int, default=2, help="images (or --synthseg subjects) kept for validation")
+    r.add_argument("--test-count", type=int, default=3, help="--synthseg subjects held out for comparisons")
+    r.add_argument("--synth-spacing", type=float, default=3.3, help="--synthseg voxel size in mm (default 3.3: "
+                                                                     "64^3 voxels span a whole head)")
+    r.add_argument("--ncc-weight", type=float, default=None,
+                   help="weight of -LNCC in the registration loss (default 1; 0 with --synthseg)")
+    r.add_argument("--dice-weight", type=float, default=None,
+                   help="weight of (1 - label soft Dice) in the loss (default 0; 1 with --synthseg)")
     r.add_argument("--channels", nargs="+", type=int, default=None, help="encoder widths (default 16 32 32 32)")
     r.add_argument("--plan-dim", type=int, default=None, help="plan size (default 32 in 2D, 64 in 3D)")
     r.add_argument("--lr", type=float, default=1e-3, help="learning rate of the registration loss (planner + actor)")

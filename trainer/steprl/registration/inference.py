@@ -192,7 +192,7 @@ def register(
     from steprl.registration.prealign import affine_prealign
 
     affine = affine_prealign(fixed, moving) if prealign else None
-    net = fixed.geometry.resized(spac.grid)
+    net = spac.network_grid(fixed.geometry)
     f_net = spatial.resample(_tensor(normalise_percentile(fixed.array), dev), fixed.geometry, net)
     m_norm = _tensor(normalise_percentile(moving.array), dev)
     m_net = spatial.resample(m_norm, moving.geometry, net, affine=affine)

@@ -57,6 +57,8 @@ class SPACTrainConfig:
     init_log_alpha: float = -1.0
     target_entropy: float | None = None  # default: -plan_dim / 2
     ncc_window: int = 9
+    ncc_weight: float = 1.0  # -LNCC(fixed, warped): the paper's image term (0 when contrasts differ)
+    dice_weight: float = 0.0  # 1 - soft Dice of the labels (SynthMorph-style; needs real labels)
     smooth_weight: float = 1.0
     kl_weight: float = 0.01
     train_max_step: float = 1.0
@@ -159,7 +161,8 @@ class SPACLearner:
             "method": "spac",
             "ndim": self.net_cfg.ndim,
             "config": self.net_cfg.to_dict(),
-            "inference": {"max_step": self.cfg.test_max_step, "steps": 20, "ncc_window": self.cfg.ncc_window},
+            "inference": {"max_step": self.cfg.test_max_step, "steps": 20, "ncc_window": self.cfg.ncc_window,
+                          **getattr(self.source, "inference_card", {})},
             "normalisation": {"kind": "percentile", "percentiles": [0.5, 99.5]},
             "training": {**self.cfg.to_dict(), "labels": "real" if self.source.labels_are_real else "kmeans-3",
                          "data": self.data_description, "command": " ".join(["steprl", *sys.argv[1:]])},
@@ -194,13 +197,19 @@ class SPACLearner:
         mu, log_std, skips = self.policy.planner(state)
         plan, _ = squash(mu, log_std)
         step = self.policy.actor(plan, skips)
-        warped = env.warped(spatial.compose(env.field, step))
-        ncc = self._ncc(env.fixed, warped, self.cfg.ncc_window)
+        cfg = self.cfg
+        field = spatial.compose(env.field, step)
+        ncc = self._ncc(env.fixed, env.warped(field), cfg.ncc_window)
         smooth = spatial.gradient_penalty(step)
         kl = kl_to_standard_normal(mu, log_std)
-        loss = -ncc + self.cfg.smooth_weight * smooth + self.cfg.kl_weight * kl
+        loss = -cfg.ncc_weight * ncc + cfg.smooth_weight * smooth + cfg.kl_weight * kl
+        logs = {"ncc": ncc.item(), "smooth": smooth.item(), "kl": kl.item()}
+        if cfg.dice_weight > 0:
+            dice = env.dice_of(field).mean()
+            loss = loss + cfg.dice_weight * (1 - dice)
+            logs["soft_dice"] = dice.item()
         self._step_optimizer("policy", loss, self.policy.parameters())
-        return plan.detach(), step.detach(), {"ncc": ncc.item(), "smooth": smooth.item(), "kl": kl.item()}
+        return plan.detach(), step.detach(), logs
 
     def _sac_update(self) -> dict[str, float]:
         cfg = self.cfg

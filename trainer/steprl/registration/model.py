@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from steprl.errors import ModelFileError
+from steprl.geometry import Geometry
 from steprl.registration.networks import SPACConfig, SPACPolicy
 
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "models"
@@ -33,6 +34,15 @@ class LoadedSPAC:
     @property
     def max_step(self) -> float:
         return float(self.card.get("inference", {}).get("max_step", 3.0))
+
+    @property
+    def axis_aligned(self) -> bool:
+        """True when the network was trained on axis-aligned LPS grids (card ``inference.orientation: "lps"``)."""
+        return self.card.get("inference", {}).get("orientation") == "lps"
+
+    def network_grid(self, fixed: Geometry) -> Geometry:
+        """The grid the policy runs on, covering the fixed image (see :meth:`Geometry.axis_aligned`)."""
+        return fixed.axis_aligned(self.grid) if self.axis_aligned else fixed.resized(self.grid)
 
     @property
     def default_steps(self) -> int:

@@ -26,6 +26,8 @@ def build_source(args, ndim_hint: int | None = None):
     if args.synthetic:
         grid = tuple(args.synthetic)
         return SyntheticPairSource(grid, seed=args.seed), grid, {"kind": "synthetic blobs", "grid": list(grid)}
+    if args.synthseg:
+        return _synthseg_source(args)
     images = expand_files(args.images, "training images")
     labels = expand_files(args.labels, "label maps") if args.labels else None
     from steprl.io import read_image
@@ -38,6 +40,26 @@ def build_source(args, ndim_hint: int | None = None):
                                            gamma_range=args.gamma_augment)
     data = {"kind": "files", "count": len(images), "folder": str(images[0].parent),
             "labels": "given" if labels else "3-class K-means pseudo-labels", "gamma_augment": args.gamma_augment}
+    return source, grid, data
+
+
+def _synthseg_source(args):
+    """Pairs synthesised from SynthSeg label maps (held-out subjects validate), 3D only."""
+    from steprl import synthseg
+    from steprl.registration.synth_source import SynthSegPairSource
+
+    grid = tuple(args.grid) if args.grid else (64, 64, 64)
+    if len(grid) != 3:
+        raise InputError(f"--synthseg trains 3D models but --grid has {len(grid)} values.",
+                         "Give 3 values, e.g. --grid 64 64 64.")
+    split = synthseg.split_subjects(synthseg.list_label_maps(args.synthseg), args.val_count, args.test_count)
+    source = SynthSegPairSource(split.train, split.validation, grid, spacing=args.synth_spacing, seed=args.seed)
+    data = {"kind": "images synthesised from SynthSeg label maps (random contrast, bias, noise, blur, "
+                    "affine + elastic augmentation), subjects affinely aligned by structure centroids",
+            "folder": str(args.synthseg), "train_subjects": [p.name for p in split.train],
+            "validation_subjects": [p.name for p in split.validation],
+            "held_out_subjects": [p.name for p in split.test], "spacing_mm": args.synth_spacing,
+            "labels": "32 SynthSeg brain structures"}
     return source, grid, data
 
 
@@ -57,7 +79,13 @@ def train_registration(args) -> None:
         except ValueError as err:
             problem = f"Invalid network settings: {str(err).rstrip('.')}."
             raise InputError(problem, "Choose a --grid divisible by 2**len(--channels).") from err
-        cfg = SPACTrainConfig(batch_pairs=args.batch, episode_steps=args.episode_steps, lr=args.lr, seed=args.seed)
+        weights = {"ncc_weight": 0.0, "dice_weight": 1.0} if args.synthseg else {}  # contrasts differ per image
+        if args.ncc_weight is not None:
+            weights["ncc_weight"] = args.ncc_weight
+        if args.dice_weight is not None:
+            weights["dice_weight"] = args.dice_weight
+        cfg = SPACTrainConfig(batch_pairs=args.batch, episode_steps=args.episode_steps, lr=args.lr, seed=args.seed,
+                              **weights)
         learner = SPACLearner(net_cfg, cfg, source, dist)
         if args.data_licence:
             data["licence"] = args.data_licence

@@ -1,0 +1,127 @@
+"""Synthesis from label maps, the SynthSeg subject split and alignment, and axis-aligned network grids."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from steprl import spatial, synthseg
+from steprl.errors import InputError
+from steprl.geometry import Geometry
+from steprl.synthesis import IntensityModel, SpatialAugment, random_resample, synthesize
+
+
+def _toy_labels(shape=(24, 28, 20)) -> torch.Tensor:
+    """Three nested boxes with FreeSurfer-like values 0 / 24 / 2 / 41, ``(1, 1, *shape)``."""
+    labels = torch.zeros((1, 1, *shape), dtype=torch.long)
+    labels[..., 3:-3, 3:-3, 3:-3] = 24
+    labels[..., 6:-6, 6:14, 5:-5] = 2
+    labels[..., 6:-6, 14:-6, 5:-5] = 41
+    return labels
+
+
+def test_synthesize_gives_random_contrast_constant_within_classes():
+    labels = _toy_labels()
+    model = IntensityModel.from_synthseg_folder("/nonexistent", values=np.array([0, 2, 24, 41]))
+    a = synthesize(labels, model, np.random.default_rng(0))
+    b = synthesize(labels, model, np.random.default_rng(1))
+    assert a.shape == labels.shape and a.dtype == torch.float32
+    assert float(a.min()) >= 0 and float(a.max()) <= 1
+    means = [[float(img[labels == v].mean()) for v in (0, 2, 24, 41)] for img in (a, b)]
+    # different draws give different contrasts (class order differs or values differ clearly)
+    assert max(abs(x - y) for x, y in zip(*means)) > 0.05
+    # inside a class the image is far more uniform than across classes
+    inner = float(a[labels == 24].std())
+    across = float(np.std(means[0]))
+    assert inner < across + 0.15
+
+
+def test_random_resample_identity_and_augmented():
+    labels = _toy_labels((20, 20, 20))
+    same = random_resample(labels, 2.0, (20, 20, 20), 2.0, np.random.default_rng(0), aug=None)
+    assert torch.equal(same, labels)
+    half = random_resample(labels, 2.0, (10, 10, 10), 4.0, np.random.default_rng(0), aug=None)
+    assert set(half.unique().tolist()) <= {0, 2, 24, 41} and half.shape == (1, 1, 10, 10, 10)
+    moved = random_resample(labels, 2.0, (20, 20, 20), 2.0, np.random.default_rng(3), aug=SpatialAugment())
+    changed = float((moved != labels).float().mean())
+    assert 0.0 < changed < 0.5  # deformed, but still the same anatomy
+
+
+def test_centroid_affine_recovers_a_known_affine():
+    rng = np.random.default_rng(0)
+    ref = {v: rng.uniform(-60, 60, size=3) for v in list(synthseg.BRAIN_STRUCTURES)[:10]}
+    truth = np.eye(4)
+    truth[:3, :3] = np.array([[1.05, 0.02, 0], [-0.03, 0.97, 0.01], [0, 0.02, 1.1]])
+    truth[:3, 3] = [3.0, -4.0, 7.5]
+    subject = {v: truth[:3, :3] @ p + truth[:3, 3] for v, p in ref.items()}
+    assert np.allclose(synthseg.centroid_affine(ref, subject), truth, atol=1e-8)
+    with pytest.raises(InputError, match="in common"):
+        synthseg.centroid_affine(ref, {2: np.zeros(3)})
+
+
+def test_split_subjects_is_disjoint_and_checks_counts(tmp_path):
+    paths = [tmp_path / f"training_seg_{k:02d}.nii.gz" for k in range(1, 11)]
+    split = synthseg.split_subjects(paths, validation=2, test=3)
+    assert len(split.train) == 5 and len(split.validation) == 2 and split.test == paths[-3:]
+    assert not set(split.train) & set(split.validation)
+    with pytest.raises(InputError, match="training subjects"):
+        synthseg.split_subjects(paths[:4], validation=2, test=2)
+    with pytest.raises(InputError, match="SynthSeg label maps"):
+        synthseg.list_label_maps(tmp_path)
+
+
+def test_structure_lookup_covers_the_32_structures():
+    index = synthseg.structure_index()
+    assert sorted(index.values()) == list(range(1, 33))
+    table = synthseg.lookup_table(index)
+    assert table[0] == 0 and table[530] == 0 and table[2] == 1  # extra-cerebral -> background
+
+
+def test_axis_aligned_grid_covers_an_oblique_image():
+    c, s = np.cos(0.4), np.sin(0.4)
+    direction = np.array([[0, 0, 1], [c, -s, 0], [s, c, 0]])  # permuted and rotated axes
+    geom = Geometry((30, 40, 50), (1.0, 1.5, 2.0), (10.0, -20.0, 5.0), tuple(direction.ravel()))
+    grid = geom.axis_aligned((16, 16, 16))
+    assert np.allclose(np.asarray(grid.direction).reshape(3, 3), np.eye(3))
+    # every voxel centre of the image lies inside the axis-aligned box
+    a, b = geom.index_to_physical()
+    corners = np.array(np.meshgrid([0, 49], [0, 39], [0, 29], indexing="ij")).reshape(3, -1)
+    points = a @ corners + b[:, None]
+    low = np.asarray(grid.origin)
+    high = low + np.asarray(grid.spacing) * 15
+    assert np.all(points >= low[:, None] - 1e-6) and np.all(points <= high[:, None] + 1e-6)
+    assert np.isclose(points.min(axis=1), low).all() and np.isclose(points.max(axis=1), high).all()
+    # resampling through it is physical: a constant image stays constant
+    out = spatial.resample(torch.ones(1, 1, 30, 40, 50), geom, grid)
+    assert torch.allclose(out, torch.ones_like(out))
+
+
+def test_synthseg_training_smoke_gives_an_lps_model_that_registers_oblique_input(shared_data, tmp_path):
+    """The 3D starter model's training command, a few iterations on a tiny grid (CI smoke test)."""
+    import json
+
+    from steprl.cli import main
+    from steprl.geometry import Image
+    from steprl.registration.inference import register
+
+    folder = shared_data / "synthseg"
+    if not folder.is_dir():
+        pytest.skip(f"SynthSeg label maps not found at {folder}")
+    out = tmp_path / "run"
+    code = main(["train", "registration", "--synthseg", str(folder), "--out", str(out), "--grid", "16", "16", "16",
+                 "--synth-spacing", "13", "--epochs", "1", "--iterations", "2", "--batch", "1",
+                 "--episode-steps", "2", "--no-tensorboard", "--quiet"])
+    assert code in (None, 0)
+    card = json.loads((out / "model_best.json").read_text())
+    assert card["inference"]["orientation"] == "lps"
+    assert card["training"]["dice_weight"] == 1.0 and card["training"]["ncc_weight"] == 0.0
+    held_out = set(card["training"]["data"]["held_out_subjects"])
+    assert len(held_out) == 3 and not held_out & set(card["training"]["data"]["train_subjects"])
+    rng = np.random.default_rng(0)
+    c, s = np.cos(0.3), np.sin(0.3)
+    geom = Geometry((20, 24, 22), (2.0, 2.5, 3.0), (5.0, 0.0, -3.0), (c, -s, 0, s, c, 0, 0, 0, 1))
+    fixed, moving = (Image(rng.random((20, 24, 22)).astype(np.float32), geom) for _ in range(2))
+    results = list(register(fixed, moving, out / "model_best.safetensors", steps=2, device="cpu"))
+    assert len(results) == 3 and results[-1].warped.geometry.matches(geom)
+    field_grid = results[-1].displacement.geometry  # the network grid: axis-aligned LPS over the fixed image
+    assert field_grid.shape == (16, 16, 16) and np.allclose(np.asarray(field_grid.direction).ravel(), np.eye(3).ravel())

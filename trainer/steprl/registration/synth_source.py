@@ -1,0 +1,80 @@
+"""Endless inter-subject training pairs synthesised from SynthSeg label maps (contrast-agnostic SPAC).
+
+Every training pair is two DIFFERENT subjects, each with its own random affine + elastic
+augmentation and its own random contrast (:mod:`steprl.synthesis`), so the policy must align
+anatomy, not intensities. Labels for the Dice reward and loss are the 32 SynthSeg brain
+structures, re-indexed ``1..32`` (:func:`steprl.synthseg.structure_index`). Validation pairs
+come from held-out subjects and are drawn once (fixed seed), so scores compare across epochs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from steprl import synthseg
+from steprl.registration.data import PairBatch
+from steprl.synthesis import IntensityModel, SpatialAugment, random_resample, synthesize
+
+log = logging.getLogger(__name__)
+
+
+class SynthSegPairSource:
+    """:class:`steprl.registration.data.PairSource` over synthesised head MRI pairs.
+
+    Args:
+        train, validation: label-map files (subjects) for training / validation pairs.
+        grid: network grid ``(D, H, W)``; the pairs cover ``grid * spacing`` mm around the head centre.
+        spacing: output voxel size in mm (default 3.3: a 64^3 grid spans 211 mm, a whole head).
+        priors_folder: SynthSeg folder holding ``labels_classes_priors/`` (generation classes).
+        val_pairs: number of fixed validation pairs.
+    """
+
+    labels_are_real = True
+    #: merged into the model card's ``inference``: the pairs are on axis-aligned LPS grids
+    inference_card = {"orientation": "lps"}
+
+    def __init__(self, train: Sequence[Path], validation: Sequence[Path], grid: tuple[int, ...], *,
+                 spacing: float = 3.3, priors_folder: Path | None = None, val_pairs: int = 6, seed: int = 0,
+                 source_spacing: float = 2.0) -> None:
+        self.grid, self.spacing, self.source_spacing = tuple(grid), float(spacing), float(source_spacing)
+        subjects = synthseg.load_all([*train, *validation], source_spacing)  # all aligned to train[0]
+        self.train, self.val_subjects = subjects[:len(train)], subjects[len(train):] or subjects[:len(train)]
+        values = np.unique(torch.cat([t.flatten() for t in self.train[:1]]).numpy())
+        folder = priors_folder if priors_folder is not None else Path(train[0]).parent
+        self.intensity = IntensityModel.from_synthseg_folder(folder, values)
+        self.structures = torch.from_numpy(synthseg.lookup_table(synthseg.structure_index()))
+        self.num_labels = len(synthseg.BRAIN_STRUCTURES)
+        self.augment = SpatialAugment()
+        self._val = self._make([self._val_pair(k, seed) for k in range(val_pairs)], np.random.default_rng(seed + 31))
+
+    def _val_pair(self, k: int, seed: int) -> tuple[int, int]:
+        n = len(self.val_subjects)
+        return k % n, (k + 1 + (k // n)) % n if n > 1 else 0
+
+    def _one(self, labels: torch.Tensor, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        values = random_resample(labels[None, None], self.source_spacing, self.grid, self.spacing, rng, self.augment)
+        image = synthesize(values, self.intensity, rng)
+        return image[0, 0], self.structures[values.clamp(0, 1023)][0, 0]
+
+    def _make(self, pairs: Sequence[tuple[int, int]], rng: np.random.Generator, subjects=None) -> PairBatch:
+        subjects = self.val_subjects if subjects is None else subjects
+        cols: list[list[torch.Tensor]] = [[], [], [], []]
+        for f, m in pairs:
+            fi, fl = self._one(subjects[f], rng)
+            mi, ml = self._one(subjects[m], rng)
+            for col, t in zip(cols, (fi, mi, fl, ml)):
+                col.append(t)
+        fixed, moving, fixed_l, moving_l = (torch.stack(c)[:, None] for c in cols)
+        return PairBatch(fixed.float(), moving.float(), fixed_l.long(), moving_l.long())
+
+    def sample(self, n: int, rng: np.random.Generator) -> PairBatch:
+        pairs = [tuple(int(i) for i in rng.choice(len(self.train), 2, replace=False)) for _ in range(n)]
+        return self._make(pairs, rng, self.train)
+
+    def validation(self) -> PairBatch:
+        return self._val
