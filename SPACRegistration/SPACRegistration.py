@@ -1,10 +1,10 @@
 """SPACRegistration: step-by-step deformable registration by a SPAC policy, with a step slider.
 
 The widget is thin: it binds the .ui to the parameter node, turns Apply into Cancel while a run
-goes on, and polls the logic on a timer. Everything else happens in ``SPACRegistrationLib``
-(MRML only, no Qt: it also runs headless on slicer-core) and, for the computation, in the
-``steprl`` worker process (torch never enters Slicer's process). ``slicer`` here is the Slicer
-application's module: nothing outside Slicer imports this file.
+goes on, and polls the logic on a timer. Everything else happens in ``SPACRegistrationLib`` and
+the shared ``StepRLCommon`` (MRML only, no Qt: they also run headless on slicer-core) and, for
+the computation, in the ``steprl`` worker process (torch never enters Slicer's process).
+``slicer`` here is the Slicer application's module: nothing outside Slicer imports this file.
 """
 
 import logging
@@ -20,13 +20,16 @@ from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModuleWidget,
 )
 from slicer.util import VTKObservationMixin
-from SPACRegistrationLib import install, models, results
+from SPACRegistrationLib import models, results
 from SPACRegistrationLib.logic import RegistrationLogic, RegistrationRequest, RunState
 from SPACRegistrationLib.parameters import DEVICES, SPACRegistrationParameterNode, user_folder
 from steprl.errors import StepRLError
 
+from StepRLCommon import install
+from StepRLCommon.protocol import device_choice_texts
+
 #: Every ``self.ui.<name>`` this file uses, with its class in Resources/UI/SPACRegistration.ui
-#: (Testing/test_spac_module_static.py checks both ways). The other inputs are bound to the
+#: (Testing/test_module_static.py checks both ways). The other inputs are bound to the
 #: parameter node through their ``SlicerParameterName`` property.
 UI_WIDGETS = {
     "modelComboBox": "QComboBox",
@@ -180,9 +183,8 @@ class SPACRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             combo.addItem(entry.label, str(entry.path))
             combo.setItemData(combo.count - 1, models.describe_card(entry.card), qt.Qt.ToolTipRole)
         combo.blockSignals(wasBlocked)
-        index = next((i for i, e in enumerate(entries) if wanted in (str(e.path), e.name)), 0 if entries else -1)
-        combo.setCurrentIndex(index)
-        self.onModelSelected(index)
+        combo.setCurrentIndex(models.index_of(entries, wanted))
+        self.onModelSelected(combo.currentIndex)
 
     def onModelSelected(self, index: int) -> None:
         if index < 0:
@@ -198,14 +200,7 @@ class SPACRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if answer is None:
             return
         self._deviceProbe = None
-        labels = dict(getattr(answer, "devices", ()))
-        gpu = next((label for value, label in labels.items() if value.startswith("cuda")), None)
-        texts = {"auto": _("auto ({0})").format(gpu or _("CPU: no GPU detected")),
-                 "cpu": labels.get("cpu", _("CPU")),
-                 "cuda": gpu or _("GPU (not available)")}
-        if not labels:  # torch missing or broken: say so, keep the choices
-            texts["auto"] = _("auto (devices unknown: {0})").format(answer.message)
-        self._deviceTexts = texts
+        self._deviceTexts = device_choice_texts(answer, _)  # torch missing or broken: "auto" says so
         self._labelDevices()
 
     def _labelDevices(self) -> None:
@@ -221,7 +216,8 @@ class SPACRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._updateProgress()
             return
         try:
-            if not install.ensure_dependencies(confirm=slicer.util.confirmOkCancelDisplay):
+            if not install.ensure_dependencies(confirm=slicer.util.confirmOkCancelDisplay,
+                                               purpose=_("SPAC registration")):
                 return
             self.run = self.logic.start(self._parameterNode)
         except (StepRLError, RuntimeError) as err:  # one message: what is wrong and what to do
@@ -328,8 +324,9 @@ class SPACRegistrationTest(ScriptedLoadableModuleTest):
 
     def _volumes(self):
         import numpy as np
-        from SPACRegistrationLib.mrmlio import volume_from_image
         from steprl.geometry import Geometry, Image
+
+        from StepRLCommon.mrmlio import volume_from_image
 
         z, y, x = np.mgrid[:20, :24, :22].astype(np.float32)
         blob = np.exp(-((x - 11) ** 2 + (y - 12) ** 2 + (z - 10) ** 2) / 30.0)

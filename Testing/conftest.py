@@ -1,12 +1,15 @@
 """Shared pytest fixtures of the headless test suite.
 
-The ``steprl`` package is pip-installed (``python -m pip install -e "trainer[test]"``); nothing
-here touches ``sys.path``.
+The ``steprl`` package is pip-installed (``python -m pip install -e "trainer[test]"``). The Slicer
+modules' Python is imported from the source tree, as Slicer does: the repository root (for the
+shared ``StepRLCommon`` package) and each module's folder (for its ``...Lib`` package) go on
+``sys.path``.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +20,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 #: The repository root (the parent of ``Testing/``).
 REPO_ROOT = Path(__file__).resolve().parent.parent
+#: Where Slicer finds the modules' Python: the folder of StepRLCommon, then each module's folder.
+SLICER_PYTHON_PATHS = [REPO_ROOT, REPO_ROOT / "SPACRegistration", REPO_ROOT / "PixelRLSegment"]
+for _path in reversed(SLICER_PYTHON_PATHS):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 
 @pytest.fixture(scope="session")

@@ -43,7 +43,7 @@ def test_top_level_layout():
     for name in ("CMakeLists.txt", "README.md", "LICENSE", "ruff.toml", ".ci/run", "trainer/pyproject.toml",
                  "trainer/steprl/__init__.py", "Resources/Icons/StepRL.png", "Resources/SampleData/README.md"):
         assert (REPO_ROOT / name).is_file(), name
-    for name in (*MODULES, "Resources", "Testing", "trainer"):
+    for name in (*MODULES, "StepRLCommon", "Resources", "Testing", "trainer"):
         assert (REPO_ROOT / name).is_dir(), name
 
 
@@ -58,8 +58,9 @@ def test_extension_cmake():
     text = (REPO_ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
     assert re.search(r"cmake_minimum_required\(VERSION 3\.\d+", text)
     assert re.search(r"^project\(StepRL\)", text, re.M)
-    for module in MODULES:
+    for module in ("StepRLCommon", *MODULES):  # the shared package first: the modules import it
         assert re.search(rf"^add_subdirectory\({module}\)", text, re.M), module
+    assert text.index("add_subdirectory(StepRLCommon)") < min(text.index(f"add_subdirectory({m})") for m in MODULES)
     assert re.search(r'set\(EXTENSION_DEPENDS\s+"?PyTorch"?\)', text)
     for variable in ("HOMEPAGE", "CATEGORY", "CONTRIBUTORS", "DESCRIPTION", "ICONURL", "SCREENSHOTURLS"):
         assert re.search(rf"set\(EXTENSION_{variable}\s+\"[^\"]+\"\)", text), variable
@@ -87,6 +88,14 @@ def test_module_cmake_lists_every_python_file(module):
     for entry in scripts | expand(_cmake_list(text, "MODULE_PYTHON_RESOURCES")):
         assert (folder / entry).is_file(), f"{module}/CMakeLists.txt lists {entry}, which does not exist"
     assert (folder / "Testing" / "Python" / "CMakeLists.txt").is_file()
+
+
+def test_common_cmake_lists_every_python_file():
+    """StepRLCommon is packaged like a module's Lib: every file listed by its literal path."""
+    folder = REPO_ROOT / "StepRLCommon"
+    scripts = set(_cmake_list((folder / "CMakeLists.txt").read_text(encoding="utf-8"), "STEPRL_COMMON_SCRIPTS"))
+    on_disk = {p.relative_to(REPO_ROOT).as_posix() for p in folder.rglob("*.py")}
+    assert "StepRLCommon/__init__.py" in on_disk and scripts == on_disk
 
 
 @pytest.mark.parametrize(("module", "category"), sorted(MODULES.items()))

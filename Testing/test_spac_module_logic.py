@@ -16,20 +16,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 from test_spac_module_support import (
+    NoRunner,
+    leftovers,
     needs_proc,
     oblique_pair,
     physical_points,
     require_slicer_core,
     save_tiny_model,
+    wait_for_steps,
     wait_group_gone,
 )
 
 slicer = require_slicer_core()
 
-from SPACRegistrationLib import logic as logic_module  # noqa: E402
 from SPACRegistrationLib.logic import RegistrationLogic, RegistrationRequest, RunState  # noqa: E402
 from SPACRegistrationLib.mrmlio import export_volume, volume_from_image  # noqa: E402
 from steprl.errors import InputError, ModelFileError  # noqa: E402
+
+from StepRLCommon import workerlogic as logic_module  # noqa: E402
 
 STEPS = 3
 
@@ -53,19 +57,6 @@ def scene_and_volumes():
 
 def make_logic(scene, tmp_path: Path) -> RegistrationLogic:
     return RegistrationLogic(scene, temp_root=tmp_path / "temp")
-
-
-def leftovers(tmp_path: Path) -> list[str]:
-    root = tmp_path / "temp"
-    return sorted(p.name for p in root.iterdir()) if root.exists() else []
-
-
-def wait_for_steps(logic: RegistrationLogic, run, count: int, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while len(run.steps) < count and not run.finished:
-        logic.poll(run)
-        assert time.monotonic() < deadline, "the worker produced no steps in time"
-        time.sleep(0.02)
 
 
 def grid_array(transform_node) -> np.ndarray:
@@ -260,11 +251,6 @@ def test_worker_input_error_is_one_message_and_no_nodes(models_dir, tmp_path):
 
 
 # ---- checks before anything starts -------------------------------------------------------------------
-class _NoRunner:
-    def start(self, *args, **kwargs):  # pragma: no cover - must never be reached
-        raise AssertionError("the worker must not start for a bad request")
-
-
 @pytest.mark.parametrize(("case", "error", "words"), [
     ("no model", ModelFileError, ["No model is chosen"]),
     ("unknown model", ModelFileError, ["'nope' not found", "user models folder"]),
@@ -292,7 +278,7 @@ def test_bad_requests_are_refused_with_one_message(models_dir, scene_and_volumes
         scene.AddNode(transform)
         moving.SetAndObserveTransformNodeID(transform.GetID())
     before = scene.GetNumberOfNodes()
-    logic = RegistrationLogic(scene, runner=_NoRunner(), temp_root=tmp_path / "temp")
+    logic = RegistrationLogic(scene, runner=NoRunner(), temp_root=tmp_path / "temp")
     with pytest.raises(error) as info:
         logic.start(request)
     message = str(info.value)
@@ -304,7 +290,7 @@ def test_bad_requests_are_refused_with_one_message(models_dir, scene_and_volumes
 
 def test_user_model_by_name_and_default_python(models_dir, scene_and_volumes, tmp_path):
     scene, fixed, moving, *_ = scene_and_volumes
-    logic = RegistrationLogic(scene, runner=_NoRunner(), temp_root=tmp_path / "temp")
+    logic = RegistrationLogic(scene, runner=NoRunner(), temp_root=tmp_path / "temp")
     entry = logic.check(RegistrationRequest(fixed, moving, "tiny3d", user_models_folder=str(models_dir)))
     assert entry.source == "user" and entry.path == models_dir / "tiny3d.safetensors"
     assert logic_module.default_python_command() == [os.sys.executable]  # no slicer.app in slicer-core

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_spac_module_support import REPO_ROOT, oblique_pair, require_slicer_core, save_tiny_model
+from test_spac_module_support import REPO_ROOT, grab, oblique_pair, require_slicer_core, save_tiny_model
 
 slicer = require_slicer_core()
 pytest.importorskip("trame_slicer", reason="trame-slicer is not installed (pip install -e 'trainer[test]')")
@@ -77,8 +77,6 @@ def test_slice_view_follows_the_steps(offscreen_env, tmp_path, monkeypatch):
     from trame_slicer.core import SlicerApp
     from trame_slicer.views import DirectViewFactory, ViewLayoutDefinition
     from trame_slicer.views.render_scheduler import NoScheduleRendering
-    from vtkmodules.util import numpy_support
-    from vtkmodules.vtkRenderingCore import vtkWindowToImageFilter
 
     app = SlicerApp()
     app.view_manager.register_factory(DirectViewFactory(do_render_offscreen=True))
@@ -87,15 +85,7 @@ def test_slice_view_follows_the_steps(offscreen_env, tmp_path, monkeypatch):
     view.render_window().SetSize(SIZE, SIZE)
 
     def shot() -> np.ndarray:
-        view.render()
-        grab = vtkWindowToImageFilter()
-        grab.SetInput(view.render_window())
-        grab.ReadFrontBufferOff()
-        grab.Update()
-        image = grab.GetOutput()
-        nx, ny, _ = image.GetDimensions()
-        pixels = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(ny, nx, -1)
-        return pixels[::-1, :, :3].copy()
+        return grab(view)
 
     fixed_image, moving_image = oblique_pair(scale=1.5)
     fixed = volume_from_image(app.scene, fixed_image, "fixed")

@@ -1,13 +1,13 @@
 """Helpers shared by the SPACRegistration module tests (``test_spac_module_*.py``); no tests here.
 
-The module's Lib is imported from the source tree (``SPACRegistration/`` on ``sys.path``), as
-Slicer does with a scripted module's folder. ``slicer`` is slicer-core's MRML package (no Qt).
+The module's Lib and the shared ``StepRLCommon`` are imported from the source tree (conftest.py
+puts their folders on ``sys.path``), as Slicer does with the scripted modules' folder. ``slicer``
+is slicer-core's MRML package (no Qt).
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +15,6 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODULE_DIR = REPO_ROOT / "SPACRegistration"
-if str(MODULE_DIR) not in sys.path:
-    sys.path.insert(0, str(MODULE_DIR))
 
 
 def require_slicer_core():
@@ -132,3 +130,44 @@ def assert_one_error_event(events: list[dict], code: int, words: list[str]) -> N
     for word in words:
         assert word in text
     assert not any(e["event"] == "step" for e in events)
+
+
+# ---- helpers of the module logic and render tests (both modules) ------------------------------------
+def leftovers(tmp_path: Path) -> list[str]:
+    """What a logic left in its temporary root ``tmp_path / "temp"`` (nothing, once a run ended)."""
+    root = tmp_path / "temp"
+    return sorted(p.name for p in root.iterdir()) if root.exists() else []
+
+
+def wait_for_steps(logic, run, count: int, timeout: float = 120.0) -> None:
+    """Poll ``run`` until ``count`` steps arrived (or it ended); fails after ``timeout`` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while len(run.steps) < count and not run.finished:
+        logic.poll(run)
+        assert time.monotonic() < deadline, "the worker produced no steps in time"
+        time.sleep(0.02)
+
+
+class NoRunner:
+    """A ProcessRunner for requests that must be refused before anything starts."""
+
+    def start(self, *args, **kwargs):  # pragma: no cover - must never be reached
+        raise AssertionError("the worker must not start for a bad request")
+
+
+def grab(view) -> np.ndarray:
+    """Render a trame-slicer view once and return its pixels, ``(H, W, 3)`` uint8, top row first."""
+    from vtkmodules.util import numpy_support
+    from vtkmodules.vtkRenderingCore import vtkWindowToImageFilter
+
+    view.render()
+    grabber = vtkWindowToImageFilter()
+    grabber.SetInput(view.render_window())
+    grabber.ReadFrontBufferOff()
+    grabber.Update()
+    image = grabber.GetOutput()
+    nx, ny, _ = image.GetDimensions()
+    pixels = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(ny, nx, -1)
+    return pixels[::-1, :, :3].copy()

@@ -71,7 +71,7 @@ class Recorder:
 
 
 def test_register_job_streams_steps_with_complete_fields(job_folder):
-    from SPACRegistrationLib.protocol import DoneEvent, StartedEvent, StepEvent, parse_line
+    from StepRLCommon.protocol import DoneEvent, StartedEvent, StepEvent, parse_line
 
     record = Recorder()
     code = run_job(write_job(job_folder, fixed_labels="fixed_labels.nrrd", moving_labels="moving_labels.nrrd"), record)
@@ -168,8 +168,8 @@ time.sleep(60)
 
 @needs_proc
 def test_runner_streams_lines_and_kills_the_whole_tree():
-    from SPACRegistrationLib.process import SubprocessRunner
-    from SPACRegistrationLib.protocol import ProgressEvent, parse_line
+    from StepRLCommon.process import SubprocessRunner
+    from StepRLCommon.protocol import ProgressEvent, parse_line
 
     handle = SubprocessRunner().start([sys.executable, "-c", CHILD])
     lines: list[str] = []
@@ -191,8 +191,8 @@ def test_runner_streams_lines_and_kills_the_whole_tree():
 
 
 def test_runner_reports_exit_codes_in_words():
-    from SPACRegistrationLib.process import SubprocessRunner
-    from SPACRegistrationLib.protocol import describe_exit
+    from StepRLCommon.process import SubprocessRunner
+    from StepRLCommon.protocol import describe_exit
 
     handle = SubprocessRunner().start([sys.executable, "-c", "import sys; print('{\"event\": \"done\"}'); sys.exit(3)"])
     deadline = time.monotonic() + 30

@@ -1,12 +1,13 @@
 """MRML-side logic of the SPACRegistration module (nodes in, nodes out; no Qt, no torch).
 
-- ``logic``: start / poll / cancel a registration on a scene (:class:`logic.RegistrationLogic`).
-- ``process``: the worker process runner (reader threads, queue, whole-tree kill) and its Protocol.
-- ``protocol``: the worker's JSON-line events as typed values.
-- ``mrmlio``: Slicer's readers, writers and resampling for volumes and grid transforms.
-- ``results``: the result nodes (step sequence, browser, metrics table and plot).
-- ``models``: bundled and user models with their cards; ``parameters``: the parameter node;
-  ``install``: the worker's Python dependencies, installed on the user's request.
+Built on the shared ``StepRLCommon`` package (run life cycle, worker protocol, process runner,
+result nodes, model cards); what is here is SPAC's own:
+
+- ``logic``: the registration checks, job and steps (:class:`logic.RegistrationLogic`).
+- ``mrmlio``: grid transforms read from the worker's fields, copied and resampled through.
+- ``results``: the registration result nodes and "Keep this step".
+- ``models``: the SPAC models; ``parameters``: the parameter node.
+- ``process``, ``protocol``, ``install``: moved to ``StepRLCommon``, re-exported for one release.
 
 Every Python file added to this folder must also be listed in ``MODULE_PYTHON_SCRIPTS`` of
 ``SPACRegistration/CMakeLists.txt``.

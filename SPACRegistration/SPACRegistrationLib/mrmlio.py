@@ -1,7 +1,7 @@
-"""Volumes and transforms in and out of MRML with Slicer's own readers, writers and resampling.
+"""Grid transforms in and out of MRML with Slicer's own readers, and resampling through them.
 
 Geometry stays Slicer's business here: volumes are written by Slicer's volume storage node
-(NRRD with the LPS header ITK and steprl read), and the worker's displacement fields (ITK
+(``StepRLCommon.mrmlio``, re-exported here), and the worker's displacement fields (ITK
 displacement fields, LPS, pull-back) are read by Slicer's transform storage node, which turns
 them into a RAS grid transform FROM the parent, the convention of DESIGN.md. No LPS/RAS
 arithmetic happens in this module.
@@ -22,72 +22,26 @@ from slicer import (
     vtkMRMLScalarVolumeNode,
     vtkMRMLTransformNode,
     vtkMRMLTransformStorageNode,
-    vtkMRMLVolumeArchetypeStorageNode,
 )
-from steprl.errors import InputError
 from vtkmodules.vtkCommonCore import VTK_FLOAT
 from vtkmodules.vtkCommonMath import vtkMatrix4x4
 from vtkmodules.vtkCommonTransforms import vtkGeneralTransform
 from vtkmodules.vtkImagingCore import vtkImageCast, vtkImageReslice
 
+from StepRLCommon.mrmlio import export_volume, ijk_to_world, role_attribute, volume_from_image
+
 log = logging.getLogger(__name__)
 
+__all__ = ["FLOAT", "ROLE_ATTRIBUTE", "copy_grid_transform", "export_volume", "ijk_to_world", "is_own_proxy",
+           "read_grid_transform", "resample_volume", "volume_from_image"]
+
 #: Attribute that marks the nodes this module created, with their role as value.
-ROLE_ATTRIBUTE = "SPACRegistration.Role"
+ROLE_ATTRIBUTE = role_attribute("SPACRegistration")
 
 
 def is_own_proxy(node) -> bool:
     """Whether ``node`` is the step-transform proxy of an earlier SPAC result."""
     return node is not None and node.GetAttribute(ROLE_ATTRIBUTE) == "proxy"
-
-
-def ijk_to_world(volume) -> vtkMatrix4x4:
-    """IJK -> world (RAS) matrix of a volume, its linear parent transforms included.
-
-    Raises InputError when the volume is under a non-linear transform (it cannot be written as
-    one grid with a header).
-    """
-    matrix = vtkMatrix4x4()
-    volume.GetIJKToRASMatrix(matrix)
-    parent = volume.GetParentTransformNode()
-    if parent is None:
-        return matrix
-    if not parent.IsTransformToWorldLinear():
-        raise InputError(
-            f"The volume '{volume.GetName()}' is under the non-linear transform '{parent.GetName()}'.",
-            "Harden the transform on the volume (Data module: right-click, Harden transform) or remove it, "
-            "then apply again.")
-    to_world = vtkMatrix4x4()
-    parent.GetMatrixTransformToWorld(to_world)
-    out = vtkMatrix4x4()
-    vtkMatrix4x4.Multiply4x4(to_world, matrix, out)
-    return out
-
-
-def export_volume(volume, path: str | os.PathLike, *, ignore_parent: bool = False) -> None:
-    """Write a scalar or label volume as uncompressed NRRD with its world geometry (LPS header).
-
-    ``ignore_parent`` writes the volume's own grid (used for a moving volume that sits under
-    the proxy of an earlier result: that transform is what is being replaced).
-    """
-    image = volume.GetImageData()
-    if image is None or image.GetNumberOfPoints() == 0:
-        raise InputError(f"The volume '{volume.GetName()}' has no image data.", "Load or choose another volume.")
-    if image.GetNumberOfScalarComponents() != 1:
-        raise InputError(f"The volume '{volume.GetName()}' has {image.GetNumberOfScalarComponents()} components "
-                         "per voxel (a colour or vector volume).",
-                         "Choose a scalar (grey-level) volume, e.g. converted by the Vector to Scalar Volume module.")
-    node = volume
-    if not ignore_parent and volume.GetParentTransformNode() is not None:
-        node = volume.NewInstance()  # a detached copy with the world geometry, sharing the voxels
-        node.SetIJKToRASMatrix(ijk_to_world(volume))
-        node.SetAndObserveImageData(image)
-    storage = vtkMRMLVolumeArchetypeStorageNode()
-    storage.SetFileName(str(path))
-    storage.SetUseCompression(0)
-    if not storage.WriteData(node):
-        raise InputError(f"Could not write the volume '{volume.GetName()}' to {path}.",
-                         "Check that the temporary folder is writable and has free space.")
 
 
 def read_grid_transform(path: str | os.PathLike) -> vtkMRMLGridTransformNode:
@@ -112,36 +66,6 @@ def read_grid_transform(path: str | os.PathLike) -> vtkMRMLGridTransformNode:
     transform.SetDisplacementGridData(cast.GetOutput())
     transform.SetInterpolationModeToLinear()
     return node
-
-
-def volume_from_image(scene, image, name: str, *, labelmap: bool = False):
-    """A new volume node in ``scene`` from a 3D ``steprl.geometry.Image`` (array (D, H, W), LPS geometry).
-
-    For self-tests, benchmarks and scripts; the IJK-to-RAS matrix comes from
-    ``steprl.geometry.ijk_to_ras_matrix``, the one place where LPS meets RAS.
-    """
-    import numpy as np
-    from slicer import vtkMRMLLabelMapVolumeNode
-    from steprl.geometry import ijk_to_ras_matrix
-    from vtkmodules.util import numpy_support
-    from vtkmodules.vtkCommonDataModel import vtkImageData
-
-    if image.ndim != 3 or image.is_vector:
-        raise InputError(f"A volume needs a 3D scalar image, got {image.array.shape}.", "Give a (D, H, W) array.")
-    array = np.ascontiguousarray(image.array)
-    data = vtkImageData()
-    data.SetDimensions(*array.shape[::-1])
-    data.GetPointData().SetScalars(numpy_support.numpy_to_vtk(array.ravel(), deep=True))
-    matrix = vtkMatrix4x4()
-    for i, row in enumerate(ijk_to_ras_matrix(image.geometry)):
-        for j, value in enumerate(row):
-            matrix.SetElement(i, j, float(value))
-    volume = vtkMRMLLabelMapVolumeNode() if labelmap else vtkMRMLScalarVolumeNode()
-    volume.SetName(name)
-    volume.SetIJKToRASMatrix(matrix)
-    volume.SetAndObserveImageData(data)
-    scene.AddNode(volume)
-    return volume
 
 
 def copy_grid_transform(source, name: str, scene) -> vtkMRMLGridTransformNode:

@@ -4,17 +4,12 @@ In Slicer the class is decorated with ``parameterNodeWrapper``, and ``connectGui
 field to the .ui widget whose dynamic property ``SlicerParameterName`` names it (node selectors,
 spin box, check boxes, folder line edit, device combo box). ``model`` is set by the widget code
 (the model list is built at run time) and ``sequenceBrowser`` holds the latest result so that a
-saved scene reopens with its slider.
-
-Outside Slicer (slicer-core, no Qt) ``slicer.parameterNodeWrapper`` does not exist: the class
-stays a plain annotated class, with stand-ins for the two annotations, so that the headless tests
-can read the field names, types and defaults. Do not add ``from __future__ import annotations``
-here: parameterNodeWrapper reads the real types.
+saved scene reopens with its slider. Outside Slicer the class stays a plain annotated class (see
+``StepRLCommon.parameters``). Do not add ``from __future__ import annotations`` here:
+parameterNodeWrapper reads the real types.
 """
 
-import dataclasses
 import pathlib
-import typing
 from typing import Annotated
 
 from slicer import (
@@ -23,25 +18,10 @@ from slicer import (
     vtkMRMLSequenceBrowserNode,
 )
 
-try:
-    from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
-except ImportError:  # slicer-core: no Qt, no parameterNodeWrapper
+from StepRLCommon.parameters import DEVICES, Choice, WithinRange, parameterNodeWrapper, user_folder
 
-    @dataclasses.dataclass(frozen=True)
-    class WithinRange:  # noqa: D101 - stand-in with the same fields as Slicer's validator
-        minimum: float
-        maximum: float
+__all__ = ["DEVICES", "MAX_STEPS", "MIN_STEPS", "SPACRegistrationParameterNode", "user_folder"]
 
-    @dataclasses.dataclass(frozen=True)
-    class Choice:  # noqa: D101 - stand-in with the same field as Slicer's validator
-        choices: tuple
-
-    def parameterNodeWrapper(classtype):  # noqa: N802 - Slicer's name
-        return classtype
-
-
-#: Device choices (the widget relabels them with what was detected, e.g. "GPU: NVIDIA ...").
-DEVICES = ("auto", "cpu", "cuda")
 #: Bounds of the number of policy steps (the .ui spin box has the same range).
 MIN_STEPS, MAX_STEPS = 1, 200
 
@@ -73,14 +53,3 @@ class SPACRegistrationParameterNode:
     createWarpedVolume: bool = False
     sequenceBrowser: vtkMRMLSequenceBrowserNode
 
-
-def parameter_types() -> dict[str, typing.Any]:
-    """Field name -> annotated type, in declaration order (for the GUI binding checks)."""
-    return typing.get_type_hints(SPACRegistrationParameterNode, include_extras=True)
-
-
-def user_folder(path: pathlib.Path | str | None) -> pathlib.Path | None:
-    """The user models folder, or None when unset (the wrapper's default Path is ".")."""
-    if path is None or str(path) in ("", "."):
-        return None
-    return pathlib.Path(path).expanduser()

@@ -1,139 +1,18 @@
-"""The worker's JSON-lines events as typed values (the Slicer side of ``steprl/worker.py``).
+"""Moved to ``StepRLCommon.protocol`` (shared by the StepRL modules); re-exported here for one release."""
 
-Every line the worker prints on stdout is one JSON object with an ``event`` key; anything else
-(a stray library print) is not an event and :func:`parse_line` returns None for it. The
-worker's module docstring documents the fields; here each event becomes a small frozen
-dataclass, so the logic matches on types instead of dictionary keys.
+from StepRLCommon.protocol import (
+    EXIT_CODES,
+    DevicesEvent,
+    DoneEvent,
+    ErrorEvent,
+    Event,
+    ProgressEvent,
+    StartedEvent,
+    StepEvent,
+    describe_exit,
+    parse_event,
+    parse_line,
+)
 
-Example::
-
-    parse_line('{"event": "step", "step": 2, "total": 5, "field": "/tmp/f.mha", "metrics": {"ncc": 0.3}}')
-    # StepEvent(step=2, total=5, field='/tmp/f.mha', metrics={'ncc': 0.3}, eta_seconds=None, time=None)
-"""
-
-from __future__ import annotations
-
-import json
-from dataclasses import dataclass, field
-from typing import Any
-
-#: Exit codes of ``steprl worker`` (see steprl.errors): what a non-zero code means, in words.
-EXIT_CODES = {
-    0: "finished",
-    1: "an unexpected error in the worker",
-    2: "an input problem",
-    3: "a model file problem",
-    130: "interrupted",
-}
-
-
-@dataclass(frozen=True)
-class StartedEvent:
-    """The model is loaded and the policy is about to run."""
-
-    device: str = ""
-    model: str = ""
-    steps: int = 0
-    grid: tuple[int, ...] = ()
-    pid: int | None = None
-
-
-@dataclass(frozen=True)
-class ProgressEvent:
-    """A stage of the preparation (reading, loading the model, pre-alignment)."""
-
-    stage: str = ""
-    message: str = ""
-
-
-@dataclass(frozen=True)
-class StepEvent:
-    """Step ``step`` of ``total`` is finished; its field file is complete and readable."""
-
-    step: int
-    total: int
-    field: str
-    metrics: dict[str, Any] = field(default_factory=dict)
-    eta_seconds: float | None = None
-    time: float | None = None
-
-
-@dataclass(frozen=True)
-class DevicesEvent:
-    """What torch can use in the worker's environment: ``[(value, label), ...]``."""
-
-    devices: tuple[tuple[str, str], ...] = ()
-    default: str = "cpu"
-
-
-@dataclass(frozen=True)
-class DoneEvent:
-    """The job finished; ``steps`` is the last step number."""
-
-    steps: int = 0
-    seconds: float = 0.0
-
-
-@dataclass(frozen=True)
-class ErrorEvent:
-    """The job failed: ``message`` says what was wrong, ``fix`` what to do."""
-
-    message: str
-    fix: str = ""
-    kind: str = ""
-    exit_code: int | None = None
-
-    @property
-    def text(self) -> str:
-        """One message for the user: the problem and, when known, what to do."""
-        return f"{self.message} {self.fix}".strip()
-
-
-Event = StartedEvent | ProgressEvent | StepEvent | DevicesEvent | DoneEvent | ErrorEvent
-
-
-def parse_event(data: dict[str, Any]) -> Event | None:
-    """The typed event of a decoded JSON object, or None when it is not a known event."""
-    kind = data.get("event")
-    try:
-        if kind == "step":
-            return StepEvent(int(data["step"]), int(data.get("total", 0)), str(data["field"]),
-                             dict(data.get("metrics") or {}), data.get("eta_seconds"), data.get("time"))
-        if kind == "started":
-            return StartedEvent(str(data.get("device", "")), str(data.get("model", "")), int(data.get("steps", 0)),
-                                tuple(int(v) for v in data.get("grid", ())), data.get("pid"))
-        if kind == "progress":
-            return ProgressEvent(str(data.get("stage", "")), str(data.get("message", "")))
-        if kind == "devices":
-            devices = tuple((str(d["value"]), str(d.get("label", d["value"]))) for d in data.get("devices", ()))
-            return DevicesEvent(devices, str(data.get("default", "cpu")))
-        if kind == "done":
-            return DoneEvent(int(data.get("steps", 0)), float(data.get("seconds") or 0.0))
-        if kind == "error":
-            return ErrorEvent(str(data.get("message", "")), str(data.get("fix", "")), str(data.get("kind", "")),
-                              data.get("exit_code"))
-    except (KeyError, TypeError, ValueError):
-        return None
-    return None
-
-
-def parse_line(line: str) -> Event | None:
-    """The event on one stdout line, or None for a line that is not an event."""
-    line = line.strip()
-    if not line.startswith("{"):
-        return None
-    try:
-        data = json.loads(line)
-    except json.JSONDecodeError:
-        return None
-    return parse_event(data) if isinstance(data, dict) else None
-
-
-def describe_exit(returncode: int | None) -> str:
-    """A non-zero exit status in words ("killed by signal 9", "exit code 1: an unexpected error ...")."""
-    if returncode is None:
-        return "still running"
-    if returncode < 0:
-        return f"killed by signal {-returncode}"
-    meaning = EXIT_CODES.get(returncode)
-    return f"exit code {returncode}" + (f" ({meaning})" if meaning else "")
+__all__ = ["EXIT_CODES", "DevicesEvent", "DoneEvent", "ErrorEvent", "Event", "ProgressEvent", "StartedEvent",
+           "StepEvent", "describe_exit", "parse_event", "parse_line"]

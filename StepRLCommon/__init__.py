@@ -1,0 +1,18 @@
+"""What the StepRL Slicer modules share (MRML and processes only; no Qt, no torch).
+
+A plain Python package, not a Slicer module: CMake installs it beside the scripted modules, so
+``import StepRLCommon`` works in Slicer, and the headless tests put the repository root on
+``sys.path``.
+
+- ``workerlogic``: the run life cycle (start / poll / cancel / wait a ``steprl worker`` job);
+  a module's logic subclasses :class:`workerlogic.WorkerLogic`.
+- ``process``: the worker process runner (reader threads, queue, whole-tree kill) and its Protocol.
+- ``protocol``: the worker's JSON-line events as typed values.
+- ``stepresults``: the step sequence, browser, metrics table and chart of one result.
+- ``mrmlio``: volumes in and out of MRML with Slicer's readers and writers.
+- ``hierarchy``: placing result nodes in the subject hierarchy, next to their input.
+- ``models``: bundled and user models with their cards; ``parameters``: what the parameter
+  nodes share; ``install``: the worker's Python dependencies, installed on the user's request.
+
+Every Python file added to this folder must also be listed in ``StepRLCommon/CMakeLists.txt``.
+"""
