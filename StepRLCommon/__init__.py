@@ -1,4 +1,4 @@
-"""What the StepRL Slicer modules share (MRML and processes only; no Qt, no torch).
+"""What the StepRL Slicer modules share (MRML and processes only; no Qt but in ``widgetbase``; no torch).
 
 A plain Python package, not a Slicer module: CMake installs it beside the scripted modules, so
 ``import StepRLCommon`` works in Slicer, and the headless tests put the repository root on
@@ -13,6 +13,9 @@ A plain Python package, not a Slicer module: CMake installs it beside the script
 - ``hierarchy``: placing result nodes in the subject hierarchy, next to their input.
 - ``models``: bundled and user models with their cards; ``parameters``: what the parameter
   nodes share; ``install``: the worker's Python dependencies, installed on the user's request.
+- ``widgetbase``: the Qt side the module files share (panel, Slicer logic glue, self-test base).
+  The only file here that imports Qt and Slicer's application modules: only the module files
+  import it, inside Slicer (the headless tests check it statically).
 
 Every Python file added to this folder must also be listed in ``StepRLCommon/CMakeLists.txt``.
 """

@@ -10,22 +10,23 @@ is to carry the worker's masks into the scene exactly, whatever they are).
 from __future__ import annotations
 
 import json
-import os
-import signal
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from test_pixelrl_worker import save_tiny_segmenter
 from test_spac_module_support import (
-    NoRunner,
+    MODEL_CASES,
+    assert_crash_before_any_step,
+    assert_refused,
+    kill_worker_mid_run,
     leftovers,
     needs_proc,
+    poll_until_done,
     require_slicer_core,
     rotation,
     save_tiny_model,
+    set_model_case,
     wait_for_steps,
     wait_group_gone,
 )
@@ -118,13 +119,7 @@ def test_segmentation_equals_the_worker_masks_with_the_input_geometry(models_dir
     logic = SegmentationLogic(scene, temp_root=tmp_path / "temp")
     run = logic.start(SegmentationRequest(volume, "tumor", steps=STEPS, device="cpu", reference=reference,
                                           create_labelmap=True, user_models_folder=models_dir))
-    seen: list[int] = []
-    deadline = time.monotonic() + 120
-    while not run.finished:
-        seen += logic.poll(run)
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    assert run.state is RunState.DONE, run.error
+    seen = poll_until_done(logic, run)
     assert seen == run.steps == list(range(STEPS + 1)) and run.total_steps == STEPS
     assert run.progress is not None and run.progress[0] == run.progress[1]  # slice progress was streamed
     assert leftovers(tmp_path) == []
@@ -257,26 +252,17 @@ def test_cancel_keeps_the_steps_received_and_leaves_nothing_behind(long_run, tmp
 @needs_proc
 def test_worker_killed_mid_run_gives_one_clear_error(long_run, tmp_path):
     scene, volume, logic, run = long_run
-    os.kill(run.handle.pid, signal.SIGKILL)  # a crash (e.g. out of memory)
-    logic.wait(run, timeout=60)
-    assert run.state is RunState.FAILED
-    assert "segmentation process stopped unexpectedly" in run.error and "killed by signal 9" in run.error
-    assert "Steps 0 to 0 are kept" in run.error
+    kill_worker_mid_run(logic, run)
+    assert "segmentation process" in run.error and "Steps 0 to 0 are kept" in run.error
     assert run.nodes.count == 1 and run.segmentation is None
     assert leftovers(tmp_path) == []
 
 
 def test_worker_crash_before_any_step_creates_no_nodes(models_dir, tmp_path):
     scene = slicer.vtkMRMLScene()
-    volume = volume_from_image(scene, oblique_image()[0], "input")
-    before = scene.GetNumberOfNodes()
-    crash = [sys.executable, "-c", "import sys; sys.stderr.write('boom happened\\n'); sys.exit(1)"]
-    logic = SegmentationLogic(scene, temp_root=tmp_path / "temp", python=crash)
-    run = logic.wait(logic.start(SegmentationRequest(volume, str(models_dir / "tinyseg.safetensors"))), timeout=60)
-    assert run.state is RunState.FAILED and run.nodes is None and run.segmentation is None
-    assert "stopped unexpectedly (exit code 1" in run.error and "boom happened" in run.error
-    assert scene.GetNumberOfNodes() == before
-    assert leftovers(tmp_path) == []
+    request = SegmentationRequest(volume_from_image(scene, oblique_image()[0], "input"),
+                                  str(models_dir / "tinyseg.safetensors"))
+    assert assert_crash_before_any_step(SegmentationLogic, scene, request, tmp_path).segmentation is None
 
 
 # ---- checks before anything starts -------------------------------------------------------------------
@@ -302,10 +288,8 @@ def test_bad_requests_are_refused_with_one_message(models_dir, tmp_path, case, e
         request.steps = -1
     elif case == "bad axis":
         request.axis = "diagonal"
-    elif case == "no model":
-        request.model = ""
-    elif case == "unknown model":
-        request.model, request.user_models_folder = "nope", str(models_dir)
+    elif case in MODEL_CASES:
+        set_model_case(request, case, models_dir)
     elif case == "registration model":
         request.model = str(models_dir / "spac3d.safetensors")
     elif case == "scalar reference":
@@ -315,16 +299,7 @@ def test_bad_requests_are_refused_with_one_message(models_dir, tmp_path, case, e
         scene.AddNode(request.reference)
     elif case == "volume of another scene":
         request.volume = volume_from_image(slicer.vtkMRMLScene(), image, "elsewhere")
-    before = scene.GetNumberOfNodes()
-    logic = SegmentationLogic(scene, runner=NoRunner(), temp_root=tmp_path / "temp")
-    with pytest.raises(error) as info:
-        logic.start(request)
-    message = str(info.value)
-    for word in words:
-        assert word in message
-    assert info.value.fix
-    assert scene.GetNumberOfNodes() == before
-    assert leftovers(tmp_path) == []
+    assert_refused(SegmentationLogic, scene, request, tmp_path, error, words)
 
 
 # ---- progress and models, without a worker ------------------------------------------------------------

@@ -9,20 +9,24 @@ inference, its field files, Slicer's transform reader, the sequence and the resl
 from __future__ import annotations
 
 import os
-import signal
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from test_spac_module_support import (
+    MODEL_CASES,
     NoRunner,
+    assert_crash_before_any_step,
+    assert_refused,
+    kill_worker_mid_run,
     leftovers,
     needs_proc,
     oblique_pair,
     physical_points,
+    poll_until_done,
     require_slicer_core,
     save_tiny_model,
+    set_model_case,
     wait_for_steps,
     wait_group_gone,
 )
@@ -84,13 +88,7 @@ def test_run_streams_every_step_and_matches_the_worker_warp(models_dir, scene_an
     logic = make_logic(scene, tmp_path)
     run = logic.start(RegistrationRequest(fixed, moving, str(models_dir / "tiny3d.safetensors"), steps=STEPS,
                                           device="cpu"))
-    seen: list[int] = []
-    deadline = time.monotonic() + 120
-    while not run.finished:
-        seen += logic.poll(run)
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    assert run.state is RunState.DONE, run.error
+    seen = poll_until_done(logic, run)
     assert run.error is None
     assert seen == run.steps == list(range(STEPS + 1))
     nodes = run.nodes
@@ -175,13 +173,20 @@ def test_label_maps_give_dice_per_step_and_follow_the_steps(models_dir, scene_an
 
 
 # ---- cancel and crash ------------------------------------------------------------------------------
-@needs_proc
-def test_cancel_mid_run_keeps_the_steps_and_leaves_nothing_behind(models_dir, scene_and_volumes, tmp_path):
+@pytest.fixture()
+def long_run(models_dir, scene_and_volumes, tmp_path):
+    """A run of many steps, with its first two steps received."""
     scene, fixed, moving, *_ = scene_and_volumes
     logic = make_logic(scene, tmp_path)
     run = logic.start(RegistrationRequest(fixed, moving, str(models_dir / "tiny3d.safetensors"), steps=200,
                                           device="cpu"))
     wait_for_steps(logic, run, 2)
+    return moving, logic, run
+
+
+@needs_proc
+def test_cancel_mid_run_keeps_the_steps_and_leaves_nothing_behind(long_run, tmp_path):
+    moving, logic, run = long_run
     logic.cancel(run)
     assert run.state is RunState.CANCELLED and run.error is None
     assert 2 <= len(run.steps) < 201
@@ -201,35 +206,20 @@ def test_cancel_mid_run_keeps_the_steps_and_leaves_nothing_behind(models_dir, sc
 
 
 @needs_proc
-def test_worker_killed_mid_run_gives_one_clear_error(models_dir, scene_and_volumes, tmp_path):
-    scene, fixed, moving, *_ = scene_and_volumes
-    logic = make_logic(scene, tmp_path)
-    run = logic.start(RegistrationRequest(fixed, moving, str(models_dir / "tiny3d.safetensors"), steps=200,
-                                          device="cpu"))
-    wait_for_steps(logic, run, 1)
-    os.kill(run.handle.pid, signal.SIGKILL)  # a crash (e.g. out of memory)
-    logic.wait(run, timeout=60)
-    assert run.state is RunState.FAILED
-    assert "stopped unexpectedly" in run.error and "killed by signal 9" in run.error
-    assert f"Steps 0 to {run.steps[-1]} are kept" in run.error
+def test_worker_killed_mid_run_gives_one_clear_error(long_run, tmp_path):
+    _, logic, run = long_run
+    kill_worker_mid_run(logic, run)
+    assert "registration process" in run.error and f"Steps 0 to {run.steps[-1]} are kept" in run.error
     assert run.nodes.sequence.GetNumberOfDataNodes() == len(run.steps)  # only complete steps
     assert leftovers(tmp_path) == []
     assert wait_group_gone(run.handle.pid) == []
 
 
-def test_worker_crash_before_any_step_creates_no_nodes(models_dir, scene_and_volumes, tmp_path, monkeypatch):
+def test_worker_crash_before_any_step_creates_no_nodes(models_dir, scene_and_volumes, tmp_path):
     scene, fixed, moving, *_ = scene_and_volumes
-    before = scene.GetNumberOfNodes()
-    # An interpreter that dies at once, as a broken torch install would.
-    logic = RegistrationLogic(scene, temp_root=tmp_path / "temp",
-                              python=[os.sys.executable, "-c", "import sys; sys.stderr.write('boom\\n'); sys.exit(1)"])
-    run = logic.wait(logic.start(RegistrationRequest(fixed, moving, str(models_dir / "tiny3d.safetensors"),
-                                                     steps=STEPS)), timeout=60)
-    assert run.state is RunState.FAILED
-    assert "stopped unexpectedly (exit code 1" in run.error and "boom" in run.error
-    assert scene.GetNumberOfNodes() == before and run.nodes is None
+    request = RegistrationRequest(fixed, moving, str(models_dir / "tiny3d.safetensors"), steps=STEPS)
+    assert_crash_before_any_step(RegistrationLogic, scene, request, tmp_path)
     assert moving.GetParentTransformNode() is None
-    assert leftovers(tmp_path) == []
 
 
 def test_worker_input_error_is_one_message_and_no_nodes(models_dir, tmp_path):
@@ -263,10 +253,8 @@ def test_bad_requests_are_refused_with_one_message(models_dir, scene_and_volumes
     scene, fixed, moving, *_ = scene_and_volumes
     model = str(models_dir / "tiny3d.safetensors")
     request = RegistrationRequest(fixed, moving, model, steps=STEPS)
-    if case == "no model":
-        request.model = ""
-    elif case == "unknown model":
-        request.model, request.user_models_folder = "nope", str(models_dir)
+    if case in MODEL_CASES:
+        set_model_case(request, case, models_dir)
     elif case == "2D model":
         request.model = str(models_dir / "tiny2d.safetensors")
     elif case == "one label map":
@@ -277,15 +265,7 @@ def test_bad_requests_are_refused_with_one_message(models_dir, scene_and_volumes
         transform = slicer.vtkMRMLLinearTransformNode()
         scene.AddNode(transform)
         moving.SetAndObserveTransformNodeID(transform.GetID())
-    before = scene.GetNumberOfNodes()
-    logic = RegistrationLogic(scene, runner=NoRunner(), temp_root=tmp_path / "temp")
-    with pytest.raises(error) as info:
-        logic.start(request)
-    message = str(info.value)
-    for word in words:
-        assert word in message
-    assert scene.GetNumberOfNodes() == before
-    assert leftovers(tmp_path) == []
+    assert_refused(RegistrationLogic, scene, request, tmp_path, error, words)
 
 
 def test_user_model_by_name_and_default_python(models_dir, scene_and_volumes, tmp_path):

@@ -8,6 +8,7 @@ is slicer-core's MRML package (no Qt).
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -150,11 +151,85 @@ def wait_for_steps(logic, run, count: int, timeout: float = 120.0) -> None:
         time.sleep(0.02)
 
 
+def poll_until_done(logic, run, timeout: float = 120.0) -> list[int]:
+    """Poll ``run`` as the panel's timer does until it ends; the steps each poll added, in order.
+    Fails after ``timeout`` seconds, or when the run did not end as DONE (with its error)."""
+    import time
+
+    from StepRLCommon.workerlogic import RunState
+
+    seen: list[int] = []
+    deadline = time.monotonic() + timeout
+    while not run.finished:
+        seen += logic.poll(run)
+        assert time.monotonic() < deadline, "the run did not finish in time"
+        time.sleep(0.02)
+    assert run.state is RunState.DONE, run.error
+    return seen
+
+
+def kill_worker_mid_run(logic, run) -> None:
+    """SIGKILL the worker of a running ``run`` (a crash, e.g. out of memory): the run fails with one message."""
+    import signal
+
+    from StepRLCommon.workerlogic import RunState
+
+    os.kill(run.handle.pid, signal.SIGKILL)
+    logic.wait(run, timeout=60)
+    assert run.state is RunState.FAILED
+    assert "process stopped unexpectedly" in run.error and "killed by signal 9" in run.error
+
+
+#: A worker interpreter that dies at once with a message on stderr, as a broken torch install would.
+CRASHING_PYTHON = [sys.executable, "-c", "import sys; sys.stderr.write('boom happened\\n'); sys.exit(1)"]
+
+
+def assert_crash_before_any_step(logic_class, scene, request, tmp_path: Path):
+    """A worker dying before its first step fails the run with its exit and stderr, and creates no node."""
+    from StepRLCommon.workerlogic import RunState
+
+    before = scene.GetNumberOfNodes()
+    logic = logic_class(scene, temp_root=tmp_path / "temp", python=CRASHING_PYTHON)
+    run = logic.wait(logic.start(request), timeout=60)
+    assert run.state is RunState.FAILED and run.nodes is None
+    assert "stopped unexpectedly (exit code 1" in run.error and "boom happened" in run.error
+    assert scene.GetNumberOfNodes() == before
+    assert leftovers(tmp_path) == []
+    return run
+
+
 class NoRunner:
     """A ProcessRunner for requests that must be refused before anything starts."""
 
     def start(self, *args, **kwargs):  # pragma: no cover - must never be reached
         raise AssertionError("the worker must not start for a bad request")
+
+
+#: The bad-request cases every module's logic shares (its model lookup): see :func:`set_model_case`.
+MODEL_CASES = ("no model", "unknown model")
+
+
+def set_model_case(request, case: str, models_dir: Path) -> None:
+    """Make ``request`` a :data:`MODEL_CASES` case: no model chosen, or a name no folder has."""
+    if case == "no model":
+        request.model = ""
+    else:
+        request.model, request.user_models_folder = "nope", str(models_dir)
+
+
+def assert_refused(logic_class, scene, request, tmp_path: Path, error: type, words: list[str]) -> None:
+    """``request`` is refused with one ``error`` naming ``words`` and saying what to do; nothing is
+    created, started or left in the temporary folder."""
+    before = scene.GetNumberOfNodes()
+    logic = logic_class(scene, runner=NoRunner(), temp_root=tmp_path / "temp")
+    with pytest.raises(error) as info:
+        logic.start(request)
+    message = str(info.value)
+    for word in words:
+        assert word in message
+    assert info.value.fix
+    assert scene.GetNumberOfNodes() == before
+    assert leftovers(tmp_path) == []
 
 
 def grab(view) -> np.ndarray:

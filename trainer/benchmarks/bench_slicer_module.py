@@ -44,7 +44,8 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "SPACRegistration"))
+# As Slicer does: the folder of the shared StepRLCommon package, and the module's folder (its Lib).
+sys.path[:0] = [str(REPO), str(REPO / "SPACRegistration")]
 
 TARGETS = {"scrub_ms": 50.0, "stream_s": 0.3, "memory_gib": 1.0}
 
@@ -93,7 +94,7 @@ class EmitterRunner:
         self.args = [str(steps), str(grid), str(interval)]
 
     def start(self, command, env=None, cwd=None):
-        from SPACRegistrationLib.process import SubprocessRunner
+        from StepRLCommon.process import SubprocessRunner
 
         folder = Path(cwd) / "steps"
         folder.mkdir(parents=True, exist_ok=True)
@@ -102,8 +103,9 @@ class EmitterRunner:
 
 # ---- the scene -----------------------------------------------------------------------------------
 def make_volumes(scene, shape: tuple[int, int, int]):
-    from SPACRegistrationLib.mrmlio import volume_from_image
     from steprl.geometry import Geometry, Image
+
+    from StepRLCommon.mrmlio import volume_from_image
 
     d, h, w = shape
     geometry = Geometry(shape, (0.9, 0.9, 1.2), (-115.0, -115.0, -95.0), np.eye(3))
@@ -126,7 +128,7 @@ def streaming(args, scene, fixed, moving, model: Path):
     latencies, reads = [], []
     arrival: dict[int, float] = {}
     pending: dict[int, float] = {}
-    original = logic._add_step
+    original = logic.add_step  # the WorkerLogic hook that reads one step into the scene
 
     def timed_add(run_, event):
         start = time.perf_counter()
@@ -135,7 +137,7 @@ def streaming(args, scene, fixed, moving, model: Path):
         arrival[event.step] = time.time()
         pending[event.step] = event.time
 
-    logic._add_step = timed_add
+    logic.add_step = timed_add
     while not run.finished:
         logic.poll(run)
         time.sleep(args.poll_ms / 1000)
