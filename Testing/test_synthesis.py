@@ -8,7 +8,7 @@ import torch
 from steprl import spatial, synthseg
 from steprl.errors import InputError
 from steprl.geometry import Geometry
-from steprl.synthesis import IntensityModel, SpatialAugment, random_resample, synthesize
+from steprl.synthesis import IntensityModel, SpatialAugment, draw_contrast, random_resample, synthesize
 
 
 def _toy_labels(shape=(24, 28, 20)) -> torch.Tensor:
@@ -18,6 +18,17 @@ def _toy_labels(shape=(24, 28, 20)) -> torch.Tensor:
     labels[..., 6:-6, 6:14, 5:-5] = 2
     labels[..., 6:-6, 14:-6, 5:-5] = 41
     return labels
+
+
+def test_a_shared_contrast_gives_equal_class_means():
+    labels = _toy_labels()
+    model = IntensityModel.from_synthseg_folder("/nonexistent", values=np.array([0, 2, 24, 41]))
+    rng = np.random.default_rng(5)
+    contrast = draw_contrast(model, rng)
+    a, b = (synthesize(labels, model, rng, contrast=contrast) for _ in range(2))
+    order_a = np.argsort([float(a[labels == v].mean()) for v in (0, 2, 24, 41)])
+    order_b = np.argsort([float(b[labels == v].mean()) for v in (0, 2, 24, 41)])
+    assert (order_a == order_b).all() and not torch.equal(a, b)  # same contrast, new noise / bias
 
 
 def test_synthesize_gives_random_contrast_constant_within_classes():
@@ -114,7 +125,7 @@ def test_synthseg_training_smoke_gives_an_lps_model_that_registers_oblique_input
     assert code in (None, 0)
     card = json.loads((out / "model_best.json").read_text())
     assert card["inference"]["orientation"] == "lps"
-    assert card["training"]["dice_weight"] == 1.0 and card["training"]["ncc_weight"] == 0.0
+    assert card["training"]["dice_weight"] == 1.0 and card["training"]["ncc_weight"] == 1.0
     held_out = set(card["training"]["data"]["held_out_subjects"])
     assert len(held_out) == 3 and not held_out & set(card["training"]["data"]["train_subjects"])
     rng = np.random.default_rng(0)

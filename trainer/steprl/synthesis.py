@@ -36,7 +36,7 @@ class SpatialAugment:
     rotation_deg: float = 4.0  # what an affine pre-alignment leaves, not raw head poses
     scaling: float = 0.05  # log-uniform scale per axis in [1/(1+s), 1+s]
     shear: float = 0.02
-    shift_mm: float = 4.0
+    shift_mm: float = 2.0
     elastic_mm: float = 3.0  # std of the elastic control-point displacements, itself uniform in [0, this]
     elastic_control_mm: float = 32.0  # spacing of the elastic control points
 
@@ -117,11 +117,13 @@ def random_resample(labels: torch.Tensor, source_spacing: float, shape: tuple[in
     return spatial.sample(labels.float(), coords, "nearest", "zeros").round().long()
 
 
-def synthesize(labels: torch.Tensor, model: IntensityModel, rng: np.random.Generator, *,
-               t1_probability: float = 0.3) -> torch.Tensor:
-    """A random-contrast image ``(1, 1, *S)`` float32 in ``0..1`` from label values ``(1, 1, *S)``."""
-    device = labels.device
-    classes = torch.from_numpy(model.classes).to(device)[labels.clamp(0, 1023)]
+def draw_contrast(model: IntensityModel, rng: np.random.Generator, t1_probability: float = 0.3
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Random mean and std (0..1 scale) per generation class: ``(n_classes,)`` each.
+
+    A T1-like draw (SynthSeg's priors) with ``t1_probability`` when the priors are known,
+    else uniformly random contrast, with dark air in 80 % of the draws.
+    """
     n = model.n_classes
     if model.t1_means is not None and rng.uniform() < t1_probability:
         contrast = model.contrast_class
@@ -132,10 +134,23 @@ def synthesize(labels: torch.Tensor, model: IntensityModel, rng: np.random.Gener
         means, stds = np.zeros(n), np.zeros(n)
         means[model.classes[values]] = cls_mean[contrast[values]]
         stds[model.classes[values]] = cls_std[contrast[values]]
-    else:
-        means, stds = rng.uniform(0, 1, size=n), rng.uniform(0, 0.06, size=n)
-        if rng.uniform() < 0.8:  # air is dark in most MRI
-            means[0], stds[0] = rng.uniform(0, 0.08), rng.uniform(0, 0.02)
+        return means, stds
+    means, stds = rng.uniform(0, 1, size=n), rng.uniform(0, 0.06, size=n)
+    if rng.uniform() < 0.8:  # air is dark in most MRI
+        means[0], stds[0] = rng.uniform(0, 0.08), rng.uniform(0, 0.02)
+    return means, stds
+
+
+def synthesize(labels: torch.Tensor, model: IntensityModel, rng: np.random.Generator, *,
+               t1_probability: float = 0.3, contrast: tuple[np.ndarray, np.ndarray] | None = None) -> torch.Tensor:
+    """A random-contrast image ``(1, 1, *S)`` float32 in ``0..1`` from label values ``(1, 1, *S)``.
+
+    ``contrast``: class means and stds from :func:`draw_contrast` (to give two images the same
+    contrast); default a new draw. Blur, bias field, gamma and noise are always drawn anew.
+    """
+    device = labels.device
+    classes = torch.from_numpy(model.classes).to(device)[labels.clamp(0, 1023)]
+    means, stds = contrast if contrast is not None else draw_contrast(model, rng, t1_probability)
     mean_t = torch.from_numpy(means.astype(np.float32)).to(device)[classes]
     std_t = torch.from_numpy(stds.astype(np.float32)).to(device)[classes]
     gen = torch.Generator(device="cpu").manual_seed(int(rng.integers(2**62)))

@@ -53,12 +53,17 @@ def _add_train(tsub, add_common) -> None:
     r.add_argument("--iterations", type=int, default=50, help="episodes per epoch")
     r.add_argument("--batch", type=int, default=4, help="pairs per episode")
     r.add_argument("--episode-steps", type=int, default=5, help="steps per training episode")
+    r.add_argument("--replay-batch", type=int, default=16,
+                   help="states per SAC update (default 16; the SAC update dominates a step's cost in 3D)")
     r.add_argument("--val-count", type=int, default=2, help="images (or --synthseg subjects) kept for validation")
     r.add_argument("--test-count", type=int, default=3, help="--synthseg subjects held out for comparisons")
     r.add_argument("--synth-spacing", type=float, default=3.3, help="--synthseg voxel size in mm (default 3.3: "
                                                                      "64^3 voxels span a whole head)")
+    r.add_argument("--cross-contrast", action="store_true",
+                   help="--synthseg: give each image of a pair its own contrast (multi-modal; loss from labels "
+                        "only) instead of one random contrast per pair")
     r.add_argument("--ncc-weight", type=float, default=None,
-                   help="weight of -LNCC in the registration loss (default 1; 0 with --synthseg)")
+                   help="weight of -LNCC in the registration loss (default 1; 0 with --cross-contrast)")
     r.add_argument("--dice-weight", type=float, default=None,
                    help="weight of (1 - label soft Dice) in the loss (default 0; 1 with --synthseg)")
     r.add_argument("--channels", nargs="+", type=int, default=None, help="encoder widths (default 16 32 32 32)")
@@ -77,7 +82,7 @@ def _add_train(tsub, add_common) -> None:
 
 
 def _add_evaluate(esub, add_common) -> None:
-    r = esub.add_parser("registration", help="evaluate SPAC over pairs")
+    r = esub.add_parser("registration", help="evaluate SPAC over pairs (optionally against ANTs SyN and Elastix)")
     src = r.add_mutually_exclusive_group(required=True)
     src.add_argument("--pairs", type=Path, help="CSV with columns fixed,moving[,fixed_labels,moving_labels]")
     src.add_argument("--images", nargs="+", type=Path, help="images; each is registered to the next (cyclic)")
@@ -85,6 +90,14 @@ def _add_evaluate(esub, add_common) -> None:
     r.add_argument("--model", default=None)
     r.add_argument("--steps", type=int, default=None)
     r.add_argument("--prealign", action="store_true")
+    r.add_argument("--baselines", nargs="+", choices=("syn", "elastix"), default=(), metavar="TOOL",
+                   help="also register every pair with these tools (syn: ANTs affine + SyN; elastix: affine + "
+                        "B-spline; pip install 'steprl[compare]') and print one row per pair and method")
+    r.add_argument("--report-steps", nargs="+", type=int, default=None, metavar="K",
+                   help="one row per pair and method, SPAC after each of these steps (e.g. 1 10 20; "
+                        "default with --baselines: 1 10 20 up to --steps)")
+    r.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for the tools and torch in the method comparison (default: all cores)")
     r.add_argument("--json", type=Path, help="also write the table as JSON")
     r.set_defaults(handler="steprl.registration.commands:evaluate_command")
     add_common(r)

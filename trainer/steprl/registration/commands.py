@@ -150,11 +150,20 @@ def evaluate_command(args) -> int:
         pairs = [{"fixed": images[i], "moving": images[(i + 1) % n],
                   "fixed_labels": labels[i] if labels else None,
                   "moving_labels": labels[(i + 1) % n] if labels else None} for i in range(n if n > 2 else 1)]
+    compare = bool(args.baselines) or args.report_steps is not None
     rows = evaluate_pairs(pairs, args.model, steps=args.steps, device=args.device, prealign=args.prealign,
-                          quiet=args.quiet)
-    print(format_table(rows))
+                          quiet=args.quiet, baselines=tuple(args.baselines), report_steps=args.report_steps,
+                          threads=args.threads)
+    if compare:
+        from steprl.registration.evaluation import format_method_table, method_means
+
+        print(format_method_table(rows))
+        report = {"rows": rows, "means": method_means(rows), "threads": args.threads}
+    else:
+        print(format_table(rows))
+        report = {"pairs": rows}
     if args.json:
         from steprl.io import write_json
 
-        write_json({"pairs": rows}, args.json)
+        write_json(report, args.json)
     return 0

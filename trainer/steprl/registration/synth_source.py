@@ -1,8 +1,9 @@
 """Endless inter-subject training pairs synthesised from SynthSeg label maps (contrast-agnostic SPAC).
 
 Every training pair is two DIFFERENT subjects, each with its own random affine + elastic
-augmentation and its own random contrast (:mod:`steprl.synthesis`), so the policy must align
-anatomy, not intensities. Labels for the Dice reward and loss are the 32 SynthSeg brain
+augmentation, bias field, blur and noise (:mod:`steprl.synthesis`); the contrast is random per
+pair (by default shared by both images: mono-modal pairs of any contrast), so the policy must
+align anatomy whatever the contrast. Labels for the Dice reward and loss are the 32 SynthSeg brain
 structures, re-indexed ``1..32`` (:func:`steprl.synthseg.structure_index`). Validation pairs
 come from held-out subjects and are drawn once (fixed seed), so scores compare across epochs.
 """
@@ -18,7 +19,7 @@ import torch
 
 from steprl import synthseg
 from steprl.registration.data import PairBatch
-from steprl.synthesis import IntensityModel, SpatialAugment, random_resample, synthesize
+from steprl.synthesis import IntensityModel, SpatialAugment, draw_contrast, random_resample, synthesize
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,9 @@ class SynthSegPairSource:
         spacing: output voxel size in mm (default 3.3: a 64^3 grid spans 211 mm, a whole head).
         priors_folder: SynthSeg folder holding ``labels_classes_priors/`` (generation classes).
         val_pairs: number of fixed validation pairs.
+        same_contrast: both images of a pair share one random contrast (mono-modal pairs of any
+            contrast, so the image similarity term of the loss means something); False gives
+            every image its own contrast (multi-modal, SynthMorph-style, labels-only loss).
     """
 
     labels_are_real = True
@@ -40,7 +44,8 @@ class SynthSegPairSource:
 
     def __init__(self, train: Sequence[Path], validation: Sequence[Path], grid: tuple[int, ...], *,
                  spacing: float = 3.3, priors_folder: Path | None = None, val_pairs: int = 6, seed: int = 0,
-                 source_spacing: float = 2.0) -> None:
+                 source_spacing: float = 2.0, same_contrast: bool = True) -> None:
+        self.same_contrast = same_contrast
         self.grid, self.spacing, self.source_spacing = tuple(grid), float(spacing), float(source_spacing)
         subjects = synthseg.load_all([*train, *validation], source_spacing)  # all aligned to train[0]
         self.train, self.val_subjects = subjects[:len(train)], subjects[len(train):] or subjects[:len(train)]
@@ -56,17 +61,18 @@ class SynthSegPairSource:
         n = len(self.val_subjects)
         return k % n, (k + 1 + (k // n)) % n if n > 1 else 0
 
-    def _one(self, labels: torch.Tensor, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    def _one(self, labels: torch.Tensor, rng: np.random.Generator, contrast) -> tuple[np.ndarray, np.ndarray]:
         values = random_resample(labels[None, None], self.source_spacing, self.grid, self.spacing, rng, self.augment)
-        image = synthesize(values, self.intensity, rng)
+        image = synthesize(values, self.intensity, rng, contrast=contrast)
         return image[0, 0], self.structures[values.clamp(0, 1023)][0, 0]
 
     def _make(self, pairs: Sequence[tuple[int, int]], rng: np.random.Generator, subjects=None) -> PairBatch:
         subjects = self.val_subjects if subjects is None else subjects
         cols: list[list[torch.Tensor]] = [[], [], [], []]
         for f, m in pairs:
-            fi, fl = self._one(subjects[f], rng)
-            mi, ml = self._one(subjects[m], rng)
+            contrast = draw_contrast(self.intensity, rng) if self.same_contrast else None
+            fi, fl = self._one(subjects[f], rng, contrast)
+            mi, ml = self._one(subjects[m], rng, contrast)
             for col, t in zip(cols, (fi, mi, fl, ml)):
                 col.append(t)
         fixed, moving, fixed_l, moving_l = (torch.stack(c)[:, None] for c in cols)

@@ -53,13 +53,15 @@ def _synthseg_source(args):
         raise InputError(f"--synthseg trains 3D models but --grid has {len(grid)} values.",
                          "Give 3 values, e.g. --grid 64 64 64.")
     split = synthseg.split_subjects(synthseg.list_label_maps(args.synthseg), args.val_count, args.test_count)
-    source = SynthSegPairSource(split.train, split.validation, grid, spacing=args.synth_spacing, seed=args.seed)
+    source = SynthSegPairSource(split.train, split.validation, grid, spacing=args.synth_spacing, seed=args.seed,
+                                same_contrast=not args.cross_contrast)
     data = {"kind": "images synthesised from SynthSeg label maps (random contrast, bias, noise, blur, "
                     "affine + elastic augmentation), subjects affinely aligned by structure centroids",
             "folder": str(args.synthseg), "train_subjects": [p.name for p in split.train],
             "validation_subjects": [p.name for p in split.validation],
             "held_out_subjects": [p.name for p in split.test], "spacing_mm": args.synth_spacing,
-            "labels": "32 SynthSeg brain structures"}
+            "labels": "32 SynthSeg brain structures",
+            "contrast": "each image its own" if args.cross_contrast else "one random contrast per pair"}
     return source, grid, data
 
 
@@ -79,13 +81,15 @@ def train_registration(args) -> None:
         except ValueError as err:
             problem = f"Invalid network settings: {str(err).rstrip('.')}."
             raise InputError(problem, "Choose a --grid divisible by 2**len(--channels).") from err
-        weights = {"ncc_weight": 0.0, "dice_weight": 1.0} if args.synthseg else {}  # contrasts differ per image
+        weights = {}
+        if args.synthseg:  # exact labels: Dice in the loss too; NCC only when both images share a contrast
+            weights = {"ncc_weight": 0.0 if args.cross_contrast else 1.0, "dice_weight": 1.0}
         if args.ncc_weight is not None:
             weights["ncc_weight"] = args.ncc_weight
         if args.dice_weight is not None:
             weights["dice_weight"] = args.dice_weight
         cfg = SPACTrainConfig(batch_pairs=args.batch, episode_steps=args.episode_steps, lr=args.lr, seed=args.seed,
-                              **weights)
+                              replay_batch=args.replay_batch, **weights)
         learner = SPACLearner(net_cfg, cfg, source, dist)
         if args.data_licence:
             data["licence"] = args.data_licence
