@@ -55,6 +55,64 @@ def test_bootstrapped_returns_hand_computed(reward_conv):
         assert torch.equal(got, want)
 
 
+def test_return_is_minus_a_positive_weighted_sum_of_the_step_errors():
+    """Why the optimal policy decides at step 1: R(0) = e(0) - sum_t w_t e(t) with every w_t > 0."""
+    from steprl.segmentation.pa3c import step_error_weights
+
+    gamma, steps = 0.95, 10
+    weights = step_error_weights(steps, gamma)
+    assert weights[0] == pytest.approx(0.05) and weights[-1] == pytest.approx(gamma**9)
+    assert sum(weights) == pytest.approx(1.0) and min(weights) > 0
+    generator = torch.Generator().manual_seed(5)
+    gt = (torch.rand(2, 1, 6, 6, generator=generator) > 0.6).float()
+    masks = [torch.ones_like(gt)] + [(torch.rand(2, 1, 6, 6, generator=generator) > 0.5).float()
+                                     for _ in range(steps)]
+    rewards = [reward_map(a, b, gt) for a, b in zip(masks, masks[1:])]
+    errors = [(m - gt) ** 2 for m in masks]
+    expected = errors[0] - sum(w * e for w, e in zip(weights, errors[1:]))
+    torch.testing.assert_close(discounted_returns(rewards, None, gamma)[0], expected)
+    # hence a pixel's return is highest when its mask is right at EVERY step, step 1 included
+    right = [gt.clone() for _ in range(steps)]
+    late = [1 - gt] * 4 + [gt.clone()] * (steps - 4)  # wrong for 4 steps, then corrected
+    best = discounted_returns([reward_map(a, b, gt) for a, b in zip([masks[0], *right], right)], None, gamma)[0]
+    worse = discounted_returns([reward_map(a, b, gt) for a, b in zip([masks[0], *late], late)], None, gamma)[0]
+    assert bool((best > worse).all())
+
+
+def test_class_weights_balance_object_and_background():
+    from steprl.segmentation.pa3c import Episode, PA3CConfig, class_weights, episode_loss
+
+    gt = torch.zeros(1, 1, 10, 10)
+    gt[..., :2, :5] = 1  # 10% object
+    w = class_weights(gt)
+    assert float((w * gt).sum()) == pytest.approx(float((w * (1 - gt)).sum()))
+    assert float(w[gt > 0][0]) == pytest.approx(5.0) and float(w[gt == 0][0]) == pytest.approx(0.5 / 0.9)
+    assert torch.equal(class_weights(torch.zeros(1, 1, 4, 4)), torch.ones(1, 1, 4, 4))  # no object: plain rewards
+    # in the loss, balancing scales each pixel's rewards (hence returns) by its weight
+    logits = [torch.zeros(1, 2, 10, 10)]
+    values = [torch.zeros(1, 1, 10, 10)]
+    actions = [torch.ones(1, 10, 10, dtype=torch.long)]
+    rewards = [torch.ones(1, 1, 10, 10)]
+    episode = Episode(logits, values, actions, rewards, [torch.ones(1, 10, 10, dtype=torch.bool)], gt, gt)
+    plain = episode_loss(episode, None, PA3CConfig(t_max=1))
+    balanced = episode_loss(episode, None, PA3CConfig(t_max=1, class_balance=True))
+    assert float(plain["return"]) == pytest.approx(1.0)
+    assert float(balanced["return"]) == pytest.approx(float(w.mean()))
+    half = episode_loss(episode, None, PA3CConfig(t_max=1, class_balance=True), balance=0.5)
+    assert float(half["return"]) == pytest.approx(float((1 + 0.5 * (w - 1)).mean()))
+
+
+def test_class_balance_anneals_to_the_plain_rewards():
+    from steprl.segmentation.pa3c import PA3CConfig, balance_strength
+
+    assert balance_strength(PA3CConfig(), 0) == 0.0
+    assert balance_strength(PA3CConfig(class_balance=True), 10_000) == 1.0
+    annealed = PA3CConfig(class_balance=True, class_balance_anneal=200)
+    assert [balance_strength(annealed, i) for i in (0, 50, 200, 500)] == [1.0, 0.75, 0.0, 0.0]
+    floored = PA3CConfig(class_balance=True, class_balance_anneal=200, class_balance_floor=0.3)
+    assert [balance_strength(floored, i) for i in (0, 100, 200, 500)] == [1.0, 0.5, 0.3, 0.3]
+
+
 def test_identity_conv_returns_equal_plain_n_step_returns():
     gamma = 0.95
     generator = torch.Generator().manual_seed(3)

@@ -39,7 +39,9 @@ def trained():
     return learner, source, logs
 
 
-def test_short_training_beats_the_best_fixed_threshold_and_dice_rises_over_the_steps(trained):
+def test_short_training_beats_the_best_fixed_threshold_and_later_steps_keep_step_one(trained):
+    """Dice rises from the all-object start to step 1 and holds after it: the formulation's optimum
+    is a one-step decision (see the docstring of steprl.segmentation.pa3c), so no later rise is asked."""
     learner, source, logs = trained
     training_slices = source.make(64, np.random.default_rng(12345))  # the training distribution
     threshold_dice, threshold = best_threshold_dice(training_slices.images, training_slices.masks)

@@ -14,6 +14,7 @@ Modules (torch is imported by them, not by this package, so importing
 - ``environment``: the batched pixel environment (state, actions, per-pixel reward).
 - ``pa3c``: the learner's maths (reward-map convolution, n-step returns, PA3C loss, episodes).
 - ``data``: 2D slices (with labels brought onto the image grid physically) and a synthetic source.
+- ``synth_source``: slices of brains synthesised from SynthSeg label maps (``--synthseg``).
 - ``learner`` / ``unet`` / ``training``: the PA3C learner, the MONAI U-Net baseline, ``steprl train segmentation``.
 - ``model`` / ``inference`` / ``outputs`` / ``evaluation``: model files, the ``segment()`` generator,
   ``steprl segment`` outputs, ``steprl evaluate segmentation``.

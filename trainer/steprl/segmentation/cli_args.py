@@ -56,6 +56,10 @@ def _add_train(tsub, add_common) -> None:
     src.add_argument("--images", nargs="+", type=Path, help="image files (2D or 3D), or one folder of images")
     src.add_argument("--synthetic", nargs="+", type=int, metavar="N",
                      help="train on endless synthetic noisy-ellipse slices of H W pixels: a quick self-check")
+    src.add_argument("--synthseg", type=Path, metavar="DIR",
+                     help="train on axial slices of images synthesised from the SynthSeg label maps in DIR "
+                          "(contrast-agnostic; object: --label-values, default cerebral white matter 2 41; "
+                          "the last 3 subjects are held out for tests, the 3 before validate)")
     r.add_argument("--labels", nargs="+", type=Path, help="label maps (files in image order, or one folder)")
     r.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, models, logs); resumed if present")
     r.add_argument("--method", choices=("pixeldrl", "pixeldrl-mg", "unet"), default="pixeldrl",
@@ -71,8 +75,21 @@ def _add_train(tsub, add_common) -> None:
                    help="a pixel set to zero may come back (default; --no-revival: a zero is final)")
     r.add_argument("--t-max", type=int, default=10, help="steps per episode (paper: 10)")
     r.add_argument("--gamma", type=float, default=0.95, help="discount (paper: 0.95)")
+    r.add_argument("--class-balance", action="store_true",
+                   help="PixelDRL-MG: weight each pixel's rewards so object and background count equally "
+                        "(a deviation from the paper against the all-background collapse on small objects; "
+                        "see steprl.segmentation.pa3c.class_weights)")
+    r.add_argument("--class-balance-anneal", type=int, default=0, metavar="N",
+                   help="fade the class-balance weights out to the paper's plain rewards over the first N updates "
+                        "(implies --class-balance; default 0: constant weights)")
+    r.add_argument("--class-balance-floor", type=float, default=0.0, metavar="F",
+                   help="with --class-balance-anneal: the share of the balancing kept after the fade (default 0)")
+    r.add_argument("--grad-clip", type=float, default=None, metavar="NORM",
+                   help="clip the global gradient norm (default: none, as in the paper)")
     r.add_argument("--fusion", choices=("late", "input"), default="late",
                    help="where the mask enters the network: late (fast, default) or input (the paper's reading)")
+    r.add_argument("--fusion-width", type=int, default=32, metavar="C",
+                   help="channels of the late-fusion blocks (default 32; they dominate a step's cost)")
     r.add_argument("--widths", nargs=4, type=int, default=[32, 64, 128, 256], metavar="C",
                    help="PixelDRL-MG encoder widths, VGG16 blocks 1-4 (default 32 64 128 256, the paper's)")
     r.add_argument("--unet-channels", nargs="+", type=int, default=None,
@@ -83,6 +100,12 @@ def _add_train(tsub, add_common) -> None:
     r.add_argument("--val-count", type=int, default=None, help="cases kept for validation (default 20%%, >= 1)")
     r.add_argument("--val-slices", type=int, default=64, help="validation slices (evenly spaced; default 64)")
     r.add_argument("--no-augment", action="store_true", help="no random flips")
+    r.add_argument("--synth-volumes", type=int, default=2, metavar="N",
+                   help="--synthseg: synthetic volumes per batch, the batch's slices spread over them (default 2)")
+    r.add_argument("--synth-t1", type=float, default=0.5, metavar="P",
+                   help="--synthseg: share of T1-like contrasts, the rest random contrasts (default 0.5)")
+    r.add_argument("--synth-subjects", type=int, default=None, metavar="N",
+                   help="--synthseg: use only the first N training subjects (quick smoke tests)")
     _add_precision(r)
     r.add_argument("--data-licence", default=None, help="licence / attribution of the training data, kept in the "
                                                         "model card")

@@ -59,8 +59,8 @@ def _print_summary(summary: dict) -> None:
 def train_command(args) -> int:
     from steprl.segmentation.training import train_segmentation
 
-    if args.synthetic and args.labels:
-        raise InputError("--labels makes no sense with --synthetic (the synthetic slices bring their own).",
+    if (args.synthetic or getattr(args, "synthseg", None)) and args.labels:
+        raise InputError("--labels makes no sense with --synthetic or --synthseg (those slices bring their own).",
                          "Drop --labels, or train on --images.")
     train_segmentation(args)
     return 0

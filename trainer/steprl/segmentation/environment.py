@@ -36,6 +36,11 @@ Readings of the paper (Liu et al. 2025) and of PixelRL (Furuta et al.), which it
   ``r(t) = (f(t-1) - G)^2 - (f(t) - G)^2``: +1 when a pixel moves to its true label, -1 when
   it leaves it, 0 otherwise (for binary ``G``). Summed over an episode it telescopes to the
   decrease of the squared error: the undiscounted return is the net number of pixels fixed.
+- **What the steps can do.** With these rules the best policy already puts its final mask at
+  step 1 and keeps it (the return is minus a positive-weighted sum of every step's error and
+  no information arrives after step 0); see "Why the trained policy decides everything at
+  step 1" in :mod:`steprl.segmentation.pa3c` for the derivation and the measurements. The
+  per-step masks are still produced and shown, but a flat Dice after step 1 is expected.
 - **The episode** ends after ``t_max`` steps (10 in the paper). It is terminal: no action
   remains, so no reward follows (see :mod:`steprl.segmentation.pa3c`, which does not
   bootstrap). Without revival, a pixel already at zero has no effective action left;

@@ -11,6 +11,11 @@ Both draw the same slices (:mod:`steprl.segmentation.data`), one batch per ``tra
   gradients averaged across ranks (torchrun), one Adam step over the network and ``w``.
 - :class:`UNetLearner`: MONAI U-Net, Dice + BCE, one Adam step per batch.
 
+Options that deviate from the paper (off by default, recorded in the config and model card):
+``PA3CConfig.class_balance`` (per-pixel reward weights against the all-background phase on
+small objects, :func:`steprl.segmentation.pa3c.class_weights`) and ``SegTrainConfig.grad_clip``
+(global gradient-norm clipping; the norm itself is always logged as ``grad_norm``).
+
 Learning rate (both, as in the paper): ``lr * lr_decay ** ((epoch - 1) // lr_decay_every)``,
 i.e. 1e-3 x 0.9 every 25 epochs. It is recomputed from the iteration number before every
 update rather than kept in a scheduler, because the fit loop does not checkpoint schedulers:
@@ -29,7 +34,14 @@ import torch
 from steprl.device import autocast
 from steprl.segmentation.data import NORMALISATION_CARD, SliceBatch, SliceSource, pooled_dice
 from steprl.segmentation.networks import PixelDRLNet, count_parameters, format_parameter_summary
-from steprl.segmentation.pa3c import PA3CConfig, RewardMapConv, collect_episode, episode_loss, greedy_masks
+from steprl.segmentation.pa3c import (
+    PA3CConfig,
+    RewardMapConv,
+    balance_strength,
+    collect_episode,
+    episode_loss,
+    greedy_masks,
+)
 from steprl.training.distributed import DistInfo, average_gradients
 
 log = logging.getLogger(__name__)
@@ -47,9 +59,13 @@ class SegTrainConfig:
     val_batch: int = 16  # slices per forward in validation
     seed: int = 0
     bf16: bool | None = None  # autocast: None = steprl.device's default (on for CUDA, off on CPU)
+    grad_clip: float | None = None  # max global gradient norm (None: no clipping, as in the paper)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if out["grad_clip"] is None:  # absent = the paper's setting; keeps older runs resumable
+            del out["grad_clip"]
+        return out
 
 
 def learning_rate(cfg: SegTrainConfig, iteration: int) -> float:
@@ -77,12 +93,17 @@ class _SliceLearner:
                 group["lr"] = lr
         return lr
 
-    def _update(self, loss: torch.Tensor) -> None:
+    def _update(self, loss: torch.Tensor) -> float:
+        """One Adam step on ``loss``; returns the global gradient norm (before any clipping)."""
         optimizer = self.optimizers["adam"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        average_gradients([p for g in optimizer.param_groups for p in g["params"]])
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        average_gradients(params)
+        limit = self.cfg.grad_clip if self.cfg.grad_clip else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], limit)
         optimizer.step()
+        return float(norm)
 
     def _autocast(self):
         return autocast(self.device, self.cfg.bf16)
@@ -144,11 +165,14 @@ class PixelDRLLearner(_SliceLearner):
         self.net.train()
         with self._autocast():
             episode = collect_episode(self.net, self.env, batch.images, batch.masks)
-        losses = episode_loss(episode, self.reward_conv, self.pa3c)
-        self._update(losses["total"])
-        out = {"loss": float(losses["total"].detach())}
+        balance = balance_strength(self.pa3c, iteration)
+        losses = episode_loss(episode, self.reward_conv, self.pa3c, balance)
+        grad_norm = self._update(losses["total"])
+        out = {"loss": float(losses["total"].detach()), "grad_norm": grad_norm}
         out.update({k: float(v.detach()) for k, v in losses.items() if k != "total"})
         out["dice_train"] = pooled_dice(episode.final_mask, batch.masks)
+        if self.pa3c.class_balance:
+            out["balance"] = balance
         out["lr"] = lr
         return out
 

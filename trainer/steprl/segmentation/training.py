@@ -3,6 +3,7 @@
     steprl train segmentation --images imgs/ --labels labs/ --out runs/seg            # PixelDRL-MG
     steprl train segmentation --images imgs/ --labels labs/ --out runs/unet --method unet
     steprl train segmentation --synthetic 64 64 --out runs/ellipses --epochs 4       # self-check
+    steprl train segmentation --synthseg ../shared/data/synthseg --out runs/wm     # white matter, synthetic MRI
 
 Checkpoints, resume, validation, TensorBoard and torchrun (DDP: every rank draws its own
 batches from ``seed + 1000 * rank``, gradients are averaged) come from
@@ -27,9 +28,16 @@ METHODS = {"pixeldrl": "pixeldrl-mg", "pixeldrl-mg": "pixeldrl-mg", "unet": "une
 
 
 def build_source(args):
-    """The slice source from the CLI arguments (files, or synthetic ellipses)."""
+    """The slice source from the CLI arguments (files, SynthSeg-synthesised brains, or synthetic ellipses)."""
     from steprl.segmentation.data import SliceSet, SyntheticSliceSource
 
+    if getattr(args, "synthseg", None):
+        from steprl.segmentation.synth_source import SynthSegSliceSource
+
+        return SynthSegSliceSource(args.synthseg, tuple(args.size), label_values=args.label_values, seed=args.seed,
+                                   val_slices=args.val_slices, empty_fraction=args.empty_fraction,
+                                   volumes_per_batch=args.synth_volumes, max_train_subjects=args.synth_subjects,
+                                   t1_probability=args.synth_t1)
     if args.synthetic:
         if len(args.synthetic) != 2:
             raise InputError(f"--synthetic takes 2 values (H W), got {len(args.synthetic)}.", "E.g. --synthetic 64 64.")
@@ -49,7 +57,9 @@ def build_source(args):
 def build_learner(method: str, source, dist, *, batch: int = 8, iterations_per_epoch: int = 50, seed: int = 0,
                   lr: float = 1e-3, bf16: bool | None = None, allow_revival: bool = True, t_max: int = 10,
                   gamma: float = 0.95, fusion: str = "late", widths=(32, 64, 128, 256), unet_channels=None,
-                  reward_conv_size: int = 33):
+                  reward_conv_size: int = 33, class_balance: bool = False, class_balance_anneal: int = 0,
+                  class_balance_floor: float = 0.0, grad_clip: float | None = None,
+                  fusion_width: int = 32):
     """A :class:`PixelDRLLearner` or :class:`UNetLearner` and the JSON config that ``fit`` compares on resume."""
     from steprl.segmentation.learner import PixelDRLLearner, SegTrainConfig, UNetLearner
     from steprl.segmentation.pa3c import PA3CConfig
@@ -58,16 +68,24 @@ def build_learner(method: str, source, dist, *, batch: int = 8, iterations_per_e
     if batch < 1 or iterations_per_epoch < 1:
         raise InputError(f"--batch and --iterations must be at least 1 (got {batch}, {iterations_per_epoch}).",
                          "Use e.g. --batch 8 --iterations 50.")
-    cfg = SegTrainConfig(batch=batch, iterations_per_epoch=iterations_per_epoch, lr=lr, seed=seed, bf16=bf16)
+    cfg = SegTrainConfig(batch=batch, iterations_per_epoch=iterations_per_epoch, lr=lr, seed=seed, bf16=bf16,
+                         grad_clip=grad_clip)
     if method == "pixeldrl-mg":
         if t_max < 1:
             raise InputError(f"--t-max must be at least 1, got {t_max}.", "The paper uses 10.")
         pa3c = PA3CConfig(t_max=t_max, gamma=gamma, lr=lr, allow_revival=allow_revival,
-                          reward_conv_size=reward_conv_size)
+                          reward_conv_size=reward_conv_size, class_balance=class_balance or class_balance_anneal > 0,
+                          class_balance_anneal=class_balance_anneal, class_balance_floor=class_balance_floor)
         net_config = {"widths": list(widths), "fusion": fusion}
+        if fusion == "late" and int(fusion_width) != 32:  # 32 (the network's default) stays implicit
+            net_config["fusion_width"] = int(fusion_width)
         learner = PixelDRLLearner(net_config, pa3c, cfg, source, dist)
         network = dict(learner.net.config)
         extra = {"pa3c": asdict(pa3c)}
+        # absent = the paper's rewards (so older runs still resume)
+        for key in ("class_balance", "class_balance_anneal", "class_balance_floor"):
+            if not extra["pa3c"][key]:
+                del extra["pa3c"][key]
     elif method == "unet":
         from steprl.segmentation.unet import DEFAULT_CHANNELS, unet_config
 
@@ -100,7 +118,11 @@ def train_segmentation(args) -> None:
         learner, config = build_learner(
             args.method, source, dist, batch=args.batch, iterations_per_epoch=args.iterations, seed=args.seed,
             lr=args.lr, bf16=args.bf16, allow_revival=args.revival, t_max=args.t_max, gamma=args.gamma,
-            fusion=args.fusion, widths=args.widths, unet_channels=args.unet_channels)
+            fusion=args.fusion, widths=args.widths, unet_channels=args.unet_channels,
+            class_balance=getattr(args, "class_balance", False),
+            class_balance_anneal=getattr(args, "class_balance_anneal", 0),
+            class_balance_floor=getattr(args, "class_balance_floor", 0.0), grad_clip=getattr(args, "grad_clip", None),
+            fusion_width=getattr(args, "fusion_width", 32))
         if args.data_licence:
             learner.data_description["licence"] = args.data_licence
             config["data"] = learner.data_description

@@ -1,0 +1,118 @@
+"""CI smoke test of the white-matter starter model's training: SynthSeg-synthesised slices, both methods.
+
+A short version of the bundled ``pixeldrl_wm`` model's training command (tiny grid, one training
+subject, a few updates) runs through the real CLI for PixelDRL-MG and the U-Net baseline; the
+slice source itself is checked for shapes, ranges, the subject split and the skull-stripping.
+Skips when ``../shared/data/synthseg`` is absent.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def synthseg(repo_root):
+    folder = (repo_root.parent / "shared" / "data" / "synthseg").resolve()
+    if not any(folder.glob("training_seg_*.nii.gz")):
+        pytest.skip(f"SynthSeg label maps not found at {folder} (they live beside the repository in ../shared/data)")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def source(synthseg):
+    from steprl.segmentation.synth_source import SynthSegSliceSource
+
+    return SynthSegSliceSource(synthseg, (32, 32), seed=0, val_slices=6, max_train_subjects=1, validation=1)
+
+
+def test_source_gives_normalised_slices_with_white_matter_and_holds_test_subjects_out(source):
+    batch = source.sample(5, np.random.default_rng(0))
+    assert batch.images.shape == (5, 1, 32, 32) and batch.masks.shape == (5, 1, 32, 32)
+    assert float(batch.images.min()) >= 0.0 and float(batch.images.max()) <= 1.0
+    assert set(torch.unique(batch.masks).tolist()) <= {0.0, 1.0}
+    assert float(batch.masks.sum()) > 0  # most slices hold white matter
+    val = source.validation()
+    assert len(val) == 6 and float(val.masks.sum()) > 0
+    again = source.validation()
+    assert torch.equal(val.images, again.images)  # fixed validation slices
+    description = source.description
+    assert set(description["test_subjects_held_out"]).isdisjoint(description["train_subjects"])
+    assert set(description["test_subjects_held_out"]).isdisjoint(description["validation_subjects"])
+    assert len(description["test_subjects_held_out"]) == 3
+    assert "Apache-2.0" in description["licence"] and "white matter" in description["object"]
+
+
+def test_skull_strip_keeps_only_brain_labels():
+    from steprl.segmentation.synth_source import skull_strip
+    from steprl.synthseg import BRAIN_STRUCTURES
+
+    labels = torch.tensor([0, 2, 41, 24, 165, 258, 3]).view(1, 1, 1, 1, 7)
+    stripped = skull_strip(labels).flatten().tolist()
+    assert stripped == [0, 2, 41, 24, 0, 0, 3]
+    assert all(v in BRAIN_STRUCTURES or v == 0 for v in stripped)
+
+
+@pytest.mark.parametrize("method", ["pixeldrl", "unet"])
+def test_cli_trains_on_synthseg_and_the_model_segments_a_volume(synthseg, source, method, tmp_path, capsys):
+    from steprl.cli import main
+    from steprl.geometry import Geometry, Image
+    from steprl.segmentation.inference import segment
+
+    out = tmp_path / method
+    extra = (["--widths", "4", "8", "16", "32", "--fusion-width", "8", "--t-max", "3", "--class-balance-anneal", "2",
+              "--class-balance-floor", "0.3"]
+             if method == "pixeldrl" else ["--unet-channels", "4", "8", "16"])
+    code = main(["train", "segmentation", "--synthseg", str(synthseg), "--synth-subjects", "1", "--method", method,
+                 "--size", "32", "32", "--epochs", "1", "--iterations", "2", "--batch", "2", "--val-slices", "4",
+                 "--out", str(out), "--no-tensorboard", "--quiet", "--device", "cpu", *extra])
+    assert code == 0
+    assert "best validation Dice" in capsys.readouterr().out
+    card = json.loads((out / "model_best.json").read_text())
+    assert card["training"]["data"]["kind"] == "synthseg"
+    assert card["labels"]["object"].startswith("labels in 2, 41")
+    assert card["inference"]["size"] == [32, 32]
+    if method == "pixeldrl":
+        assert card["training"]["pa3c"]["class_balance_anneal"] == 2
+    # the trained model runs on a synthetic 3D volume and keeps its geometry
+    image, obj = source.synth_volume(source.train_labels[0], np.random.default_rng(3))
+    geometry = Geometry(image.shape, (7.0, 7.0, 7.0), (1.0, 2.0, 3.0), np.eye(3))
+    steps = list(segment(Image(image, geometry), out / "model_best.safetensors", steps=None, device="cpu",
+                         labels=Image(obj.astype(np.uint8), geometry)))
+    result = steps[-1].mask
+    assert result.array.shape == image.shape and result.geometry.spacing == geometry.spacing
+    assert result.geometry.origin == geometry.origin
+    assert 0.0 <= steps[-1].metrics["dice"] <= 1.0
+    assert len(steps) == (4 if method == "pixeldrl" else 2)
+
+
+def test_bundled_white_matter_model_loads_with_a_complete_card():
+    """The shipped ``pixeldrl_wm`` model: loads by name (sha256 checked), card complete, runs on a volume."""
+    from steprl.geometry import Geometry, Image
+    from steprl.segmentation.inference import segment
+    from steprl.segmentation.model import load_segmenter
+
+    model = load_segmenter("pixeldrl_wm")
+    card = model.card
+    assert model.is_rl and model.size == (96, 96) and card["parameters"] < 25e6 / 4  # < 25 MB in fp32
+    for key in ("task", "modality", "grid", "training_data", "training_command", "training_time",
+                "validation", "intended_use", "limitations"):
+        assert card.get(key), key
+    assert card["seed"] == 0 == card["training"]["seed"]
+    assert "Apache-2.0" in card["training_data"]["licence"] and "--seed 0" in card["training_command"]
+    assert "brats" not in json.dumps(card["training_data"]).lower()
+    segment_entry = card["segment"]
+    assert segment_entry["name"] == "Cerebral white matter" and "68523003" in segment_entry["terminology"]
+    assert len(segment_entry["color"]) == 3 and all(0 <= c <= 1 for c in segment_entry["color"])
+    assert next(model.net.parameters()).dtype == torch.float32
+    rng = np.random.default_rng(0)
+    geometry = Geometry((4, 40, 36), (1.2, 1.0, 3.0), (0, 0, 0), np.eye(3))
+    volume = Image(rng.random((4, 40, 36)).astype(np.float32), geometry)
+    steps = list(segment(volume, model, steps=2, device="cpu"))
+    assert len(steps) == 3 and steps[-1].mask.array.shape == (4, 40, 36)

@@ -1,0 +1,267 @@
+"""Training slices SYNTHESISED from SynthSeg label maps: a contrast-agnostic white-matter segmenter.
+
+Why: the bundled PixelDRL-MG starter model must work on real brain MRI of any contrast, but no
+labelled real scans may be used for training (the BraTS data forbid redistribution of weights,
+oasis2d has no labels). The 20 SynthSeg whole-head label maps (Apache-2.0) give exact labels;
+:mod:`steprl.synthesis` paints them with random intensities (or T1-like priors), bias field,
+blur, gamma and noise, and deforms them at random (affine + elastic), so every batch shows new
+"scans" of known anatomy. Both methods (PixelDRL-MG and the U-Net baseline) draw from this
+source, so they see the same distribution for the same budget.
+
+How a batch is made (:meth:`SynthSegSliceSource.sample`):
+
+1. pick a training subject (its label map is on a canonical head grid, read once,
+   :func:`steprl.synthseg.load_canonical`);
+2. draw a network pixel size ``fov / size`` with the field of view ``fov`` uniform in
+   ``fov_mm`` (210-256 mm: what axial brain scans cover; the inference fits a slice's
+   physical extent into the grid, see :class:`steprl.segmentation.data.SliceGrid`), and
+   resample the label map onto a ``(Dz, *size)`` grid of that spacing through a random affine
+   and elastic transform (:func:`steprl.synthesis.random_resample`, rotations up to
+   ``rotation_deg``: real scans are not pre-aligned);
+3. with probability ``strip_probability`` remove everything but the brain (:func:`skull_strip`),
+   synthesise the intensity volume (:func:`steprl.synthesis.synthesize`) and normalise the
+   WHOLE volume by its 0.5 / 99.5 percentiles, exactly as inference does
+   (:func:`steprl.preprocess.normalise_percentile`);
+4. take axial slices (array axis 0 of the canonical, axis-aligned LPS grid): a slice with
+   white matter with probability ``1 / (1 + empty_fraction)``, else a non-constant slice
+   without (the model must learn to leave those empty), then random up-down / left-right
+   flips (a scan's in-plane orientation on disk is arbitrary).
+
+``volumes_per_batch`` volumes are synthesised per batch and the batch's slices spread over
+them: one volume costs about as much as a small network update on a CPU, so slices share it.
+
+The object is the union of ``label_values`` (default :data:`steprl.synthseg.WHITE_MATTER`,
+cerebral white matter, FreeSurfer 2 and 41). Subjects are split by
+:func:`steprl.synthseg.split_subjects` (last 3 held out for tests, 3 before for validation);
+validation slices are synthesised once from the validation subjects with a fixed seed.
+:func:`synth_case` makes whole 3D test cases (image + labels with geometry) for the
+comparison benchmark.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from steprl.errors import InputError
+from steprl.geometry import Geometry, Image
+from steprl.preprocess import normalise_percentile
+from steprl.segmentation.data import SliceBatch, random_flips
+
+log = logging.getLogger(__name__)
+
+FOV_MM = (210.0, 256.0)
+"""Range of the in-plane field of view (mm) the network grid covers in training."""
+
+SLAB_MM = 200.0
+"""Extent (mm) of the synthesised volume along the slicing axis: the whole brain with margin."""
+
+SYNTHSEG_LICENCE = ("SynthSeg label maps (B. Billot et al., SynthSeg, github.com/BBillot/SynthSeg), "
+                    "Apache-2.0; images synthesised from them by steprl.synthesis")
+
+
+def spatial_augment(rotation_deg: float = 12.0):
+    """The random spatial transform of training: larger rotations and shifts than registration's
+    default (which assumes an affine pre-alignment), since segmentation inputs are not aligned."""
+    from steprl.synthesis import SpatialAugment
+
+    return SpatialAugment(rotation_deg=rotation_deg, scaling=0.08, shear=0.03, shift_mm=8.0, elastic_mm=3.0)
+
+
+def skull_strip(labels: torch.Tensor) -> torch.Tensor:
+    """``labels`` with every value outside the brain structures (and CSF) set to 0 (background).
+
+    Why: many scans users segment are skull-stripped (as the MNI152 template nilearn ships is),
+    so a share of the training volumes shows a brain on a dark background.
+    """
+    from steprl.synthseg import BRAIN_STRUCTURES
+
+    keep = torch.zeros(1024, dtype=torch.bool)
+    keep[list(BRAIN_STRUCTURES)] = True
+    return torch.where(keep[labels.clamp(0, 1023)], labels, torch.zeros_like(labels))
+
+
+@functools.lru_cache(maxsize=32)
+def _canonical_labels(path: Path, spacing: float, size: int) -> torch.Tensor:
+    """:func:`steprl.synthseg.load_canonical`'s label tensor, cached per process (read-only use):
+    reading and resampling a 256^3 label map takes seconds, and tests build several sources."""
+    from steprl.synthseg import load_canonical
+
+    return load_canonical(path, spacing, size)[0]
+
+
+def canonical_spacing(size: Sequence[int], fov_mm: Sequence[float] = FOV_MM) -> float:
+    """Spacing (mm) of the canonical label grids: the finest network pixel, at least 1.5 mm."""
+    return max(1.5, float(fov_mm[0]) / max(int(s) for s in size))
+
+
+class SynthSegSliceSource:
+    """Endless synthetic axial slices of SynthSeg heads; implements the learners' ``SliceSource``.
+
+    Args:
+        folder: the SynthSeg folder (``training_seg_*.nii.gz`` + ``labels_classes_priors/``).
+        size: network grid ``(H, W)``.
+        label_values: FreeSurfer values forming the object (default cerebral white matter).
+        seed: seeds the fixed validation slices (training draws use the learner's generator).
+        val_slices: number of validation slices (from the validation subjects).
+        empty_fraction: slices without object per slice with object.
+        volumes_per_batch: synthesised volumes a batch's slices are spread over.
+        t1_probability: share of T1-like contrasts (the rest are random contrasts); 0.5 by default:
+            random contrasts alone make white matter invisible in part of the volumes (equal class
+            means), which a small model on a short CPU budget learns slowly from.
+        max_train_subjects: use only the first N training subjects (CI smoke tests).
+        validation, test: held-out subject counts (:func:`steprl.synthseg.split_subjects`).
+        fov_mm: range of the in-plane field of view of a training slice.
+        rotation_deg: random rotation range of the spatial augmentation.
+        strip_probability: share of volumes synthesised skull-stripped (:func:`skull_strip`).
+    """
+
+    def __init__(self, folder: str | Path, size: Sequence[int] = (128, 128), *,
+                 label_values: Sequence[int] | None = None, seed: int = 0, val_slices: int = 48,
+                 empty_fraction: float = 0.2, volumes_per_batch: int = 2, t1_probability: float = 0.5,
+                 max_train_subjects: int | None = None, validation: int = 3, test: int = 3,
+                 fov_mm: Sequence[float] = FOV_MM, rotation_deg: float = 12.0,
+                 strip_probability: float = 0.3) -> None:
+        from steprl.synthesis import IntensityModel
+        from steprl.synthseg import WHITE_MATTER, list_label_maps, split_subjects
+
+        self.size = (int(size[0]), int(size[1]))
+        if min(self.size) < 8:
+            raise InputError(f"A {self.size} grid is too small.", "Use --size of at least 8 x 8 (128 128 for brains).")
+        if empty_fraction < 0 or volumes_per_batch < 1:
+            raise InputError("empty_fraction must be >= 0 and volumes_per_batch >= 1.", "Use e.g. 0.2 and 2.")
+        self.folder = Path(folder)
+        self.label_values = tuple(int(v) for v in (label_values or WHITE_MATTER))
+        self.empty_fraction = float(empty_fraction)
+        self.volumes_per_batch = int(volumes_per_batch)
+        self.t1_probability = float(t1_probability)
+        self.strip_probability = float(strip_probability)
+        self.fov_mm = (float(fov_mm[0]), float(fov_mm[1]))
+        self.augment = spatial_augment(rotation_deg)
+        self.split = split_subjects(list_label_maps(self.folder), validation=validation, test=test)
+        train_paths = self.split.train[:max_train_subjects] if max_train_subjects else self.split.train
+        self.spacing = canonical_spacing(self.size, self.fov_mm)
+        grid_size = int(math.ceil(240.0 / self.spacing))
+        self.intensity = IntensityModel.from_synthseg_folder(self.folder)
+        self.train_labels = [_canonical_labels(Path(p), self.spacing, grid_size) for p in train_paths]
+        val_labels = [_canonical_labels(Path(p), self.spacing, grid_size) for p in self.split.validation]
+        log.info("SynthSeg slices: %d training and %d validation subjects on a %d^3 grid of %.2f mm",
+                 len(self.train_labels), len(val_labels), grid_size, self.spacing)
+        self._val = self._fixed_slices(val_labels, val_slices, np.random.default_rng(seed + 104729))
+        self.description = {
+            "kind": "synthseg", "folder": str(self.folder), "size": list(self.size),
+            "object": "labels in " + ", ".join(str(v) for v in self.label_values)
+                      + (" (cerebral white matter)" if set(self.label_values) == set(WHITE_MATTER) else ""),
+            "train_subjects": [p.name for p in train_paths],
+            "validation_subjects": [p.name for p in self.split.validation],
+            "test_subjects_held_out": [p.name for p in self.split.test],
+            "fov_mm": list(self.fov_mm), "rotation_deg": rotation_deg, "t1_probability": self.t1_probability,
+            "empty_fraction": self.empty_fraction, "strip_probability": self.strip_probability,
+            "val_slices": len(self._val), "axis": "axial",
+            "licence": SYNTHSEG_LICENCE,
+        }
+
+    # -- volumes ------------------------------------------------------------------------------
+
+    def synth_volume(self, labels: torch.Tensor, rng: np.random.Generator, *, spacing: float | None = None,
+                     t1: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """One random "scan" of ``labels`` (canonical grid): ``(image (Dz, H, W) float32 0..1, object bool)``.
+
+        ``spacing``: the network pixel size (None: drawn from ``fov_mm``); ``t1``: force a
+        T1-like (True) or random (False) contrast, None draws with ``t1_probability``.
+        """
+        from steprl.synthesis import random_resample, synthesize
+
+        if spacing is None:
+            spacing = float(rng.uniform(*self.fov_mm)) / max(self.size)
+        depth = max(1, int(round(SLAB_MM / spacing)))
+        shape = (depth, *self.size)
+        resampled = random_resample(labels[None, None], self.spacing, shape, spacing, rng, self.augment)
+        if rng.random() < self.strip_probability:
+            resampled = skull_strip(resampled)
+        probability = self.t1_probability if t1 is None else float(bool(t1))
+        image = synthesize(resampled, self.intensity, rng, t1_probability=probability)[0, 0].numpy()
+        values = resampled[0, 0].numpy()
+        return normalise_percentile(image), np.isin(values, self.label_values)
+
+    def _pick(self, image: np.ndarray, obj: np.ndarray, count: int, rng: np.random.Generator) -> list[int]:
+        has_object = obj.any(axis=(1, 2))
+        flat = image.reshape(image.shape[0], -1)
+        empty = np.flatnonzero(~has_object & (flat.max(axis=1) > flat.min(axis=1)))
+        full = np.flatnonzero(has_object)
+        picks = []
+        for _ in range(count):
+            use_empty = len(empty) and (not len(full) or rng.random() >= 1.0 / (1.0 + self.empty_fraction))
+            pool = empty if use_empty else full
+            picks.append(int(rng.choice(pool)) if len(pool) else int(rng.integers(image.shape[0])))
+        return picks
+
+    def _slices(self, labels: torch.Tensor, count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        image, obj = self.synth_volume(labels, rng)
+        index = self._pick(image, obj, count, rng)
+        return image[index], obj[index]
+
+    # -- the SliceSource protocol --------------------------------------------------------------
+
+    def sample(self, n: int, rng: np.random.Generator) -> SliceBatch:
+        """``n`` new slices ``(n, 1, H, W)`` from ``volumes_per_batch`` fresh synthetic volumes."""
+        volumes = min(self.volumes_per_batch, n)
+        counts = [n // volumes + (k < n % volumes) for k in range(volumes)]
+        images, masks = [], []
+        for count in counts:
+            subject = self.train_labels[int(rng.integers(len(self.train_labels)))]
+            im, ob = self._slices(subject, count, rng)
+            images.append(im)
+            masks.append(ob)
+        batch = SliceBatch(torch.from_numpy(np.concatenate(images)[:, None]).float(),
+                           torch.from_numpy(np.concatenate(masks)[:, None].astype(np.float32)))
+        return random_flips(batch, rng)
+
+    def validation(self) -> SliceBatch:
+        return self._val
+
+    def _fixed_slices(self, subjects: list[torch.Tensor], count: int, rng: np.random.Generator) -> SliceBatch:
+        """``count`` slices spread over ``subjects``: one T1-like and one random-contrast volume each."""
+        per_volume = max(1, int(math.ceil(count / (2 * len(subjects)))))
+        images, masks = [], []
+        for labels in subjects:
+            for t1 in (True, False):
+                spacing = float(np.mean(self.fov_mm)) / max(self.size)
+                image, obj = self.synth_volume(labels, rng, spacing=spacing, t1=t1)
+                index = self._pick(image, obj, per_volume, rng)
+                images.append(image[index])
+                masks.append(obj[index])
+        images_t = torch.from_numpy(np.concatenate(images)[:count, None]).float()
+        masks_t = torch.from_numpy(np.concatenate(masks)[:count, None].astype(np.float32))
+        return SliceBatch(images_t, masks_t)
+
+
+def synth_case(path: str | Path, folder: str | Path, seed: int, *, t1: bool, spacing: float = 1.5,
+               shape: Sequence[int] = (128, 160, 160), label_values: Sequence[int] | None = None,
+               rotation_deg: float = 8.0) -> tuple[Image, Image]:
+    """A whole synthetic 3D test case from one label map: ``(image, object mask)`` with geometry.
+
+    The volume is ``shape`` (numpy order, z y x) at ``spacing`` mm, identity direction (LPS),
+    centred on the brain, whose centre is put at the physical origin; ``t1`` chooses a T1-like or
+    a random contrast; the mask is uint8 (1 = ``label_values``, default cerebral white matter).
+    Deterministic in ``seed``.
+    """
+    from steprl.synthesis import IntensityModel, random_resample, synthesize
+    from steprl.synthseg import WHITE_MATTER
+
+    rng = np.random.default_rng(seed)
+    labels = _canonical_labels(Path(path), 1.0, 240)
+    resampled = random_resample(labels[None, None], 1.0, tuple(int(s) for s in shape), spacing, rng,
+                                spatial_augment(rotation_deg))
+    model = IntensityModel.from_synthseg_folder(folder)
+    image = synthesize(resampled, model, rng, t1_probability=1.0 if t1 else 0.0)[0, 0].numpy()
+    obj = np.isin(resampled[0, 0].numpy(), tuple(label_values or WHITE_MATTER)).astype(np.uint8)
+    extent = spacing * (np.asarray(shape[::-1], dtype=float) - 1) / 2  # xyz
+    geometry = Geometry(tuple(int(s) for s in shape), (spacing,) * 3, tuple(-extent), tuple(np.eye(3).ravel()))
+    return Image(image.astype(np.float32), geometry), Image(obj, geometry)
