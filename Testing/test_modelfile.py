@@ -10,6 +10,7 @@ import pickle
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -201,3 +202,20 @@ def test_read_card_does_not_import_torch(saved):
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_bundle_tool_merges_nested_card_entries_and_protects_trained_keys():
+    """An extra card adds to nested entries (a lost inference grid would break the model) and
+    cannot change what the weights depend on."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "trainer" / "tools" / "bundle_model.py"
+    spec = importlib.util.spec_from_file_location("bundle_model", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    card = {"method": "spac", "config": {"grid": [64, 64]}, "inference": {"size": [96, 96], "steps": 10}}
+    merged = tool.merge_card(card, {"inference": {"steps": 20}, "title": "T"})
+    assert merged["inference"] == {"size": [96, 96], "steps": 20} and merged["title"] == "T"
+    assert card["inference"]["steps"] == 10  # the input card is untouched
+    with pytest.raises(ValueError, match="config"):
+        tool.merge_card(card, {"config": {"grid": [32, 32]}})

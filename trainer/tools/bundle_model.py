@@ -24,6 +24,25 @@ from steprl.modelfile import load_model, model_paths
 BUNDLED = Path(__file__).resolve().parents[1] / "steprl" / "models"
 
 
+#: Keys written by training that an extra card must not replace (the weights depend on them).
+PROTECTED = ("config", "method", "ndim", "sha256", "format", "format_version", "normalisation")
+
+
+def merge_card(card: dict, extra: dict) -> dict:
+    """``card`` with ``extra`` merged in: nested objects are merged key by key (so an extra
+    ``inference`` entry adds to the trained one instead of dropping e.g. its grid size), and
+    the :data:`PROTECTED` keys cannot be changed. Raises ValueError on an attempt."""
+    merged = dict(card)
+    for key, value in extra.items():
+        if key in PROTECTED and key in card and card[key] != value:
+            raise ValueError(f"--card-extra may not change '{key}' (training wrote it; the weights depend on it)")
+        if isinstance(value, dict) and isinstance(card.get(key), dict):
+            merged[key] = merge_card(card[key], value) if key not in PROTECTED else card[key]
+        else:
+            merged[key] = value
+    return merged
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=Path, help="training run folder (with model_best.safetensors)")
@@ -38,7 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     if "licence" not in json.dumps(extra).lower():
         print("refusing: --card-extra must state the training data's licence", file=sys.stderr)
         return 2
-    card.update(extra)
+    try:
+        card = merge_card(card, extra)
+    except ValueError as err:
+        print(f"refusing: {err}", file=sys.stderr)
+        return 2
     card["name"] = args.name
     BUNDLED.mkdir(parents=True, exist_ok=True)
     target = BUNDLED / f"{args.name}.safetensors"
