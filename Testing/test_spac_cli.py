@@ -482,3 +482,13 @@ def test_train_ddp_two_processes(tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["fit"]["world_size"] == 2
     assert len((out / "history.jsonl").read_text().splitlines()) == 1
+
+
+def test_3d_register_without_model_names_the_way_out_when_none_is_bundled(assets, tmp_path, capsys):
+    from steprl.registration.model import BUNDLED_DIR
+
+    if (BUNDLED_DIR / "spac3d_brain.safetensors").is_file():
+        pytest.skip("a 3D model is bundled: the default applies")
+    code, _, err = run_cli(capsys, "register", assets["fixed3d"], assets["moving3d"], "--out", tmp_path / "o")
+    assert code == 2 and "No 3D registration model is bundled" in err and "--model" in err
+    assert not (tmp_path / "o").exists()

@@ -40,7 +40,15 @@ def expand_files(paths: list[Path], what: str) -> list[Path]:
 
 
 def default_model(ndim: int) -> str:
-    return DEFAULT_MODELS[ndim]
+    """The bundled model for ``ndim``-D images; InputError naming the way out when none ships."""
+    from steprl.registration.model import BUNDLED_DIR
+
+    name = DEFAULT_MODELS[ndim]
+    if not (BUNDLED_DIR / f"{name}.safetensors").is_file():
+        raise InputError(f"No {ndim}D registration model is bundled with this steprl version.",
+                         "Pass --model with a model file, e.g. one trained with `steprl train registration "
+                         "--synthseg DIR` (contrast-agnostic 3D brain MRI).")
+    return name
 
 
 # ---- register / demo ----------------------------------------------------------------------
