@@ -22,7 +22,7 @@ from steprl.geometry import Geometry, Image
 from steprl.modelfile import save_model
 from steprl.segmentation.inference import segment
 from steprl.worker import mask_paths, read_job, run_job
-from test_spac_module_support import assert_one_error_event, rotation, save_tiny_model
+from test_spac_module_support import Recorder, assert_bad_job, events_when_task_raises, rotation, save_tiny_model
 
 STEPS = 3
 SHAPE = (5, 20, 18)  # (D, H, W)
@@ -75,20 +75,6 @@ def write_job(folder: Path, name: str = "job.json", **changes) -> Path:
     return path
 
 
-class Recorder:
-    """An emitter that records events and checks each step's files when its event is emitted."""
-
-    def __init__(self) -> None:
-        self.events: list[dict] = []
-        self.complete_at_emit: list[bool] = []
-
-    def __call__(self, event: dict) -> None:
-        json.dumps(event, allow_nan=False)  # strict JSON, as the real emitter writes it
-        if event["event"] == "step":
-            paths = [Path(event["mask"]), Path(event["changed"])]
-            partial = [p for p in paths[0].parent.iterdir() if p.name.startswith(".steprl-tmp-")]
-            self.complete_at_emit.append(all(p.is_file() for p in paths) and not partial)
-        self.events.append(event)
 
 
 def test_segment_job_streams_steps_with_complete_masks(job_folder):
@@ -153,23 +139,13 @@ def test_unet_model_runs_one_step(job_folder):
     ({"axis": "diagonal"}, 2, ["diagonal"]),
 ])
 def test_bad_segment_jobs_end_with_one_error_event(job_folder, changes, code, words):
-    record = Recorder()
-    name = "bad_" + "_".join(f"{k}" for k in changes) + ".json"
-    assert run_job(write_job(job_folder, name, **changes), record) == code
-    assert_one_error_event(record.events, code, words)
+    assert_bad_job(job_folder, write_job, changes, code, words)
 
 
 def test_unexpected_exception_names_the_segmentation_worker(job_folder, monkeypatch):
-    import steprl.worker as worker
-
-    def explode(job, emit):
-        raise ZeroDivisionError("oops")
-
-    monkeypatch.setattr(worker, "run_segment", explode)
-    record = Recorder()
-    assert run_job(write_job(job_folder, "bug.json"), record) == 1
-    assert [e["event"] for e in record.events] == ["error"]
-    assert record.events[0]["message"] == "Unexpected error in the segmentation worker: ZeroDivisionError: oops"
+    events = events_when_task_raises(job_folder, write_job, monkeypatch, "run_segment")
+    assert [e["event"] for e in events] == ["error"]
+    assert events[0]["message"] == "Unexpected error in the segmentation worker: ZeroDivisionError: oops"
 
 
 def test_read_job_resolves_segment_paths_relative_to_the_job(job_folder):

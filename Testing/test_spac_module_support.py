@@ -7,6 +7,7 @@ is slicer-core's MRML package (no Qt).
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -246,3 +247,43 @@ def grab(view) -> np.ndarray:
     nx, ny, _ = image.GetDimensions()
     pixels = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(ny, nx, -1)
     return pixels[::-1, :, :3].copy()
+
+
+class Recorder:
+    """A worker emitter that records events and checks, when a step event is emitted, that every
+    file it names (``field`` / ``mask`` / ``changed``) is complete: written, no temporary left."""
+
+    def __init__(self) -> None:
+        self.events: list[dict] = []
+        self.complete_at_emit: list[bool] = []
+
+    def __call__(self, event: dict) -> None:
+        json.dumps(event, allow_nan=False)  # strict JSON, as the real emitter writes it
+        if event["event"] == "step":
+            paths = [Path(event[key]) for key in ("field", "mask", "changed") if key in event]
+            partial = [p for p in paths[0].parent.iterdir() if p.name.startswith(".steprl-tmp-")]
+            self.complete_at_emit.append(all(p.is_file() for p in paths) and not partial)
+        self.events.append(event)
+
+
+def assert_bad_job(job_folder: Path, write_job, changes: dict, code: int, words: list[str]) -> None:
+    """A job written with ``changes`` ends with exit ``code`` and exactly one error event naming ``words``."""
+    from steprl.worker import run_job
+
+    record = Recorder()
+    name = "bad_" + "_".join(f"{k}" for k in changes) + ".json"
+    assert run_job(write_job(job_folder, name, **changes), record) == code
+    assert_one_error_event(record.events, code, words)
+
+
+def events_when_task_raises(job_folder: Path, write_job, monkeypatch, task_function: str) -> list[dict]:
+    """The events of a job whose task function (e.g. ``run_register``) raises an unexpected error."""
+    import steprl.worker as worker
+
+    def explode(job, emit):
+        raise ZeroDivisionError("oops")
+
+    monkeypatch.setattr(worker, task_function, explode)
+    record = Recorder()
+    assert worker.run_job(write_job(job_folder, "bug.json"), record) == 1
+    return record.events

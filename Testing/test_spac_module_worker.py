@@ -19,7 +19,9 @@ import SimpleITK as sitk
 from steprl import io
 from steprl.worker import read_job, run_job
 from test_spac_module_support import (
-    assert_one_error_event,
+    Recorder,
+    assert_bad_job,
+    events_when_task_raises,
     group_alive,
     needs_proc,
     oblique_pair,
@@ -54,20 +56,6 @@ def write_job(folder: Path, name: str = "job.json", **changes) -> Path:
     return path
 
 
-class Recorder:
-    """An emitter that records events and checks each step's file when its event is emitted."""
-
-    def __init__(self) -> None:
-        self.events: list[dict] = []
-        self.complete_at_emit: list[bool] = []
-
-    def __call__(self, event: dict) -> None:
-        json.dumps(event, allow_nan=False)  # strict JSON, as the real emitter writes it
-        if event["event"] == "step":
-            path = Path(event["field"])
-            partial = [p for p in path.parent.iterdir() if p.name.startswith(".steprl-tmp-")]
-            self.complete_at_emit.append(path.is_file() and not partial)
-        self.events.append(event)
 
 
 def test_register_job_streams_steps_with_complete_fields(job_folder):
@@ -113,22 +101,12 @@ def test_register_job_streams_steps_with_complete_fields(job_folder):
     ({"device": "tpu"}, 2, ["Unknown device"]),
 ])
 def test_bad_jobs_end_with_one_error_event(job_folder, changes, code, words):
-    record = Recorder()
-    name = "bad_" + "_".join(f"{k}" for k in changes) + ".json"
-    assert run_job(write_job(job_folder, name, **changes), record) == code
-    assert_one_error_event(record.events, code, words)
+    assert_bad_job(job_folder, write_job, changes, code, words)
 
 
 def test_unexpected_exception_is_reported_as_a_bug(job_folder, monkeypatch):
-    import steprl.worker as worker
-
-    def explode(job, emit):
-        raise ZeroDivisionError("oops")
-
-    monkeypatch.setattr(worker, "run_register", explode)
-    record = Recorder()
-    assert run_job(write_job(job_folder, "bug.json"), record) == 1
-    assert record.events == [{"event": "error", "kind": "ZeroDivisionError", "exit_code": 1,
+    events = events_when_task_raises(job_folder, write_job, monkeypatch, "run_register")
+    assert events == [{"event": "error", "kind": "ZeroDivisionError", "exit_code": 1,
                               "message": "Unexpected error in the registration worker: ZeroDivisionError: oops",
                               "fix": "Please report it with the Slicer log (it holds the worker's traceback)."}]
 
