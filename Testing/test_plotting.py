@@ -76,3 +76,13 @@ def test_representative_slice():
 )
 def test_select_steps(n_steps, k, expected):
     assert plotting.select_steps(n_steps, k) == expected
+
+
+def test_slice_aspect_gives_true_pixel_proportions():
+    from steprl.plotting import slice_aspect
+
+    spacing_xyz = (2.0, 3.0, 5.0)  # x, y, z mm; array axes (z, y, x)
+    assert slice_aspect(spacing_xyz, 0) == pytest.approx(3.0 / 2.0)  # rows y, columns x
+    assert slice_aspect(spacing_xyz, 1) == pytest.approx(5.0 / 2.0)  # rows z, columns x
+    assert slice_aspect(spacing_xyz, 2) == pytest.approx(5.0 / 3.0)  # rows z, columns y
+    assert slice_aspect((0.5, 1.5)) == pytest.approx(3.0)  # 2D: rows y, columns x

@@ -123,8 +123,19 @@ def _plot_curves(axes: list, curves: Mapping[str, Sequence[float]], step_numbers
         ax.grid(True, alpha=0.3)
 
 
-def _image_panel(ax, image: np.ndarray, window: tuple[float, float], title: str) -> None:
-    ax.imshow(image, cmap="gray", vmin=window[0], vmax=window[1], interpolation="nearest")
+def slice_aspect(spacing_xyz: Sequence[float], axis: int = 0) -> float:
+    """Height / width of one pixel of a slice taken along numpy ``axis`` of a 3D array (a 2D
+    image: the image itself) whose voxel size is ``spacing_xyz`` (ITK order), for
+    ``imshow(aspect=...)``: true proportions on screen."""
+    spacing_rows_first = list(spacing_xyz)[::-1]
+    if len(spacing_rows_first) == 2:
+        return float(spacing_rows_first[0] / spacing_rows_first[1])
+    rows, cols = (spacing_rows_first[k] for k in range(3) if k != axis)
+    return float(rows / cols)
+
+
+def _image_panel(ax, image: np.ndarray, window: tuple[float, float], title: str, aspect: float = 1.0) -> None:
+    ax.imshow(image, cmap="gray", vmin=window[0], vmax=window[1], interpolation="nearest", aspect=aspect)
     ax.set_title(title, fontsize=9)
     ax.set_xticks([])
     ax.set_yticks([])
@@ -153,6 +164,7 @@ def registration_steps_figure(
     curves: Mapping[str, Sequence[float]],
     path: str | os.PathLike,
     title: str | None = None,
+    aspect: float = 1.0,
 ) -> Path:
     """Write the registration steps picture and return its path.
 
@@ -161,6 +173,7 @@ def registration_steps_figure(
     image), all in one shared percentile window, each with the edges of the fixed image drawn
     over it (cyan) so that alignment can be judged. Bottom row: each curve of ``curves``
     (name -> values, ``values[t]`` after step ``t``, ``t = 0`` the input) against step.
+    ``aspect``: pixel height / width (:func:`slice_aspect`).
     """
     fixed = _check_2d("fixed", fixed)
     if len(moving_steps) != len(step_numbers) or not moving_steps:
@@ -170,10 +183,10 @@ def registration_steps_figure(
     window = _window([fixed, *moving_steps])
     edges = np.ma.masked_where(~_edges(fixed), np.ones(fixed.shape))
     fig, panels, curve_axes = _new_figure(1 + len(moving_steps), len(curves))
-    _image_panel(panels[0], fixed, window, "fixed")
+    _image_panel(panels[0], fixed, window, "fixed", aspect)
     for ax, image, step in zip(panels[1:], moving_steps, step_numbers, strict=True):
-        _image_panel(ax, image, window, "moving (input)" if step == 0 else f"step {step}")
-        ax.imshow(edges, cmap=_EDGE_CMAP, alpha=0.6, vmin=0, vmax=1, interpolation="nearest")
+        _image_panel(ax, image, window, "moving (input)" if step == 0 else f"step {step}", aspect)
+        ax.imshow(edges, cmap=_EDGE_CMAP, alpha=0.6, vmin=0, vmax=1, interpolation="nearest", aspect=aspect)
     _plot_curves(curve_axes, curves, step_numbers)
     if title:
         fig.suptitle(title, fontsize=11)
@@ -188,6 +201,7 @@ def segmentation_steps_figure(
     path: str | os.PathLike,
     changed: Sequence[np.ndarray] | None = None,
     title: str | None = None,
+    aspect: float = 1.0,
 ) -> Path:
     """Write the segmentation steps picture and return its path.
 
@@ -195,7 +209,7 @@ def segmentation_steps_figure(
     ``masks[i]`` ``(H, W)`` (nonzero = object; red) after step ``step_numbers[i]``, and, when
     ``changed`` is given, the pixels ``changed[i]`` ``(H, W)`` (nonzero) that step altered
     (magenta, translucent). Bottom row: the metric ``curves`` against step, as in
-    :func:`registration_steps_figure`.
+    :func:`registration_steps_figure`. ``aspect``: pixel height / width (:func:`slice_aspect`).
     """
     image = _check_2d("image", image)
     if len(masks) != len(step_numbers) or not masks:
@@ -206,12 +220,12 @@ def segmentation_steps_figure(
     window = _window([image])
     fig, panels, curve_axes = _new_figure(len(masks), len(curves))
     for i, (ax, mask, step) in enumerate(zip(panels, masks, step_numbers, strict=True)):
-        _image_panel(ax, image, window, "input" if step == 0 else f"step {step}")
+        _image_panel(ax, image, window, "input" if step == 0 else f"step {step}", aspect)
         if changed is not None:
             moved = _check_2d(f"changed[{i}]", changed[i], image.shape) != 0
             if moved.any():
                 ax.imshow(np.ma.masked_where(~moved, np.ones(image.shape)), cmap=_CHANGED_CMAP, alpha=0.45,
-                          vmin=0, vmax=1, interpolation="nearest")
+                          vmin=0, vmax=1, interpolation="nearest", aspect=aspect)
         binary = (mask != 0).astype(np.float32)
         if 0.0 < binary.mean() < 1.0:  # contour needs both sides present
             ax.contour(binary, levels=[0.5], colors="red", linewidths=1.0)

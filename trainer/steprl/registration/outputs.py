@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 
 def _slice(array: np.ndarray) -> np.ndarray:
+    """The picture's slice: the image in 2D, the middle of array axis 0 in 3D."""
     from steprl.plotting import representative_slice
 
     return array if array.ndim == 2 else representative_slice(array, axis=0)
@@ -61,7 +62,7 @@ def run_and_write(fixed: Image, moving: Image, model, out, *, steps: int | None 
 
     from steprl import io
     from steprl.device import resolve_device
-    from steprl.plotting import registration_steps_figure, select_steps
+    from steprl.plotting import registration_steps_figure, select_steps, slice_aspect
     from steprl.registration.inference import register
     from steprl.registration.model import load_spac
 
@@ -110,7 +111,8 @@ def run_and_write(fixed: Image, moving: Image, model, out, *, steps: int | None 
             curves["Dice"] = [r["dice"] for r in records]
         shown = sorted(pictures)
         registration_steps_figure(_slice(fixed.array), [pictures[s] for s in shown], shown, curves,
-                                  staging / "steps.png", title=f"SPAC registration ({spac.path.stem})")
+                                  staging / "steps.png", title=f"SPAC registration ({spac.path.stem})",
+                                  aspect=slice_aspect(fixed.geometry.spacing, axis=0))
         publish(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

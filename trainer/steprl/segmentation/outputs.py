@@ -59,7 +59,7 @@ def run_and_write(image: Image, model, out, *, steps: int | None = None, device=
 
     from steprl import io, metrics
     from steprl.device import resolve_device
-    from steprl.plotting import segmentation_steps_figure, select_steps
+    from steprl.plotting import segmentation_steps_figure, select_steps, slice_aspect
     from steprl.segmentation.data import CONSTANT_SLICE_RULE, resolve_axis
     from steprl.segmentation.inference import segment
     from steprl.segmentation.model import load_segmenter
@@ -120,7 +120,8 @@ def run_and_write(image: Image, model, out, *, steps: int | None = None, device=
             take(image.array, index, array_axis), [take(kept[s][0], index, array_axis) for s in shown], shown, curves,
             staging / "steps.png", changed=[take(kept[s][1], index, array_axis) for s in shown],
             title=f"{loaded.method} segmentation ({loaded.path.stem})" + (
-                f", slice {index} along axis {array_axis}" if image.ndim == 3 else ""))
+                f", slice {index} along axis {array_axis}" if image.ndim == 3 else ""),
+            aspect=slice_aspect(image.geometry.spacing, array_axis))
         publish(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
