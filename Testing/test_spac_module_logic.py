@@ -244,7 +244,7 @@ def test_worker_input_error_is_one_message_and_no_nodes(models_dir, tmp_path):
 @pytest.mark.parametrize(("case", "error", "words"), [
     ("no model", ModelFileError, ["No model is chosen"]),
     ("unknown model", ModelFileError, ["'nope' not found", "user models folder"]),
-    ("2D model", InputError, ["2D model", "Slicer volumes are 3D"]),
+    ("2D model", InputError, ["2D model", "Slicer volumes are 3D", "--synthseg"]),
     ("one label map", InputError, ["Only one label map"]),
     ("same volume", InputError, ["the same volume"]),
     ("foreign transform", InputError, ["under the transform", "Harden"]),

@@ -104,7 +104,8 @@ class RegistrationLogic(WorkerLogic):
         entry = self.find_entry(request.model, request.user_models_folder)
         if entry.ndim != 3:
             raise InputError(f"Model '{entry.name}' is a {entry.ndim}D model, but Slicer volumes are 3D.",
-                             "Choose a 3D SPAC model (2D models are for the steprl command line on 2D images).")
+                             "Choose a 3D SPAC model from your models folder (2D models are for the steprl command "
+                             "line on 2D images); `steprl train registration --synthseg DIR` trains a 3D one.")
         return entry
 
     def write_job(self, request: RegistrationRequest, entry: models.ModelEntry, folder: Path) -> Path:
