@@ -1,5 +1,6 @@
 """What registration and segmentation commands share when they hand results over.
 
+- :func:`staging_folder`: the hidden folder beside the output where a run writes its files first.
 - :func:`publish`: move a run's staged files into its output folder, so a failed run never
   leaves half an output and a re-run never mixes its per-step files with an older run's.
 - :func:`mean_row` / :func:`format_table`: the plain-text tables of ``steprl evaluate``.
@@ -13,12 +14,20 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 Column = tuple[str, str, str]
+
+
+def staging_folder(out: Path) -> Path:
+    """A new hidden ``.<out name>.partial-*`` folder beside ``out`` (same file system, so
+    :func:`publish` moves files atomically); creates ``out``'s parent if needed."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
 
 
 def publish(staging: Path, out: Path, replace_folders: Sequence[str] = ("steps",)) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import numpy as np
 
 import steprl
 from steprl.geometry import Image
-from steprl.reporting import publish
+from steprl.reporting import publish, staging_folder
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +69,7 @@ def run_and_write(fixed: Image, moving: Image, model, out, *, steps: int | None 
     spac = load_spac(model, dev)
     n_steps = spac.default_steps if steps is None else steps
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    staging = staging_folder(out)
     wanted = set(select_steps(n_steps, 5)) if n_steps > 0 else {0}
     try:
         records, pictures, last = [], {}, None

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import numpy as np
 
 import steprl
 from steprl.geometry import Image
-from steprl.reporting import publish
+from steprl.reporting import publish, staging_folder
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +72,7 @@ def run_and_write(image: Image, model, out, *, steps: int | None = None, device=
         n_steps = min(n_steps, 1)
     array_axis = resolve_axis(axis, image.geometry)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    staging = staging_folder(out)
     wanted = set(select_steps(n_steps, 5)) if n_steps > 0 else {0}
     try:
         records, kept, last = [], {}, None
