@@ -41,10 +41,10 @@ def test_synthesize_gives_random_contrast_constant_within_classes():
     means = [[float(img[labels == v].mean()) for v in (0, 2, 24, 41)] for img in (a, b)]
     # different draws give different contrasts (class order differs or values differ clearly)
     assert max(abs(x - y) for x, y in zip(*means)) > 0.05
-    # inside a class the image is far more uniform than across classes
+    # inside a class the image is far more uniform than across classes (seed 0: 0.07 vs 0.26)
     inner = float(a[labels == 24].std())
     across = float(np.std(means[0]))
-    assert inner < across + 0.15
+    assert inner < 0.5 * across
 
 
 def test_random_resample_identity_and_augmented():
