@@ -55,13 +55,17 @@ class SynthSegPairSource:
         self.structures = torch.from_numpy(synthseg.lookup_table(synthseg.structure_index()))
         self.num_labels = len(synthseg.BRAIN_STRUCTURES)
         self.augment = SpatialAugment()
-        self._val = self._make([self._val_pair(k, seed) for k in range(val_pairs)], np.random.default_rng(seed + 31))
+        self._val = self._make([self._val_pair(k) for k in range(val_pairs)], np.random.default_rng(seed + 31))
 
-    def _val_pair(self, k: int, seed: int) -> tuple[int, int]:
+    def _val_pair(self, k: int) -> tuple[int, int]:
+        """The ``k``-th validation pair (fixed, moving) of distinct held-out subjects, cycling through them."""
         n = len(self.val_subjects)
-        return k % n, (k + 1 + (k // n)) % n if n > 1 else 0
+        if n < 2:
+            return 0, 0
+        return k % n, (k + 1 + (k // n) % (n - 1)) % n  # offset 1..n-1: never the same subject
 
-    def _one(self, labels: torch.Tensor, rng: np.random.Generator, contrast) -> tuple[np.ndarray, np.ndarray]:
+    def _one(self, labels: torch.Tensor, rng: np.random.Generator, contrast) -> tuple[torch.Tensor, torch.Tensor]:
+        """One augmented, synthesised image ``(D, H, W)`` and its structure indices ``0..32``."""
         values = random_resample(labels[None, None], self.source_spacing, self.grid, self.spacing, rng, self.augment)
         image = synthesize(values, self.intensity, rng, contrast=contrast)
         return image[0, 0], self.structures[values.clamp(0, 1023)][0, 0]
