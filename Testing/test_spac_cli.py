@@ -441,6 +441,18 @@ def test_train_grid_not_divisible_is_a_clear_error(assets, tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("args, words", [
+    (["--known-pairs", "0.5"], ["--known-pairs needs --synthseg"]),
+    (["--field-level", "4"], ["field_level", "--field-level"]),
+])
+def test_train_bad_options_are_clear_errors(assets, tmp_path, capsys, args, words):
+    out = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", "registration", "--images", assets["d4"] / "images",
+                           "--grid", "32", "32", *TRAIN_SMALL, *args, "--epochs", "1", "--out", out)
+    _assert_one_error_line(code, err, words)
+    assert not out.exists()
+
+
 def test_train_folder_without_images_is_a_clear_error(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -95,15 +95,15 @@ def random_affine(aug: SpatialAugment, rng: np.random.Generator) -> tuple[np.nda
     return rot @ scale @ shear, rng.uniform(-aug.shift_mm, aug.shift_mm, size=3)
 
 
-def random_resample(labels: torch.Tensor, source_spacing: float, shape: tuple[int, ...], spacing: float,
-                    rng: np.random.Generator, aug: SpatialAugment | None = SpatialAugment()) -> torch.Tensor:
-    """Sample ``labels`` ``(1, 1, *S_src)`` onto a ``shape`` grid of ``spacing`` mm, centres aligned.
+def random_coords(source_shape: tuple[int, ...], source_spacing: float, shape: tuple[int, ...], spacing: float,
+                  rng: np.random.Generator, aug: SpatialAugment | None = SpatialAugment(), device=None
+                  ) -> torch.Tensor:
+    """Source voxel coordinates ``(1, 3, *shape)`` that a ``shape`` grid of ``spacing`` mm samples.
 
-    The output voxel at ``p`` mm from the output centre takes the source label at
-    ``A p + t + e(p)`` mm from the source centre (``aug=None``: identity). Returns int64
-    ``(1, 1, *shape)``; outside the source is 0.
+    The output voxel at ``p`` mm from the output centre looks at ``A p + t + e(p)`` mm from the
+    source centre (``aug=None``: identity); ``source_shape`` is the source grid of
+    ``source_spacing`` mm, centres aligned.
     """
-    device = labels.device
     grid = spatial.identity_coords(shape, device)
     centre_out = torch.tensor([(n - 1) / 2 for n in shape], device=device).view(1, 3, 1, 1, 1)
     p = (grid - centre_out) * spacing
@@ -112,9 +112,59 @@ def random_resample(labels: torch.Tensor, source_spacing: float, shape: tuple[in
         p = torch.einsum("ij,bj...->bi...", torch.from_numpy(lin.astype(np.float32)).to(device), p)
         p = p + torch.from_numpy(shift.astype(np.float32)).to(device).view(1, 3, 1, 1, 1)
         p = p + _elastic(shape, spacing, aug, rng, device)
-    centre_src = torch.tensor([(n - 1) / 2 for n in labels.shape[2:]], device=device).view(1, 3, 1, 1, 1)
-    coords = p / source_spacing + centre_src
+    centre_src = torch.tensor([(n - 1) / 2 for n in source_shape], device=device).view(1, 3, 1, 1, 1)
+    return p / source_spacing + centre_src
+
+
+def random_resample(labels: torch.Tensor, source_spacing: float, shape: tuple[int, ...], spacing: float,
+                    rng: np.random.Generator, aug: SpatialAugment | None = SpatialAugment()) -> torch.Tensor:
+    """Sample ``labels`` ``(1, 1, *S_src)`` onto a ``shape`` grid of ``spacing`` mm, centres aligned.
+
+    Through a random affine + elastic transform (:func:`random_coords`; ``aug=None``: identity).
+    Returns int64 ``(1, 1, *shape)``; outside the source is 0.
+    """
+    coords = random_coords(tuple(labels.shape[2:]), source_spacing, shape, spacing, rng, aug, labels.device)
     return spatial.sample(labels.float(), coords, "nearest", "zeros").round().long()
+
+
+def random_field(shape: tuple[int, ...], spacing: float, aug: SpatialAugment, rng: np.random.Generator,
+                 device=None) -> torch.Tensor:
+    """A random affine + elastic displacement ``(1, 3, *shape)`` in VOXELS of a ``spacing`` mm grid.
+
+    ``v(x) = (A p + t + e(p) - p) / spacing`` with ``p`` the voxel's offset from the grid centre
+    in mm: the kind of residual an affine pre-alignment leaves between two subjects.
+    """
+    p = (spatial.identity_coords(shape, device)
+         - torch.tensor([(n - 1) / 2 for n in shape], device=device).view(1, 3, 1, 1, 1)) * spacing
+    lin, shift = random_affine(aug, rng)
+    q = torch.einsum("ij,bj...->bi...", torch.from_numpy(lin.astype(np.float32)).to(device), p)
+    q = q + torch.from_numpy(shift.astype(np.float32)).to(device).view(1, 3, 1, 1, 1) + _elastic(shape, spacing, aug,
+                                                                                                 rng, device)
+    return (q - p) / spacing
+
+
+def known_pair(labels: torch.Tensor, source_spacing: float, shape: tuple[int, ...], spacing: float,
+               rng: np.random.Generator, aug: SpatialAugment, pair_aug: SpatialAugment
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two label maps of ONE subject and the exact field between them (SynthMorph-style pairs).
+
+    The moving map samples ``labels`` through a random transform (``aug``); the fixed map is
+    the moving one pulled through a random field ``v`` (``pair_aug``), both sampled from the
+    source so neither is resampled twice: ``fixed(x) = moving(x + v(x))``. ``v`` is therefore
+    exactly the pull-back displacement that registers moving onto fixed.
+
+    Returns fixed and moving label values ``(1, 1, *shape)`` int64 and ``v`` ``(1, 3, *shape)``
+    in voxels of the output grid.
+    """
+    source_shape = tuple(labels.shape[2:])
+    moving_coords = random_coords(source_shape, source_spacing, shape, spacing, rng, aug, labels.device)
+    field = random_field(shape, spacing, pair_aug, rng, labels.device)
+    fixed_coords = spatial.warp(moving_coords, field, "linear", "border")
+
+    def take(coords: torch.Tensor) -> torch.Tensor:
+        return spatial.sample(labels.float(), coords, "nearest", "zeros").round().long()
+
+    return take(fixed_coords), take(moving_coords), field
 
 
 def draw_contrast(model: IntensityModel, rng: np.random.Generator, t1_probability: float = 0.3

@@ -66,7 +66,21 @@ def _add_train(tsub, add_common) -> None:
                    help="weight of -LNCC in the registration loss (default 1; 0 with --cross-contrast)")
     r.add_argument("--dice-weight", type=float, default=None,
                    help="weight of (1 - label soft Dice) in the loss (default 0; 1 with --synthseg)")
+    r.add_argument("--sac-start", type=int, default=0, metavar="N",
+                   help="episodes before the first SAC update (warm-up on the registration loss alone; default 0)")
+    r.add_argument("--grad-clip", type=float, default=None, metavar="NORM",
+                   help="clip the registration loss's gradient norm (default: no clipping)")
+    r.add_argument("--train-max-step", type=float, default=1.0, metavar="VOXELS",
+                   help="per-step clamp in training episodes (default 1, as official SPAC; test time uses 3)")
+    r.add_argument("--known-pairs", type=float, default=0.0, metavar="FRACTION",
+                   help="--synthseg: share of training pairs made from ONE subject deformed by a known random "
+                        "field, which the loss also regresses (default 0: all pairs are two subjects)")
+    r.add_argument("--field-weight", type=float, default=1.0,
+                   help="weight of the squared error to the known field (voxels^2) with --known-pairs (default 1)")
     r.add_argument("--channels", nargs="+", type=int, default=None, help="encoder widths (default 16 32 32 32)")
+    r.add_argument("--field-level", type=int, default=1, metavar="K",
+                   help="the actor predicts each step on a grid 2**K times coarser than the network grid "
+                        "(default 1: half resolution; 2: smoother, cheaper steps)")
     r.add_argument("--plan-dim", type=int, default=None, help="plan size (default 32 in 2D, 64 in 3D)")
     r.add_argument("--lr", type=float, default=1e-3, help="learning rate of the registration loss (planner + actor)")
     r.add_argument("--seed", type=int, default=0)

@@ -31,15 +31,26 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PairBatch:
-    """A batch of pairs on the network grid: intensities ``(B, 1, *S)`` float, labels ``(B, 1, *S)`` long."""
+    """A batch of pairs on the network grid: intensities ``(B, 1, *S)`` float, labels ``(B, 1, *S)`` long.
+
+    ``true_field`` ``(B, ndim, *S)`` (voxels) is the exact pull-back field registering moving onto
+    fixed where a source knows it (pairs made by deforming one subject), with ``field_known``
+    ``(B,)`` bool saying for which items; both ``None`` when no item has one.
+    """
 
     fixed: torch.Tensor
     moving: torch.Tensor
     fixed_labels: torch.Tensor
     moving_labels: torch.Tensor
+    true_field: torch.Tensor | None = None
+    field_known: torch.Tensor | None = None
 
     def to(self, device) -> PairBatch:
-        return PairBatch(*(t.to(device) for t in (self.fixed, self.moving, self.fixed_labels, self.moving_labels)))
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return PairBatch(*(move(t) for t in (self.fixed, self.moving, self.fixed_labels, self.moving_labels,
+                                              self.true_field, self.field_known)))
 
 
 class PairSource(Protocol):

@@ -9,7 +9,10 @@ step, in this order:
    planner and actor. The ORIGINAL moving image is warped by the composed field.
 2. **Step the environment** with ``a`` clamped to ``+-train_max_step`` voxels; the reward is the
    Dice improvement of (pseudo-)labels; the transition ``(s, z, r, s')`` enters the replay buffer.
-3. **SAC update** from a replay batch (once the buffer holds ``replay_batch`` transitions):
+3. **SAC update** from a replay batch (once the buffer holds ``replay_batch`` transitions and
+   ``sac_start`` episodes have run: a warm-up in which the planner and actor learn to register
+   by the loss of step 1 alone, so the critics first see sensible transitions, and which costs a
+   third of an episode with SAC in 3D):
    twin critics regress the soft Bellman target with clipped double Q,
    ``y = r + gamma (1 - d) (min Q'(s', z') - alpha log pi(z'|s'))``; the planner maximises
    ``min Q(s, z) - alpha log pi(z|s)``; ``log alpha`` is learned towards ``target_entropy``;
@@ -59,12 +62,15 @@ class SPACTrainConfig:
     ncc_window: int = 9
     ncc_weight: float = 1.0  # -LNCC(fixed, warped): the paper's image term (0 when contrasts differ)
     dice_weight: float = 0.0  # 1 - soft Dice of the labels (SynthMorph-style; needs real labels)
+    field_weight: float = 0.0  # mean squared error (voxels^2) to the true field, where the source knows it
     smooth_weight: float = 1.0
     kl_weight: float = 0.01
     train_max_step: float = 1.0
     test_max_step: float = 3.0
     val_steps: int = 10
     reward_scale: float = 10.0
+    sac_start: int = 0  # iterations (episodes) that fill the replay buffer before SAC updates begin
+    grad_clip: float | None = None  # max gradient norm of the registration-loss update (None: no clipping)
     seed: int = 0
 
     def to_dict(self) -> dict:
@@ -124,13 +130,13 @@ class SPACLearner:
         logs: dict[str, list[float]] = {}
         done = False
         while not done:
-            plan, step, aux = self._registration_update(env, state)
+            plan, step, aux = self._registration_update(env, state, batch.true_field, batch.field_known)
             out = env.step(step)
             self.replay.add(state, plan, out.reward, out.state, out.done)
             state, done = out.state, out.done
             _append(logs, aux)
             _append(logs, {"reward": out.reward.mean().item()})
-            if len(self.replay) >= cfg.replay_batch:
+            if iteration >= cfg.sac_start and len(self.replay) >= cfg.replay_batch:
                 _append(logs, self._sac_update())
         result = {k: float(np.mean(v)) for k, v in logs.items()}
         result["dice_final"] = env.dice.mean().item()
@@ -185,15 +191,27 @@ class SPACLearner:
         self.replay.load_tensors(tensors)
 
     # ---- updates ----------------------------------------------------------------------
-    def _step_optimizer(self, name: str, loss: torch.Tensor, params) -> None:
+    def _step_optimizer(self, name: str, loss: torch.Tensor, params, clip: float | None = None) -> float | None:
+        """One optimiser step; with ``clip``, the global gradient norm is clipped and returned (before clipping)."""
         opt = self.optimizers[name]
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        params = list(params)
         average_gradients(params)
+        norm = None
+        if clip:
+            norm = torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], clip).item()
         opt.step()
+        return norm
 
-    def _registration_update(self, env: RegistrationEnv, state: torch.Tensor):
-        """Paper Eq. 8 on the current states; returns the sampled plan, raw step and logs."""
+    def _registration_update(self, env: RegistrationEnv, state: torch.Tensor, true_field: torch.Tensor | None = None,
+                             field_known: torch.Tensor | None = None):
+        """Paper Eq. 8 on the current states; returns the sampled plan, raw step and logs.
+
+        With ``true_field`` ``(B, ndim, *S)`` (voxels) and ``field_known`` ``(B,)``, the loss also
+        has ``field_weight`` times the mean squared distance of the composed field to the true
+        one over the known items: every step is asked to complete the registration.
+        """
         mu, log_std, skips = self.policy.planner(state)
         plan, _ = squash(mu, log_std)
         step = self.policy.actor(plan, skips)
@@ -208,7 +226,14 @@ class SPACLearner:
             dice = env.dice_of(field).mean()
             loss = loss + cfg.dice_weight * (1 - dice)
             logs["soft_dice"] = dice.item()
-        self._step_optimizer("policy", loss, self.policy.parameters())
+        if cfg.field_weight > 0 and true_field is not None and bool(field_known.any()):
+            error = (field - true_field).pow(2).sum(1).flatten(1).mean(1)  # (B,) voxels^2
+            field_loss = error[field_known].mean()
+            loss = loss + cfg.field_weight * field_loss
+            logs["field_mse"] = field_loss.item()
+        norm = self._step_optimizer("policy", loss, self.policy.parameters(), cfg.grad_clip)
+        if norm is not None:
+            logs["grad_norm"] = norm
         return plan.detach(), step.detach(), logs
 
     def _sac_update(self) -> dict[str, float]:

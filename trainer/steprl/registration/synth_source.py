@@ -6,6 +6,12 @@ pair (by default shared by both images: mono-modal pairs of any contrast), so th
 align anatomy whatever the contrast. Labels for the Dice reward and loss are the 32 SynthSeg brain
 structures, re-indexed ``1..32`` (:func:`steprl.synthseg.structure_index`). Validation pairs
 come from held-out subjects and are drawn once (fixed seed), so scores compare across epochs.
+
+With ``known_fraction > 0``, that share of the training pairs are instead two views of ONE
+subject related by a random affine + elastic field that is known exactly
+(:func:`steprl.synthesis.known_pair`, SynthMorph-style). The learner then also regresses that
+field: a dense target at every voxel, where the label Dice only speaks at structure
+boundaries, which is what gets a 3D policy off the ground in a CPU-sized training budget.
 """
 
 from __future__ import annotations
@@ -19,9 +25,15 @@ import torch
 
 from steprl import synthseg
 from steprl.registration.data import PairBatch
-from steprl.synthesis import IntensityModel, SpatialAugment, draw_contrast, random_resample, synthesize
+from steprl.synthesis import IntensityModel, SpatialAugment, draw_contrast, known_pair, random_resample, synthesize
 
 log = logging.getLogger(__name__)
+
+
+#: the field between the two views of a known pair: about what a centroid-affine alignment
+#: leaves between two subjects (a few degrees, a few per cent, a few mm, smooth local shifts)
+PAIR_AUGMENT = SpatialAugment(rotation_deg=5.0, scaling=0.06, shear=0.03, shift_mm=4.0, elastic_mm=4.0,
+                              elastic_control_mm=24.0)
 
 
 class SynthSegPairSource:
@@ -36,6 +48,9 @@ class SynthSegPairSource:
         same_contrast: both images of a pair share one random contrast (mono-modal pairs of any
             contrast, so the image similarity term of the loss means something); False gives
             every image its own contrast (multi-modal, SynthMorph-style, labels-only loss).
+        known_fraction: share of training pairs made from one subject with a known field
+            (``PairBatch.true_field``); 0 = all pairs are two different subjects.
+        pair_augment: the random field between the two views of a known pair.
     """
 
     labels_are_real = True
@@ -44,8 +59,11 @@ class SynthSegPairSource:
 
     def __init__(self, train: Sequence[Path], validation: Sequence[Path], grid: tuple[int, ...], *,
                  spacing: float = 3.3, priors_folder: Path | None = None, val_pairs: int = 6, seed: int = 0,
-                 source_spacing: float = 2.0, same_contrast: bool = True) -> None:
-        self.same_contrast = same_contrast
+                 source_spacing: float = 2.0, same_contrast: bool = True, known_fraction: float = 0.0,
+                 pair_augment: SpatialAugment = PAIR_AUGMENT) -> None:
+        if not 0.0 <= known_fraction <= 1.0:
+            raise ValueError(f"known_fraction must be in [0, 1], got {known_fraction}")
+        self.same_contrast, self.known_fraction, self.pair_augment = same_contrast, known_fraction, pair_augment
         self.grid, self.spacing, self.source_spacing = tuple(grid), float(spacing), float(source_spacing)
         subjects = synthseg.load_all([*train, *validation], source_spacing)  # all aligned to train[0]
         self.train, self.val_subjects = subjects[:len(train)], subjects[len(train):] or subjects[:len(train)]
@@ -84,7 +102,26 @@ class SynthSegPairSource:
 
     def sample(self, n: int, rng: np.random.Generator) -> PairBatch:
         pairs = [tuple(int(i) for i in rng.choice(len(self.train), 2, replace=False)) for _ in range(n)]
-        return self._make(pairs, rng, self.train)
+        known = rng.uniform(size=n) < self.known_fraction
+        batch = self._make(pairs, rng, self.train)
+        if not known.any():
+            return batch
+        fields = torch.zeros(n, 3, *self.grid)
+        for k in np.flatnonzero(known):
+            fixed, moving, fixed_l, moving_l, fields[k] = self._known(self.train[pairs[k][0]], rng)
+            batch.fixed[k], batch.moving[k] = fixed, moving
+            batch.fixed_labels[k], batch.moving_labels[k] = fixed_l, moving_l
+        batch.true_field, batch.field_known = fields, torch.from_numpy(known)
+        return batch
+
+    def _known(self, labels: torch.Tensor, rng: np.random.Generator):
+        """One known pair of ``labels``: images and structure maps ``(1, *S)``, field ``(3, *S)`` voxels."""
+        fixed_v, moving_v, field = known_pair(labels[None, None], self.source_spacing, self.grid, self.spacing, rng,
+                                              self.augment, self.pair_augment)
+        contrast = draw_contrast(self.intensity, rng) if self.same_contrast else None
+        images = [synthesize(v, self.intensity, rng, contrast=contrast)[0] for v in (fixed_v, moving_v)]
+        structures = [self.structures[v.clamp(0, 1023)][0] for v in (fixed_v, moving_v)]
+        return images[0], images[1], structures[0], structures[1], field[0]
 
     def validation(self) -> PairBatch:
         return self._val

@@ -23,6 +23,9 @@ def build_source(args, ndim_hint: int | None = None):
     from steprl.registration.commands import expand_files
     from steprl.registration.data import ImagePairSource, SyntheticPairSource
 
+    if getattr(args, "known_pairs", 0.0) and not args.synthseg:
+        raise InputError("--known-pairs needs --synthseg: only synthesised pairs have a known field.",
+                         "Drop --known-pairs, or train with --synthseg DIR.")
     if args.synthetic:
         grid = tuple(args.synthetic)
         return SyntheticPairSource(grid, seed=args.seed), grid, {"kind": "synthetic blobs", "grid": list(grid)}
@@ -49,19 +52,23 @@ def _synthseg_source(args):
     from steprl.registration.synth_source import SynthSegPairSource
 
     grid = tuple(args.grid) if args.grid else (64, 64, 64)
+    if not 0.0 <= args.known_pairs <= 1.0:
+        raise InputError(f"--known-pairs is a fraction of the training pairs, got {args.known_pairs}.",
+                         "Give a value from 0 to 1, e.g. --known-pairs 0.5.")
     if len(grid) != 3:
         raise InputError(f"--synthseg trains 3D models but --grid has {len(grid)} values.",
                          "Give 3 values, e.g. --grid 64 64 64.")
     split = synthseg.split_subjects(synthseg.list_label_maps(args.synthseg), args.val_count, args.test_count)
     source = SynthSegPairSource(split.train, split.validation, grid, spacing=args.synth_spacing, seed=args.seed,
-                                same_contrast=not args.cross_contrast)
+                                same_contrast=not args.cross_contrast, known_fraction=args.known_pairs)
     data = {"kind": "images synthesised from SynthSeg label maps (random contrast, bias, noise, blur, "
                     "affine + elastic augmentation), subjects affinely aligned by structure centroids",
             "folder": str(args.synthseg), "train_subjects": [p.name for p in split.train],
             "validation_subjects": [p.name for p in split.validation],
             "held_out_subjects": [p.name for p in split.test], "spacing_mm": args.synth_spacing,
             "labels": "32 SynthSeg brain structures",
-            "contrast": "each image its own" if args.cross_contrast else "one random contrast per pair"}
+            "contrast": "each image its own" if args.cross_contrast else "one random contrast per pair",
+            "known_field_pairs": args.known_pairs}
     return source, grid, data
 
 
@@ -77,19 +84,23 @@ def train_registration(args) -> None:
         ndim = len(grid)
         try:
             net_cfg = SPACConfig(ndim=ndim, grid=grid, channels=tuple(args.channels or (16, 32, 32, 32)),
-                                 plan_dim=args.plan_dim or (32 if ndim == 2 else 64))
+                                 plan_dim=args.plan_dim or (32 if ndim == 2 else 64), field_level=args.field_level)
         except ValueError as err:
             problem = f"Invalid network settings: {str(err).rstrip('.')}."
-            raise InputError(problem, "Choose a --grid divisible by 2**len(--channels).") from err
+            raise InputError(problem, "Choose a --grid divisible by 2**len(--channels) and a --field-level "
+                                      "below len(--channels).") from err
         weights = {}
         if args.synthseg:  # exact labels: Dice in the loss too; NCC only when both images share a contrast
             weights = {"ncc_weight": 0.0 if args.cross_contrast else 1.0, "dice_weight": 1.0}
+        if args.known_pairs > 0:
+            weights["field_weight"] = args.field_weight
         if args.ncc_weight is not None:
             weights["ncc_weight"] = args.ncc_weight
         if args.dice_weight is not None:
             weights["dice_weight"] = args.dice_weight
         cfg = SPACTrainConfig(batch_pairs=args.batch, episode_steps=args.episode_steps, lr=args.lr, seed=args.seed,
-                              replay_batch=args.replay_batch, **weights)
+                              replay_batch=args.replay_batch, sac_start=args.sac_start, grad_clip=args.grad_clip,
+                              train_max_step=args.train_max_step, **weights)
         learner = SPACLearner(net_cfg, cfg, source, dist)
         if args.data_licence:
             data["licence"] = args.data_licence
