@@ -453,6 +453,18 @@ def test_train_bad_options_are_clear_errors(assets, tmp_path, capsys, args, word
     assert not out.exists()
 
 
+@pytest.mark.parametrize("args, words", [
+    (["--known-pairs", "1.5"], ["--known-pairs", "1.5", "from 0 to 1"]),
+    (["--known-pairs", "0.5", "--known-field-scale", "0"], ["--known-field-scale", "positive"]),
+])
+def test_train_synthseg_bad_options_are_clear_errors_before_any_loading(tmp_path, capsys, args, words):
+    out = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", "registration", "--synthseg", tmp_path, *args, "--epochs", "1",
+                           "--out", out)
+    _assert_one_error_line(code, err, words)
+    assert not out.exists()
+
+
 def test_train_folder_without_images_is_a_clear_error(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -16,7 +16,7 @@ from steprl.registration.data import PairBatch
 from steprl.registration.environment import one_hot, soft_dice
 from steprl.registration.learner import SPACLearner, SPACTrainConfig
 from steprl.registration.networks import SPACConfig, SPACPolicy
-from steprl.synthesis import SpatialAugment, known_pair, random_field
+from steprl.synthesis import SpatialAugment, known_pair, random_field, scaled_augment
 from steprl.training.distributed import single_process
 
 
@@ -49,6 +49,18 @@ def test_random_field_is_zero_without_augmentation():
     none = SpatialAugment(rotation_deg=0, scaling=0, shear=0, shift_mm=0, elastic_mm=0)
     field = random_field((8, 10, 12), 2.0, none, np.random.default_rng(0))
     assert field.shape == (1, 3, 8, 10, 12) and field.abs().max() < 1e-5
+
+
+def test_scaled_augment_scales_every_range_but_the_control_spacing():
+    base = SpatialAugment(rotation_deg=5, scaling=0.06, shear=0.03, shift_mm=4, elastic_mm=4, elastic_control_mm=24)
+    big = scaled_augment(base, 2.0)
+    assert (big.rotation_deg, big.scaling, big.shear, big.shift_mm, big.elastic_mm) == (10, 0.12, 0.06, 8, 8)
+    assert big.elastic_control_mm == 24
+    small = random_field((16, 16, 16), 3.0, base, np.random.default_rng(1)).abs().mean()
+    large = random_field((16, 16, 16), 3.0, big, np.random.default_rng(1)).abs().mean()
+    assert large == pytest.approx(2 * small, rel=0.05)  # same draws, twice the ranges: about twice the field
+    with pytest.raises(ValueError, match="positive"):
+        scaled_augment(base, 0.0)
 
 
 def test_field_level_gives_full_grid_steps_and_is_checked():

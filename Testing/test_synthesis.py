@@ -121,11 +121,14 @@ def test_synthseg_training_smoke_gives_an_lps_model_that_registers_oblique_input
     out = tmp_path / "run"
     code = main(["train", "registration", "--synthseg", str(folder), "--out", str(out), "--grid", "16", "16", "16",
                  "--synth-spacing", "13", "--epochs", "1", "--iterations", "2", "--batch", "1",
-                 "--episode-steps", "2", "--no-tensorboard", "--quiet"])
+                 "--episode-steps", "2", "--known-pairs", "0.5", "--field-level", "2", "--sac-start", "1",
+                 "--grad-clip", "10", "--no-tensorboard", "--quiet"])
     assert code in (None, 0)
     card = json.loads((out / "model_best.json").read_text())
     assert card["inference"]["orientation"] == "lps"
     assert card["training"]["dice_weight"] == 1.0 and card["training"]["ncc_weight"] == 1.0
+    assert card["training"]["field_weight"] == 1.0 and card["training"]["data"]["known_field_pairs"] == 0.5
+    assert card["config"]["field_level"] == 2 and card["training"]["sac_start"] == 1
     held_out = set(card["training"]["data"]["held_out_subjects"])
     assert len(held_out) == 3 and not held_out & set(card["training"]["data"]["train_subjects"])
     rng = np.random.default_rng(0)

@@ -41,6 +41,14 @@ class SpatialAugment:
     elastic_control_mm: float = 32.0  # spacing of the elastic control points
 
 
+def scaled_augment(aug: SpatialAugment, scale: float) -> SpatialAugment:
+    """``aug`` with every range (rotation, scaling, shear, shift, elastic) times ``scale``; same control spacing."""
+    if scale <= 0:
+        raise ValueError(f"the scale of an augmentation must be positive, got {scale}")
+    return SpatialAugment(aug.rotation_deg * scale, aug.scaling * scale, aug.shear * scale, aug.shift_mm * scale,
+                          aug.elastic_mm * scale, aug.elastic_control_mm)
+
+
 @dataclass(frozen=True)
 class IntensityModel:
     """Generation classes (label value -> class) and optional T1 priors per contrast class.

@@ -75,6 +75,9 @@ def _add_train(tsub, add_common) -> None:
     r.add_argument("--known-pairs", type=float, default=0.0, metavar="FRACTION",
                    help="--synthseg: share of training pairs made from ONE subject deformed by a known random "
                         "field, which the loss also regresses (default 0: all pairs are two subjects)")
+    r.add_argument("--known-field-scale", type=float, default=1.0, metavar="S",
+                   help="--known-pairs: multiply the ranges of the known field (rotation, scaling, shear, shift, "
+                        "elastic) by S; larger fields are learned sooner (default 1: what an affine alignment leaves)")
     r.add_argument("--field-weight", type=float, default=1.0,
                    help="weight of the squared error to the known field (voxels^2) with --known-pairs (default 1)")
     r.add_argument("--channels", nargs="+", type=int, default=None, help="encoder widths (default 16 32 32 32)")

@@ -49,18 +49,23 @@ def build_source(args, ndim_hint: int | None = None):
 def _synthseg_source(args):
     """Pairs synthesised from SynthSeg label maps (held-out subjects validate), 3D only."""
     from steprl import synthseg
-    from steprl.registration.synth_source import SynthSegPairSource
+    from steprl.registration.synth_source import PAIR_AUGMENT, SynthSegPairSource
+    from steprl.synthesis import scaled_augment
 
     grid = tuple(args.grid) if args.grid else (64, 64, 64)
     if not 0.0 <= args.known_pairs <= 1.0:
         raise InputError(f"--known-pairs is a fraction of the training pairs, got {args.known_pairs}.",
                          "Give a value from 0 to 1, e.g. --known-pairs 0.5.")
+    if args.known_field_scale <= 0:
+        raise InputError(f"--known-field-scale must be positive, got {args.known_field_scale}.",
+                         "Give e.g. --known-field-scale 2 for fields twice the default ranges.")
     if len(grid) != 3:
         raise InputError(f"--synthseg trains 3D models but --grid has {len(grid)} values.",
                          "Give 3 values, e.g. --grid 64 64 64.")
     split = synthseg.split_subjects(synthseg.list_label_maps(args.synthseg), args.val_count, args.test_count)
     source = SynthSegPairSource(split.train, split.validation, grid, spacing=args.synth_spacing, seed=args.seed,
-                                same_contrast=not args.cross_contrast, known_fraction=args.known_pairs)
+                                same_contrast=not args.cross_contrast, known_fraction=args.known_pairs,
+                                pair_augment=scaled_augment(PAIR_AUGMENT, args.known_field_scale))
     data = {"kind": "images synthesised from SynthSeg label maps (random contrast, bias, noise, blur, "
                     "affine + elastic augmentation), subjects affinely aligned by structure centroids",
             "folder": str(args.synthseg), "train_subjects": [p.name for p in split.train],
@@ -68,7 +73,7 @@ def _synthseg_source(args):
             "held_out_subjects": [p.name for p in split.test], "spacing_mm": args.synth_spacing,
             "labels": "32 SynthSeg brain structures",
             "contrast": "each image its own" if args.cross_contrast else "one random contrast per pair",
-            "known_field_pairs": args.known_pairs}
+            "known_field_pairs": args.known_pairs, "known_field_scale": args.known_field_scale}
     return source, grid, data
 
 
