@@ -56,8 +56,8 @@ def test_scaled_augment_scales_every_range_but_the_control_spacing():
     big = scaled_augment(base, 2.0)
     assert (big.rotation_deg, big.scaling, big.shear, big.shift_mm, big.elastic_mm) == (10, 0.12, 0.06, 8, 8)
     assert big.elastic_control_mm == 24
-    small = random_field((16, 16, 16), 3.0, base, np.random.default_rng(1)).abs().mean()
-    large = random_field((16, 16, 16), 3.0, big, np.random.default_rng(1)).abs().mean()
+    small = random_field((16, 16, 16), 3.0, base, np.random.default_rng(1)).abs().mean().item()
+    large = random_field((16, 16, 16), 3.0, big, np.random.default_rng(1)).abs().mean().item()
     assert large == pytest.approx(2 * small, rel=0.05)  # same draws, twice the ranges: about twice the field
     with pytest.raises(ValueError, match="positive"):
         scaled_augment(base, 0.0)
