@@ -139,3 +139,33 @@ def test_synthseg_training_smoke_gives_an_lps_model_that_registers_oblique_input
     assert len(results) == 3 and results[-1].warped.geometry.matches(geom)
     field_grid = results[-1].displacement.geometry  # the network grid: axis-aligned LPS over the fixed image
     assert field_grid.shape == (16, 16, 16) and np.allclose(np.asarray(field_grid.direction).ravel(), np.eye(3).ravel())
+
+
+def test_synthseg_known_pairs_carry_the_field_that_registers_them(shared_data):
+    """Known pairs from real SynthSeg subjects: the field raises their Dice; mixed batches flag which items have one."""
+    from steprl.registration.environment import one_hot, soft_dice
+    from steprl.registration.synth_source import PAIR_AUGMENT, SynthSegPairSource
+    from steprl.synthesis import scaled_augment
+
+    folder = shared_data / "synthseg"
+    if not folder.is_dir():
+        pytest.skip(f"SynthSeg label maps not found at {folder}")
+    paths = synthseg.list_label_maps(folder)
+    # fields 3x the default: at 6.6 mm the default residual (~1 voxel) is as large as the error of
+    # sampling labels with nearest neighbour twice, and Dice could not tell the field from none
+    source = SynthSegPairSource(paths[:2], paths[2:4], (32, 32, 32), spacing=6.6, val_pairs=2, known_fraction=1.0,
+                                pair_augment=scaled_augment(PAIR_AUGMENT, 3.0))
+    assert source.validation().true_field is None  # validation pairs are always two subjects
+    batch = source.sample(2, np.random.default_rng(0))
+    assert batch.field_known.tolist() == [True, True]
+    def dice(k: int, field: torch.Tensor) -> float:
+        warped = spatial.warp(batch.moving_labels[k:k + 1].float(), field, "nearest").round().long()
+        return soft_dice(one_hot(batch.fixed_labels[k:k + 1], 32), one_hot(warped, 32)).item()
+
+    for k in range(2):
+        field = batch.true_field[k:k + 1]
+        assert dice(k, field) > dice(k, torch.zeros_like(field)) + 0.05 > dice(k, -field) + 0.05
+    source.known_fraction = 0.5
+    mixed = source.sample(16, np.random.default_rng(1))
+    assert 0 < int(mixed.field_known.sum()) < 16
+    assert mixed.true_field[~mixed.field_known].abs().max() == 0  # no field where none is known

@@ -82,46 +82,50 @@ class SynthSegPairSource:
             return 0, 0
         return k % n, (k + 1 + (k // n) % (n - 1)) % n  # offset 1..n-1: never the same subject
 
-    def _one(self, labels: torch.Tensor, rng: np.random.Generator, contrast) -> tuple[torch.Tensor, torch.Tensor]:
-        """One augmented, synthesised image ``(D, H, W)`` and its structure indices ``0..32``."""
-        values = random_resample(labels[None, None], self.source_spacing, self.grid, self.spacing, rng, self.augment)
+    def _painted(self, values: torch.Tensor, rng: np.random.Generator, contrast) -> tuple[torch.Tensor, torch.Tensor]:
+        """Label values ``(1, 1, *S)`` -> a synthesised image and structure indices ``0..32``, each ``(1, *S)``."""
         image = synthesize(values, self.intensity, rng, contrast=contrast)
-        return image[0, 0], self.structures[values.clamp(0, 1023)][0, 0]
+        return image[0], self.structures[values.clamp(0, 1023)][0]
 
-    def _make(self, pairs: Sequence[tuple[int, int]], rng: np.random.Generator, subjects=None) -> PairBatch:
-        subjects = self.val_subjects if subjects is None else subjects
-        cols: list[list[torch.Tensor]] = [[], [], [], []]
-        for f, m in pairs:
-            contrast = draw_contrast(self.intensity, rng) if self.same_contrast else None
-            fi, fl = self._one(subjects[f], rng, contrast)
-            mi, ml = self._one(subjects[m], rng, contrast)
-            for col, t in zip(cols, (fi, mi, fl, ml)):
-                col.append(t)
-        fixed, moving, fixed_l, moving_l = (torch.stack(c)[:, None] for c in cols)
-        return PairBatch(fixed.float(), moving.float(), fixed_l.long(), moving_l.long())
+    def _contrast(self, rng: np.random.Generator):
+        return draw_contrast(self.intensity, rng) if self.same_contrast else None
+
+    def _two_subjects(self, fixed: torch.Tensor, moving: torch.Tensor, rng: np.random.Generator) -> tuple:
+        """(fixed image, moving image, fixed structures, moving structures), each ``(1, *S)``, field ``None``."""
+        contrast = self._contrast(rng)
+        (fi, fl), (mi, ml) = (
+            self._painted(random_resample(labels[None, None], self.source_spacing, self.grid, self.spacing, rng,
+                                          self.augment), rng, contrast) for labels in (fixed, moving))
+        return fi, mi, fl, ml, None
+
+    def _one_subject(self, labels: torch.Tensor, rng: np.random.Generator) -> tuple:
+        """Two views of one subject (same tuple as :meth:`_two_subjects`) and the exact field ``(3, *S)``."""
+        fixed_v, moving_v, field = known_pair(labels[None, None], self.source_spacing, self.grid, self.spacing, rng,
+                                              self.augment, self.pair_augment)
+        contrast = self._contrast(rng)
+        (fi, fl), (mi, ml) = (self._painted(v, rng, contrast) for v in (fixed_v, moving_v))
+        return fi, mi, fl, ml, field[0]
+
+    @staticmethod
+    def _stack(items: Sequence[tuple]) -> PairBatch:
+        fixed, moving, fixed_l, moving_l = (torch.stack([item[k] for item in items]) for k in range(4))
+        batch = PairBatch(fixed.float(), moving.float(), fixed_l.long(), moving_l.long())
+        known = [item[4] is not None for item in items]
+        if any(known):
+            fields = [item[4] if item[4] is not None else torch.zeros(3, *fixed.shape[2:]) for item in items]
+            batch.true_field, batch.field_known = torch.stack(fields), torch.tensor(known)
+        return batch
+
+    def _make(self, pairs: Sequence[tuple[int, int]], rng: np.random.Generator) -> PairBatch:
+        """Validation pairs of held-out subjects."""
+        return self._stack([self._two_subjects(self.val_subjects[f], self.val_subjects[m], rng) for f, m in pairs])
 
     def sample(self, n: int, rng: np.random.Generator) -> PairBatch:
         pairs = [tuple(int(i) for i in rng.choice(len(self.train), 2, replace=False)) for _ in range(n)]
         known = rng.uniform(size=n) < self.known_fraction
-        batch = self._make(pairs, rng, self.train)
-        if not known.any():
-            return batch
-        fields = torch.zeros(n, 3, *self.grid)
-        for k in np.flatnonzero(known):
-            fixed, moving, fixed_l, moving_l, fields[k] = self._known(self.train[pairs[k][0]], rng)
-            batch.fixed[k], batch.moving[k] = fixed, moving
-            batch.fixed_labels[k], batch.moving_labels[k] = fixed_l, moving_l
-        batch.true_field, batch.field_known = fields, torch.from_numpy(known)
-        return batch
-
-    def _known(self, labels: torch.Tensor, rng: np.random.Generator):
-        """One known pair of ``labels``: images and structure maps ``(1, *S)``, field ``(3, *S)`` voxels."""
-        fixed_v, moving_v, field = known_pair(labels[None, None], self.source_spacing, self.grid, self.spacing, rng,
-                                              self.augment, self.pair_augment)
-        contrast = draw_contrast(self.intensity, rng) if self.same_contrast else None
-        images = [synthesize(v, self.intensity, rng, contrast=contrast)[0] for v in (fixed_v, moving_v)]
-        structures = [self.structures[v.clamp(0, 1023)][0] for v in (fixed_v, moving_v)]
-        return images[0], images[1], structures[0], structures[1], field[0]
+        return self._stack([self._one_subject(self.train[f], rng) if one else
+                            self._two_subjects(self.train[f], self.train[m], rng)
+                            for (f, m), one in zip(pairs, known)])
 
     def validation(self) -> PairBatch:
         return self._val
