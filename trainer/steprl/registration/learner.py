@@ -11,8 +11,8 @@ step, in this order:
    Dice improvement of (pseudo-)labels; the transition ``(s, z, r, s')`` enters the replay buffer.
 3. **SAC update** from a replay batch (once the buffer holds ``replay_batch`` transitions and
    ``sac_start`` episodes have run: a warm-up in which the planner and actor learn to register
-   by the loss of step 1 alone, so the critics first see sensible transitions, and which costs a
-   third of an episode with SAC in 3D):
+   by the registration loss alone, so the critics first see sensible transitions; an episode
+   without SAC costs about a third of one with it in 3D):
    twin critics regress the soft Bellman target with clipped double Q,
    ``y = r + gamma (1 - d) (min Q'(s', z') - alpha log pi(z'|s'))``; the planner maximises
    ``min Q(s, z) - alpha log pi(z|s)``; ``log alpha`` is learned towards ``target_entropy``;
@@ -74,7 +74,15 @@ class SPACTrainConfig:
     seed: int = 0
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        for key, default in _ADDED_LATER.items():  # absent = the original setting; keeps older runs resumable
+            if out[key] == default:
+                del out[key]
+        return out
+
+
+#: settings added after the first release, with the value that reproduces the original behaviour
+_ADDED_LATER = {"field_weight": 0.0, "sac_start": 0, "grad_clip": None}
 
 
 def kl_to_standard_normal(mu: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
