@@ -456,6 +456,7 @@ def test_train_bad_options_are_clear_errors(assets, tmp_path, capsys, args, word
 @pytest.mark.parametrize("args, words", [
     (["--known-pairs", "1.5"], ["--known-pairs", "1.5", "from 0 to 1"]),
     (["--known-pairs", "0.5", "--known-field-scale", "0"], ["--known-field-scale", "positive"]),
+    (["--supersample", "0"], ["--supersample", ">= 1"]),
 ])
 def test_train_synthseg_bad_options_are_clear_errors_before_any_loading(tmp_path, capsys, args, words):
     out = tmp_path / "run"

@@ -16,7 +16,7 @@ from steprl.registration.data import PairBatch
 from steprl.registration.environment import one_hot, soft_dice
 from steprl.registration.learner import SPACLearner, SPACTrainConfig
 from steprl.registration.networks import SPACConfig, SPACPolicy
-from steprl.synthesis import SpatialAugment, known_pair, random_field, scaled_augment
+from steprl.synthesis import SpatialAugment, known_pair, pick_labels, pool_image, random_field, scaled_augment
 from steprl.training.distributed import single_process
 
 
@@ -43,6 +43,20 @@ def test_known_pair_field_registers_moving_onto_fixed():
     assert field.abs().max() > 1.0  # a real deformation, several voxels at the rim
     zero, true, reverse = (_dice(fixed, moving, f) for f in (torch.zeros_like(field), field, -field))
     assert true > 0.93 and true > zero + 0.05 and reverse < zero
+
+
+def test_supersampled_known_pair_keeps_the_coarse_field_and_pools_to_the_grid():
+    aug = SpatialAugment(rotation_deg=0, scaling=0, shear=0, shift_mm=0, elastic_mm=0)
+    pair_aug = SpatialAugment(rotation_deg=8, scaling=0.08, shift_mm=8, elastic_mm=4, elastic_control_mm=24)
+    fixed, moving, field = known_pair(_blocks(), 2.0, (24, 24, 24), 3.0, np.random.default_rng(3), aug, pair_aug, 2)
+    assert fixed.shape == moving.shape == (1, 1, 48, 48, 48) and field.shape == (1, 3, 24, 24, 24)
+    # the coarse field registers the labels picked on the coarse grid (up to the nearest-neighbour
+    # rounding of the picked voxels: 1.0 exactly without supersampling and this identity ``aug``)
+    picked = _dice(pick_labels(fixed, 2), pick_labels(moving, 2), field)
+    assert picked > 0.9 and picked > _dice(pick_labels(fixed, 2), pick_labels(moving, 2), torch.zeros_like(field)) + 0.1
+    fraction = pool_image((fixed == 1).float(), 2)  # partial volume: fractions at the deformed block's faces
+    assert fraction.shape == (1, 1, 24, 24, 24) and ((fraction > 0) & (fraction < 1)).any()
+    assert fraction.mean().item() == pytest.approx((fixed == 1).float().mean().item())
 
 
 def test_random_field_is_zero_without_augmentation():

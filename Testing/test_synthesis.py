@@ -141,7 +141,8 @@ def test_synthseg_training_smoke_gives_an_lps_model_that_registers_oblique_input
     assert field_grid.shape == (16, 16, 16) and np.allclose(np.asarray(field_grid.direction).ravel(), np.eye(3).ravel())
 
 
-def test_synthseg_known_pairs_carry_the_field_that_registers_them(shared_data):
+@pytest.mark.parametrize("supersample", [1, 2])
+def test_synthseg_known_pairs_carry_the_field_that_registers_them(shared_data, supersample):
     """Known pairs from real SynthSeg subjects: the field raises their Dice; mixed batches flag which items have one."""
     from steprl.registration.environment import one_hot, soft_dice
     from steprl.registration.synth_source import PAIR_AUGMENT, SynthSegPairSource
@@ -154,7 +155,8 @@ def test_synthseg_known_pairs_carry_the_field_that_registers_them(shared_data):
     # fields 3x the default: at 6.6 mm the default residual (~1 voxel) is as large as the error of
     # sampling labels with nearest neighbour twice, and Dice could not tell the field from none
     source = SynthSegPairSource(paths[:2], paths[2:4], (32, 32, 32), spacing=6.6, val_pairs=2, known_fraction=1.0,
-                                pair_augment=scaled_augment(PAIR_AUGMENT, 3.0))
+                                pair_augment=scaled_augment(PAIR_AUGMENT, 3.0), supersample=supersample)
+    assert source.validation().fixed.shape == (2, 1, 32, 32, 32)
     assert source.validation().true_field is None  # validation pairs are always two subjects
     batch = source.sample(2, np.random.default_rng(0))
     assert batch.field_known.tolist() == [True, True]

@@ -57,7 +57,7 @@ def build(args):
     split = synthseg.split_subjects(synthseg.list_label_maps(args.synthseg), 2, 3)
     grid = (args.grid,) * 3
     source = SynthSegPairSource(split.train, split.validation, grid, spacing=HEAD_MM / args.grid, seed=args.seed,
-                                known_fraction=1.0, pair_augment=pair_augment)
+                                known_fraction=1.0, pair_augment=pair_augment, supersample=args.supersample)
     held_out = source.sample(8, np.random.default_rng(args.seed + 777))  # new random views, never trained on
     source.known_fraction = 0.5 if args.pairs == "mixed" else 1.0
     net = SPACConfig(ndim=3, grid=grid, plan_dim=64, field_level=args.field_level)
@@ -91,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dice-weight", type=float, default=0.0)
     parser.add_argument("--grad-clip", type=float, default=10.0)
     parser.add_argument("--field-level", type=int, default=1)
+    parser.add_argument("--supersample", type=int, default=1,
+                        help="paint images on a grid this many times finer, then average (partial volume)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -118,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_report(args, device: torch.device, rows: list[dict]) -> None:
-    out = args.out or RESULTS / f"probe_spac3d_learning_{args.pairs}_{device.type}.md"
+    detail = f"_x{args.supersample}" if args.supersample > 1 else ""
+    out = args.out or RESULTS / f"probe_spac3d_learning_{args.pairs}{detail}_{device.type}.md"
     command = "python trainer/benchmarks/probe_spac3d_learning.py " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("synthseg", "out"))
     lines = ["# 3D SPAC learning probe (SynthSeg pairs)", "",

@@ -152,7 +152,7 @@ def random_field(shape: tuple[int, ...], spacing: float, aug: SpatialAugment, rn
 
 
 def known_pair(labels: torch.Tensor, source_spacing: float, shape: tuple[int, ...], spacing: float,
-               rng: np.random.Generator, aug: SpatialAugment, pair_aug: SpatialAugment
+               rng: np.random.Generator, aug: SpatialAugment, pair_aug: SpatialAugment, supersample: int = 1
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Two label maps of ONE subject and the exact field between them (SynthMorph-style pairs).
 
@@ -161,18 +161,40 @@ def known_pair(labels: torch.Tensor, source_spacing: float, shape: tuple[int, ..
     source so neither is resampled twice: ``fixed(x) = moving(x + v(x))``. ``v`` is therefore
     exactly the pull-back displacement that registers moving onto fixed.
 
-    Returns fixed and moving label values ``(1, 1, *shape)`` int64 and ``v`` ``(1, 3, *shape)``
-    in voxels of the output grid.
+    Returns fixed and moving label values ``(1, 1, *shape * supersample)`` int64 (on a grid
+    ``supersample`` times finer, for partial-volume images: :func:`pool_image`) and ``v``
+    ``(1, 3, *shape)`` in voxels of the output grid.
     """
     source_shape = tuple(labels.shape[2:])
-    moving_coords = random_coords(source_shape, source_spacing, shape, spacing, rng, aug, labels.device)
+    fine = tuple(n * supersample for n in shape)
+    moving_coords = random_coords(source_shape, source_spacing, fine, spacing / supersample, rng, aug, labels.device)
     field = random_field(shape, spacing, pair_aug, rng, labels.device)
-    fixed_coords = spatial.warp(moving_coords, field, "linear", "border")
+    fine_field = field if supersample == 1 else supersample * F.interpolate(
+        field, scale_factor=supersample, mode="trilinear", align_corners=False)
+    fixed_coords = spatial.warp(moving_coords, fine_field, "linear", "border")
 
     def take(coords: torch.Tensor) -> torch.Tensor:
         return spatial.sample(labels.float(), coords, "nearest", "zeros").round().long()
 
     return take(fixed_coords), take(moving_coords), field
+
+
+def pool_image(image: torch.Tensor, supersample: int) -> torch.Tensor:
+    """Average ``supersample``^3 blocks of a fine image ``(1, 1, *S*f)`` -> ``(1, 1, *S)``: partial volume.
+
+    An image synthesised from nearest-neighbour labels on the output grid itself moves in
+    whole voxels: a sub-voxel shift between two views is invisible in it. Painting a finer grid
+    and averaging keeps the shift in the boundary voxels' intensities, as a scanner does.
+    """
+    return image if supersample == 1 else F.avg_pool3d(image, supersample)
+
+
+def pick_labels(values: torch.Tensor, supersample: int) -> torch.Tensor:
+    """The label of one fine voxel per block (``(1, 1, *S*f)`` -> ``(1, 1, *S)``), for label Dice on the output grid."""
+    if supersample == 1:
+        return values
+    c = supersample // 2
+    return values[..., c::supersample, c::supersample, c::supersample]
 
 
 def draw_contrast(model: IntensityModel, rng: np.random.Generator, t1_probability: float = 0.3

@@ -78,6 +78,9 @@ def _add_train(tsub, add_common) -> None:
     r.add_argument("--known-field-scale", type=float, default=1.0, metavar="S",
                    help="--known-pairs: multiply the ranges of the known field (rotation, scaling, shear, shift, "
                         "elastic) by S; larger fields are learned sooner (default 1: what an affine alignment leaves)")
+    r.add_argument("--supersample", type=int, default=1, metavar="F",
+                   help="--synthseg: paint images on a grid F times finer and average them down (partial volume: "
+                        "sub-voxel shifts stay visible; default 1; costs F^3 in synthesis)")
     r.add_argument("--field-weight", type=float, default=1.0,
                    help="weight of the squared error to the known field (voxels^2) with --known-pairs (default 1)")
     r.add_argument("--channels", nargs="+", type=int, default=None, help="encoder widths (default 16 32 32 32)")

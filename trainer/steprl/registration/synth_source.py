@@ -25,7 +25,16 @@ import torch
 
 from steprl import synthseg
 from steprl.registration.data import PairBatch
-from steprl.synthesis import IntensityModel, SpatialAugment, draw_contrast, known_pair, random_resample, synthesize
+from steprl.synthesis import (
+    IntensityModel,
+    SpatialAugment,
+    draw_contrast,
+    known_pair,
+    pick_labels,
+    pool_image,
+    random_resample,
+    synthesize,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +60,8 @@ class SynthSegPairSource:
         known_fraction: share of training pairs made from one subject with a known field
             (``PairBatch.true_field``); 0 = all pairs are two different subjects.
         pair_augment: the random field between the two views of a known pair.
+        supersample: paint images on a grid this many times finer and average them down
+            (partial volume; 1 = paint the output grid, so images move in whole voxels).
     """
 
     labels_are_real = True
@@ -60,7 +71,10 @@ class SynthSegPairSource:
     def __init__(self, train: Sequence[Path], validation: Sequence[Path], grid: tuple[int, ...], *,
                  spacing: float = 3.3, priors_folder: Path | None = None, val_pairs: int = 6, seed: int = 0,
                  source_spacing: float = 2.0, same_contrast: bool = True, known_fraction: float = 0.0,
-                 pair_augment: SpatialAugment = PAIR_AUGMENT) -> None:
+                 pair_augment: SpatialAugment = PAIR_AUGMENT, supersample: int = 1) -> None:
+        if supersample < 1:
+            raise ValueError(f"supersample must be >= 1, got {supersample}")
+        self.supersample = supersample
         if not 0.0 <= known_fraction <= 1.0:
             raise ValueError(f"known_fraction must be in [0, 1], got {known_fraction}")
         self.same_contrast, self.known_fraction, self.pair_augment = same_contrast, known_fraction, pair_augment
@@ -83,9 +97,17 @@ class SynthSegPairSource:
         return k % n, (k + 1 + (k // n) % (n - 1)) % n  # offset 1..n-1: never the same subject
 
     def _painted(self, values: torch.Tensor, rng: np.random.Generator, contrast) -> tuple[torch.Tensor, torch.Tensor]:
-        """Label values ``(1, 1, *S)`` -> a synthesised image and structure indices ``0..32``, each ``(1, *S)``."""
-        image = synthesize(values, self.intensity, rng, contrast=contrast)
-        return image[0], self.structures[values.clamp(0, 1023)][0]
+        """Label values ``(1, 1, *S * supersample)`` -> image and structure indices ``0..32``, each ``(1, *S)``."""
+        image = pool_image(synthesize(values, self.intensity, rng, contrast=contrast), self.supersample)
+        return image[0], self.structures[pick_labels(values, self.supersample).clamp(0, 1023)][0]
+
+    @property
+    def _fine(self) -> tuple[int, ...]:
+        return tuple(n * self.supersample for n in self.grid)
+
+    @property
+    def _fine_spacing(self) -> float:
+        return self.spacing / self.supersample
 
     def _contrast(self, rng: np.random.Generator):
         return draw_contrast(self.intensity, rng) if self.same_contrast else None
@@ -94,14 +116,14 @@ class SynthSegPairSource:
         """(fixed image, moving image, fixed structures, moving structures), each ``(1, *S)``, field ``None``."""
         contrast = self._contrast(rng)
         (fi, fl), (mi, ml) = (
-            self._painted(random_resample(labels[None, None], self.source_spacing, self.grid, self.spacing, rng,
+            self._painted(random_resample(labels[None, None], self.source_spacing, self._fine, self._fine_spacing, rng,
                                           self.augment), rng, contrast) for labels in (fixed, moving))
         return fi, mi, fl, ml, None
 
     def _one_subject(self, labels: torch.Tensor, rng: np.random.Generator) -> tuple:
         """Two views of one subject (same tuple as :meth:`_two_subjects`) and the exact field ``(3, *S)``."""
         fixed_v, moving_v, field = known_pair(labels[None, None], self.source_spacing, self.grid, self.spacing, rng,
-                                              self.augment, self.pair_augment)
+                                              self.augment, self.pair_augment, self.supersample)
         contrast = self._contrast(rng)
         (fi, fl), (mi, ml) = (self._painted(v, rng, contrast) for v in (fixed_v, moving_v))
         return fi, mi, fl, ml, field[0]

@@ -56,6 +56,9 @@ def _synthseg_source(args):
     if not 0.0 <= args.known_pairs <= 1.0:
         raise InputError(f"--known-pairs is a fraction of the training pairs, got {args.known_pairs}.",
                          "Give a value from 0 to 1, e.g. --known-pairs 0.5.")
+    if args.supersample < 1:
+        raise InputError(f"--supersample must be a whole number >= 1, got {args.supersample}.",
+                         "Give 1 (paint the training grid itself) or 2.")
     if args.known_field_scale <= 0:
         raise InputError(f"--known-field-scale must be positive, got {args.known_field_scale}.",
                          "Give e.g. --known-field-scale 2 for fields twice the default ranges.")
@@ -65,7 +68,8 @@ def _synthseg_source(args):
     split = synthseg.split_subjects(synthseg.list_label_maps(args.synthseg), args.val_count, args.test_count)
     source = SynthSegPairSource(split.train, split.validation, grid, spacing=args.synth_spacing, seed=args.seed,
                                 same_contrast=not args.cross_contrast, known_fraction=args.known_pairs,
-                                pair_augment=scaled_augment(PAIR_AUGMENT, args.known_field_scale))
+                                pair_augment=scaled_augment(PAIR_AUGMENT, args.known_field_scale),
+                                supersample=args.supersample)
     data = {"kind": "images synthesised from SynthSeg label maps (random contrast, bias, noise, blur, "
                     "affine + elastic augmentation), subjects affinely aligned by structure centroids",
             "folder": str(args.synthseg), "train_subjects": [p.name for p in split.train],
@@ -73,7 +77,8 @@ def _synthseg_source(args):
             "held_out_subjects": [p.name for p in split.test], "spacing_mm": args.synth_spacing,
             "labels": "32 SynthSeg brain structures",
             "contrast": "each image its own" if args.cross_contrast else "one random contrast per pair",
-            "known_field_pairs": args.known_pairs, "known_field_scale": args.known_field_scale}
+            "known_field_pairs": args.known_pairs, "known_field_scale": args.known_field_scale,
+            "supersample": args.supersample}
     return source, grid, data
 
 
