@@ -11,7 +11,7 @@ With ``known_fraction > 0``, that share of the training pairs are instead two vi
 subject related by a random affine + elastic field that is known exactly
 (:func:`steprl.synthesis.known_pair`, SynthMorph-style). The learner then also regresses that
 field: a dense target at every voxel, where the label Dice only speaks at structure
-boundaries, which is what gets a 3D policy off the ground in a CPU-sized training budget.
+boundaries (how fast a policy learns from it: ``trainer/benchmarks/probe_spac3d_learning.py``).
 """
 
 from __future__ import annotations
@@ -87,7 +87,8 @@ class SynthSegPairSource:
         self.structures = torch.from_numpy(synthseg.lookup_table(synthseg.structure_index()))
         self.num_labels = len(synthseg.BRAIN_STRUCTURES)
         self.augment = SpatialAugment()
-        self._val = self._make([self._val_pair(k) for k in range(val_pairs)], np.random.default_rng(seed + 31))
+        pairs = [self._val_pair(k) for k in range(val_pairs)]
+        self._val = self._validation_pairs(pairs, np.random.default_rng(seed + 31))
 
     def _val_pair(self, k: int) -> tuple[int, int]:
         """The ``k``-th validation pair (fixed, moving) of distinct held-out subjects, cycling through them."""
@@ -138,13 +139,13 @@ class SynthSegPairSource:
             batch.true_field, batch.field_known = torch.stack(fields), torch.tensor(known)
         return batch
 
-    def _make(self, pairs: Sequence[tuple[int, int]], rng: np.random.Generator) -> PairBatch:
+    def _validation_pairs(self, pairs: Sequence[tuple[int, int]], rng: np.random.Generator) -> PairBatch:
         """Validation pairs of held-out subjects."""
         return self._stack([self._two_subjects(self.val_subjects[f], self.val_subjects[m], rng) for f, m in pairs])
 
     def sample(self, n: int, rng: np.random.Generator) -> PairBatch:
         pairs = [tuple(int(i) for i in rng.choice(len(self.train), 2, replace=False)) for _ in range(n)]
-        known = rng.uniform(size=n) < self.known_fraction
+        known = rng.uniform(size=n) < self.known_fraction if self.known_fraction > 0 else np.zeros(n, bool)
         return self._stack([self._one_subject(self.train[f], rng) if one else
                             self._two_subjects(self.train[f], self.train[m], rng)
                             for (f, m), one in zip(pairs, known)])
