@@ -103,6 +103,22 @@ def random_affine(aug: SpatialAugment, rng: np.random.Generator) -> tuple[np.nda
     return rot @ scale @ shear, rng.uniform(-aug.shift_mm, aug.shift_mm, size=3)
 
 
+def _offsets_mm(shape: tuple[int, ...], spacing: float, aug: SpatialAugment | None, rng: np.random.Generator,
+                device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each voxel's offset ``p`` from the grid centre and its image ``A p + t + e(p)``, in mm ``(1, 3, *shape)``.
+
+    ``aug=None``: the identity (``p`` twice, no random draw).
+    """
+    centre = torch.tensor([(n - 1) / 2 for n in shape], device=device).view(1, 3, 1, 1, 1)
+    p = (spatial.identity_coords(shape, device) - centre) * spacing
+    if aug is None:
+        return p, p
+    lin, shift = random_affine(aug, rng)
+    q = torch.einsum("ij,bj...->bi...", torch.from_numpy(lin.astype(np.float32)).to(device), p)
+    q = q + torch.from_numpy(shift.astype(np.float32)).to(device).view(1, 3, 1, 1, 1)
+    return p, q + _elastic(shape, spacing, aug, rng, device)
+
+
 def random_coords(source_shape: tuple[int, ...], source_spacing: float, shape: tuple[int, ...], spacing: float,
                   rng: np.random.Generator, aug: SpatialAugment | None = SpatialAugment(), device=None
                   ) -> torch.Tensor:
@@ -112,16 +128,9 @@ def random_coords(source_shape: tuple[int, ...], source_spacing: float, shape: t
     source centre (``aug=None``: identity); ``source_shape`` is the source grid of
     ``source_spacing`` mm, centres aligned.
     """
-    grid = spatial.identity_coords(shape, device)
-    centre_out = torch.tensor([(n - 1) / 2 for n in shape], device=device).view(1, 3, 1, 1, 1)
-    p = (grid - centre_out) * spacing
-    if aug is not None:
-        lin, shift = random_affine(aug, rng)
-        p = torch.einsum("ij,bj...->bi...", torch.from_numpy(lin.astype(np.float32)).to(device), p)
-        p = p + torch.from_numpy(shift.astype(np.float32)).to(device).view(1, 3, 1, 1, 1)
-        p = p + _elastic(shape, spacing, aug, rng, device)
+    _, q = _offsets_mm(shape, spacing, aug, rng, device)
     centre_src = torch.tensor([(n - 1) / 2 for n in source_shape], device=device).view(1, 3, 1, 1, 1)
-    return p / source_spacing + centre_src
+    return q / source_spacing + centre_src
 
 
 def random_resample(labels: torch.Tensor, source_spacing: float, shape: tuple[int, ...], spacing: float,
@@ -142,12 +151,7 @@ def random_field(shape: tuple[int, ...], spacing: float, aug: SpatialAugment, rn
     ``v(x) = (A p + t + e(p) - p) / spacing`` with ``p`` the voxel's offset from the grid centre
     in mm: the kind of residual an affine pre-alignment leaves between two subjects.
     """
-    p = (spatial.identity_coords(shape, device)
-         - torch.tensor([(n - 1) / 2 for n in shape], device=device).view(1, 3, 1, 1, 1)) * spacing
-    lin, shift = random_affine(aug, rng)
-    q = torch.einsum("ij,bj...->bi...", torch.from_numpy(lin.astype(np.float32)).to(device), p)
-    q = q + torch.from_numpy(shift.astype(np.float32)).to(device).view(1, 3, 1, 1, 1) + _elastic(shape, spacing, aug,
-                                                                                                 rng, device)
+    p, q = _offsets_mm(shape, spacing, aug, rng, device)
     return (q - p) / spacing
 
 

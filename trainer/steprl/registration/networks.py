@@ -42,8 +42,7 @@ class SPACConfig:
         log_std_range: ``(min, max)`` of the plan's log standard deviation.
         field_level: the actor predicts its step on a grid ``2 ** field_level`` times coarser
             than the network grid and upsamples it linearly (1: half resolution, the default;
-            2: a quarter, a smoother step with 8x fewer outputs, which the 3D starter model
-            learns faster and which cannot fold at the scale of a voxel).
+            2: a quarter resolution, a smoother step with 8x fewer outputs in 3D).
     """
 
     ndim: int = 2
