@@ -331,8 +331,6 @@ def test_register_refuses_bad_input(assets, bad_inputs, tmp_path, capsys, case, 
     assert not bad_inputs["marker"].exists(), "a pickled model file was unpickled"
 
 
-@pytest.mark.xfail(strict=True, reason="ITK 5.4's NIfTI reader silently replaces NaN/Inf voxels by 0 (fixed in "
-                                       "ITK PR #6683), so steprl never sees them and registers the image")
 def test_register_refuses_nan_in_nifti(assets, bad_inputs, tmp_path, capsys):
     out = tmp_path / "result"
     code, _, err = run_cli(capsys, "register", assets["fixed2d"], bad_inputs["nan_nifti"], "--model",

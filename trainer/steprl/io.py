@@ -40,6 +40,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from steprl.errors import InputError
+from steprl.filecheck import check_file
 from steprl.geometry import Geometry, Image
 
 log = logging.getLogger(__name__)
@@ -155,24 +156,17 @@ def _atomic_detached(path: Path) -> Iterator[Path]:
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
-
-
 def write_json(obj: Any, path: str | os.PathLike) -> Path:
-    """Write ``obj`` as UTF-8 JSON (indent 2, trailing newline) atomically; returns the path.
+    """Write ``obj`` as strict UTF-8 JSON (indent 2, trailing newline) atomically; returns the path.
 
-    numpy scalars/arrays and paths are converted; other non-JSON types raise ``TypeError``
+    numpy scalars/arrays and paths are converted, NaN and infinity become ``null`` (a bare
+    ``NaN`` is not JSON; see :mod:`steprl.jsonvalues`); other non-JSON types raise ``TypeError``
     before anything is written.
     """
+    from steprl.jsonvalues import finite_json
+
     path = Path(path)
-    text = json.dumps(obj, indent=2, ensure_ascii=False, default=_json_default) + "\n"
+    text = json.dumps(finite_json(obj), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return path
@@ -252,10 +246,14 @@ def _read_sitk(path: str | os.PathLike, name: str, series_uid: str | None = None
     if path.is_dir():
         image = _dicom_series(path, name, series_uid)
     else:
+        check_file(path, name)  # truncated NIfTI / JPEG and NaN in NIfTI, which ITK lets through
         try:
             image = sitk.ReadImage(str(path))
         except RuntimeError as exc:
-            raise _read_error(path, name, _itk_reason(exc)) from exc
+            reason = _itk_reason(exc)
+            # MetaImage says "No such file or directory" about a truncated file that does exist
+            reason = reason.replace("No such file or directory", "the file is truncated or damaged")
+            raise _read_error(path, name, reason) from exc
     ndim = image.GetDimension()
     if ndim == 4 and image.GetSize()[3] == 1:
         log.info("%s '%s' is 4D with one volume along the 4th axis: using that volume.", name, path)
@@ -410,14 +408,14 @@ def read_labels(
     image = _integer_labels(image, path, name)
     own = Geometry.from_sitk(image)
     if reference is None:
-        return Image(sitk.GetArrayFromImage(image), own)
+        return _warn_if_empty(Image(sitk.GetArrayFromImage(image), own), path, name)
     if own.ndim != reference.ndim:
         raise InputError(
             f"The {name} '{path}' is {own.ndim}D but its image is {reference.ndim}D.",
             "Give the label map that belongs to this image (same dimension).",
         )
     if _same_grid(own, reference):
-        return Image(sitk.GetArrayFromImage(image), reference)
+        return _warn_if_empty(Image(sitk.GetArrayFromImage(image), reference), path, name)
     ref = reference.to_sitk_reference()
     identity = sitk.Transform(reference.ndim, sitk.sitkIdentity)
     coverage = sitk.Image(image.GetSize(), sitk.sitkUInt8) + 1
@@ -432,10 +430,19 @@ def read_labels(
             "Check that this label map belongs to this image and that both headers (origin, "
             "direction, spacing) are right.",
         )
-    log.info("%s '%s' has another grid than its image: resampled onto it in physical space "
-             "(nearest neighbour), %.0f%% of the image covered.", name, path, 100 * fraction)
+    log.log(logging.INFO if fraction >= 0.5 else logging.WARNING,
+            "%s '%s' has another grid than its image: resampled onto it in physical space (nearest neighbour), "
+            "%.0f%% of the image covered.", name, path, 100 * fraction)
     resampled = sitk.Resample(image, ref, identity, sitk.sitkNearestNeighbor, 0, image.GetPixelID())
-    return Image(sitk.GetArrayFromImage(resampled), reference)
+    return _warn_if_empty(Image(sitk.GetArrayFromImage(resampled), reference), path, name)
+
+
+def _warn_if_empty(labels: Image, path: Path, name: str) -> Image:
+    """``labels``, after a warning when no voxel is labelled: Dice and HD95 are undefined then."""
+    if not np.any(labels.array):
+        log.warning("The %s '%s' has no label at all (every voxel of it on the image grid is 0): Dice and HD95 "
+                    "against it mean nothing (undefined values are written as null).", name, path)
+    return labels
 
 
 # ---- checks ---------------------------------------------------------------------------

@@ -160,8 +160,11 @@ def save_model(path: str | os.PathLike[str], state_dict: dict[str, torch.Tensor]
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         parameters=int(sum(t.numel() for t in tensors.values())),
     )
+    from steprl.jsonvalues import finite_json
+
+    full_card = finite_json(full_card)  # an undefined metric (NaN) is written as null: a bare NaN is not JSON
     try:
-        json.dumps(full_card)
+        json.dumps(full_card, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"model card is not JSON-serialisable: {exc}") from exc
 
@@ -174,7 +177,7 @@ def save_model(path: str | os.PathLike[str], state_dict: dict[str, torch.Tensor]
             os.fsync(f.fileno())
         full_card["sha256"] = _sha256(tmp_weights)
         with open(tmp_card, "w", encoding="utf-8") as f:
-            json.dump(full_card, f, indent=2, sort_keys=True)
+            json.dump(full_card, f, indent=2, sort_keys=True, allow_nan=False)
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
@@ -311,12 +314,32 @@ def load_model(
             f"Model weights {weights_path} are not a readable safetensors file ({exc}).",
             f"{_REEXPORT} StepRL never loads pickled (.pt/.pth) files.",
         ) from exc
+    bad = nonfinite_tensors(state)
+    if bad:
+        raise ModelFileError(
+            f"Model weights {weights_path} hold NaN or infinite values (in {_list(bad)}): the training diverged, "
+            "or the weights were damaged before they were saved.",
+            "Use another model (e.g. model_best rather than model_last of the run), or train again.",
+        )
     import torch
 
     target = torch.device(device)
     if target.type != "cpu":
         state = {k: v.to(target) for k, v in state.items()}
     return state, card
+
+
+def nonfinite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The names of the floating-point tensors holding a NaN or an infinity (a diverged run or a
+    damaged file: either would poison, or crash, whatever computes with them)."""
+    import torch
+
+    return [name for name, t in tensors.items()
+            if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all())]
+
+
+def _list(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
 def check_state_dict(

@@ -72,6 +72,10 @@ def load_spac(model: str | Path, device: torch.device | str = "cpu") -> LoadedSP
     except (TypeError, ValueError, KeyError) as err:
         raise ModelFileError(f"Model card of {path.name} has an invalid network config ({err}).",
                              "Re-export the model with `steprl train registration`.") from err
+    if card["ndim"] != cfg.ndim:
+        raise ModelFileError(f"Model card of {path.name} says ndim {card['ndim']}, but its network config is "
+                             f"{cfg.ndim}D (grid {list(cfg.grid)}): the card does not describe these weights.",
+                             "Re-export the model with `steprl train registration`, or fix the card's ndim.")
     policy = SPACPolicy(cfg)
     check_state_dict(policy, state, path)
     policy.to(device).eval()

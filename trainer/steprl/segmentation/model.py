@@ -1,7 +1,8 @@
 """Loading a segmentation model file (PixelDRL-MG or the U-Net baseline) without unpickling anything.
 
 ``model`` arguments accept a ``.safetensors`` / ``.json`` path or the name of a model bundled
-with steprl (none is bundled for segmentation yet: weights trained on BraTS may not ship).
+with steprl (``pixeldrl_wm``; weights trained on BraTS may not ship). Segmentation networks are
+2D: a 3D volume is segmented slice by slice, so every card says ``ndim: 2``.
 """
 
 from __future__ import annotations
@@ -83,7 +84,11 @@ def load_segmenter(model: str | Path | LoadedSegmenter) -> LoadedSegmenter:
     if isinstance(model, LoadedSegmenter):
         return model
     path = resolve_model_path(model)
-    state, card = load_model(path, method=METHODS, ndim=2, device="cpu")
+    state, card = load_model(path, method=METHODS, device="cpu")
+    if card["ndim"] != 2:
+        raise ModelFileError(f"Model card of {path.name} says ndim {card['ndim']}, but {card['method']} networks are "
+                             "2D (a volume is segmented slice by slice): the card does not describe these weights.",
+                             "Re-export the model with `steprl train segmentation`, or fix the card's ndim to 2.")
     net = build_network(card, path)
     check_state_dict(net, state, path)
     net.eval()

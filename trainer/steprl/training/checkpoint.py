@@ -10,12 +10,15 @@ Layout of the file:
       CUDA was used) RNG state as uint8 tensors, one set per rank;
     - ``extra.<name>``: any further tensors the learner wants back (e.g. a replay buffer).
 - metadata ``{"steprl": <JSON string>}`` with: ``format``/``format_version``/``steprl_version``,
+  ``tensor_sha256`` (a checksum of every tensor, checked on load: safetensors has none),
   the caller's ``state`` dict (epoch, global step, best score, config, learner scalars...), the
   non-tensor part of each optimiser's state (param_groups, non-tensor step counts; each tensor
   replaced by ``{"__tensor__": name}``), and each rank's python / numpy RNG states.
 
 Writes are atomic (temporary file in the same folder, fsync, ``os.replace``): an interruption
-mid-write keeps the previous checkpoint intact.
+mid-write keeps the previous checkpoint intact. On load, a checkpoint whose tensors do not match
+their checksum, or hold a NaN or an infinity (a diverged run saved as is, or a file damaged in a
+way safetensors cannot see; resuming one crashed the process), is refused like a truncated one.
 
 Learners that keep their own ``numpy.random.Generator`` put ``rng.bit_generator.state`` (a JSON-
 able dict) in their ``state()``; only the global python / numpy / torch RNGs are captured here.
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -38,7 +42,7 @@ from torch import nn
 
 import steprl
 from steprl.errors import CheckpointError
-from steprl.modelfile import make_shareable, temp_path_for
+from steprl.modelfile import make_shareable, nonfinite_tensors, temp_path_for
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +141,30 @@ def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return obj
 
 
+# ------------------------------------------------------------------------------------- integrity
+def tensor_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order (CPU tensors)."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def _check_integrity(path: Path, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """CheckpointError when the tensors do not match their checksum or hold NaN / infinity."""
+    expected = meta.get("tensor_sha256")
+    if expected is not None and tensor_checksum(tensors) != expected:
+        raise CheckpointError(f"Checkpoint {path} is unreadable or corrupt (its tensors do not match their "
+                              "checksum).", _CORRUPT_FIX)
+    bad = nonfinite_tensors(tensors)
+    if bad:
+        names = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise CheckpointError(f"Checkpoint {path} is unreadable or corrupt (NaN or infinite values in {names}).",
+                              _CORRUPT_FIX)
+
+
 # ------------------------------------------------------------------------------------------ save
 def save_checkpoint(
     path: str | os.PathLike[str],
@@ -193,6 +221,7 @@ def save_checkpoint(
         "optimizers": optim_meta,
         "rng": rng_meta,
         "extra_tensors": sorted(extra_tensors or {}),
+        "tensor_sha256": tensor_checksum(tensors),
         "state": state,
     }
     text = json.dumps(meta)  # raises TypeError before anything is written
@@ -313,7 +342,8 @@ def load_checkpoint(
         The ``state`` dict given to :func:`save_checkpoint`, plus ``"extra_tensors"`` (dict).
 
     Raises:
-        CheckpointError: unreadable, not a checkpoint, newer format, or another configuration
+        CheckpointError: unreadable, not a checkpoint, newer format, tensors that fail their
+            checksum or hold NaN / infinity, or another configuration
             (different networks, tensor names or shapes, optimisers).
     """
     from safetensors import SafetensorError
@@ -325,6 +355,7 @@ def load_checkpoint(
         tensors = load_file(str(path), device="cpu")
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"Checkpoint {path} is unreadable or corrupt ({exc}).", _CORRUPT_FIX) from exc
+    _check_integrity(path, meta, tensors)
     _check_modules(path, modules, meta, tensors)
     optim_states = {name: _decode(enc, tensors) for name, enc in meta["optimizers"].items()}
     _check_optimizers(path, optimizers, optim_states)
