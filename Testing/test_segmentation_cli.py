@@ -77,7 +77,7 @@ def test_segment_writes_every_output_with_the_input_geometry(trained_run, datase
     assert code == 0
     assert "Dice" in capsys.readouterr().out
     names = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
-    assert names == ["labelmap.nrrd", "metrics.json", "steps.png", "steps/mask_step_001.nrrd",
+    assert names == [".steprl-outputs.json", "labelmap.nrrd", "metrics.json", "steps.png", "steps/mask_step_001.nrrd",
                      "steps/mask_step_002.nrrd", "steps/mask_step_003.nrrd"]
     written, source = sitk.ReadImage(str(out / "labelmap.nrrd")), sitk.ReadImage(str(image))
     assert written.GetSize() == source.GetSize()

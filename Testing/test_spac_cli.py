@@ -235,7 +235,8 @@ def test_register_no_step_fields(assets, tmp_path, capsys):
                            "--out", out, "--no-step-fields", "--quiet")
     assert code == 0, err
     assert not (out / "steps").exists()
-    assert {p.name for p in out.iterdir()} == {"warped.nii.gz", "displacement.nii.gz", "metrics.json", "steps.png"}
+    assert {p.name for p in out.iterdir()} == {"warped.nii.gz", "displacement.nii.gz", "metrics.json", "steps.png",
+                                               ".steprl-outputs.json"}
     metrics = json.loads((out / "metrics.json").read_text())
     assert len(metrics["steps"]) == STEPS + 1 and "dice" not in metrics["steps"][0]
     assert not _partials(out)
@@ -340,15 +341,27 @@ def test_register_refuses_nan_in_nifti(assets, bad_inputs, tmp_path, capsys):
 
 
 # ---- info --------------------------------------------------------------------------------
+def _parameters_line(out: str) -> str:
+    lines = [line for line in out.splitlines() if line.strip().startswith("parameters")]
+    assert len(lines) == 1, out
+    return lines[0]
+
+
 def test_info_prints_card_and_parameter_counts(assets, capsys):
     code, out, err = run_cli(capsys, "info", assets["model2d"])
     assert code == 0, err
     card = json.loads(assets["model2d"].with_suffix(".json").read_text())
-    assert '"method": "spac"' in out and card["sha256"] in out
-    lines = [line for line in out.splitlines() if line.startswith("parameters:")]
-    assert len(lines) == 1 and "critic" in lines[0] and "policy" in lines[0]
-    assert any(int(tok.replace(",", "")) > 0 for tok in lines[0].replace(";", " ").split()
+    assert "method        spac, 2D, network grid 32 x 32, 3 steps by default" in out and card["sha256"] in out
+    line = _parameters_line(out)
+    assert "critic" in line and "policy" in line
+    assert any(int(tok.replace(",", "")) > 0 for tok in line.replace(";", " ").split()
                if tok.replace(",", "").isdigit())
+
+
+def test_info_json_prints_the_raw_card(assets, capsys):
+    code, out, err = run_cli(capsys, "info", assets["model2d"], "--json")
+    assert code == 0, err
+    assert json.loads(out) == json.loads(assets["model2d"].with_suffix(".json").read_text())
 
 
 def test_info_policy_parameter_count_matches_the_weights(assets, capsys):
@@ -356,8 +369,7 @@ def test_info_policy_parameter_count_matches_the_weights(assets, capsys):
     code, out, _ = run_cli(capsys, "info", assets["model2d"])
     assert code == 0
     expected = json.loads(assets["model2d"].with_suffix(".json").read_text())["parameters"]
-    line = next(line for line in out.splitlines() if line.startswith("parameters:"))
-    assert f"policy (planner + actor) {expected:,};" in line
+    assert f"policy (planner + actor) {expected:,};" in _parameters_line(out)
 
 
 # ---- evaluate ----------------------------------------------------------------------------

@@ -7,7 +7,8 @@
     steprl info MODEL
 
 User errors (:class:`steprl.errors.StepRLError`) are printed as one line saying what was wrong
-and what to do, with a non-zero exit code; ``--debug`` shows the traceback instead.
+and what to do, with a non-zero exit code; ``--debug`` shows the traceback instead. SIGTERM
+(``timeout``, ``kill``, job schedulers) ends a run like Ctrl-C: staged outputs are removed.
 """
 
 from __future__ import annotations
@@ -16,11 +17,14 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from steprl import __version__
 from steprl.errors import StepRLError
+from steprl.outputfolder import output_path
 
 # Idle OpenMP threads sleep instead of spinning: on a busy or shared CPU, spinning threads burn
 # the cores their partners need (measured: 3x less CPU per 3D SPAC step on a loaded 2-core
@@ -45,9 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="steprl", description="StepRL: step-by-step deep reinforcement learning for medical image registration "
                                    "(SPAC) and segmentation (PixelDRL-MG).")
     parser.add_argument("--version", action="version", version=f"steprl {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = sub.add_parser("demo", help="register the bundled sample pair with the bundled model (the main job)")
-    demo.add_argument("--out", type=Path, default=Path("steprl_demo"), help="output folder (default steprl_demo)")
+    demo.add_argument("--out", type=output_path, default=Path("steprl_demo"),
+                      help="output folder (default steprl_demo)")
     demo.add_argument("--steps", type=int, default=None)
     demo.set_defaults(handler="steprl.registration.commands:demo")
     _add_common(demo)
@@ -59,9 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
         importlib.import_module(extra).add_parsers(sub, train_sub, evaluate_sub, _add_common)
     info = sub.add_parser("info", help="show a model card and its parameter count")
     info.add_argument("model", help="model file or bundled model name")
-    info.set_defaults(handler="steprl.registration.commands:info")
+    info.add_argument("--json", action="store_true", help="print the whole card as stored (JSON)")
+    info.set_defaults(handler="steprl.modelinfo:info_command")
     _add_common(info)
+    _hide_suppressed(sub)
     return parser
+
+
+def _hide_suppressed(sub: argparse._SubParsersAction) -> None:
+    """Leave commands whose help is SUPPRESS (the Slicer worker) out of ``steprl --help``
+    (argparse lists them as ``worker ==SUPPRESS==``)."""
+    sub._choices_actions = [a for a in sub._choices_actions if a.help != argparse.SUPPRESS]
 
 
 def _configure_logging(args) -> None:
@@ -75,9 +88,22 @@ def _handler(spec: str):
     return getattr(importlib.import_module(module), function)
 
 
+def _interrupt_on_sigterm():
+    """Turn SIGTERM into KeyboardInterrupt, so a terminated run unwinds like Ctrl-C (its staged
+    outputs are removed); returns the previous handler (None when none was set). Only in the
+    main thread, where Python delivers signals."""
+    def handler(signum, frame):  # noqa: ARG001 - signal handler signature
+        raise KeyboardInterrupt
+
+    if hasattr(signal, "SIGTERM") and threading.current_thread() is threading.main_thread():
+        return signal.signal(signal.SIGTERM, handler)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging(args)
+    previous = _interrupt_on_sigterm()
     try:
         return int(_handler(args.handler)(args) or 0)
     except StepRLError as err:
@@ -88,3 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("steprl: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `steprl info NAME | head`: the reader left; no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

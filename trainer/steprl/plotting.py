@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -142,18 +141,14 @@ def _image_panel(ax, image: np.ndarray, window: tuple[float, float], title: str,
 
 
 def _save_atomic(fig: Figure, path: str | os.PathLike) -> Path:
-    """Save ``fig`` as PNG to ``path`` through a temporary file in the same folder."""
+    """Save ``fig`` as PNG to ``path`` atomically (:func:`steprl.io.atomic_path`: the file gets
+    the usual ``0666 & ~umask`` mode, as every other output; mkstemp's 0600 would hide it)."""
+    from steprl.io import atomic_path
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    log.info("wrote %s", path)
+    log.debug("wrote %s", path)  # often a staging folder: the command names the final folder
     return path
 
 

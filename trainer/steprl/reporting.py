@@ -1,9 +1,6 @@
-"""What registration and segmentation commands share when they hand results over.
+"""The plain-text tables of ``steprl evaluate``: :func:`mean_row` / :func:`format_table`.
 
-- :func:`staging_folder`: the hidden folder beside the output where a run writes its files first.
-- :func:`publish`: move a run's staged files into its output folder, so a failed run never
-  leaves half an output and a re-run never mixes its per-step files with an older run's.
-- :func:`mean_row` / :func:`format_table`: the plain-text tables of ``steprl evaluate``.
+(Output folders, staging and publishing are :mod:`steprl.outputfolder`'s job.)
 
 A column is ``(key, title, format)``, e.g. ``("dice", "Dice", "{:.3f}")``; the first column is
 the row label (pair or case name) and the mean row is labelled ``mean``.
@@ -12,39 +9,11 @@ the row label (pair or case name) and the mean row is labelled ``mean``.
 from __future__ import annotations
 
 import math
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 
 Column = tuple[str, str, str]
-
-
-def staging_folder(out: Path) -> Path:
-    """A new hidden ``.<out name>.partial-*`` folder beside ``out`` (same file system, so
-    :func:`publish` moves files atomically); creates ``out``'s parent if needed."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-
-
-def publish(staging: Path, out: Path, replace_folders: Sequence[str] = ("steps",)) -> None:
-    """Move every file of ``staging`` into ``out`` (same relative paths), then drop ``staging``.
-
-    Same-named files are replaced; the ``replace_folders`` of ``out`` (the per-step outputs) are
-    removed first, so they always belong to the run whose ``metrics.json`` is there.
-    """
-    out.mkdir(parents=True, exist_ok=True)
-    for name in replace_folders:
-        shutil.rmtree(out / name, ignore_errors=True)
-    for src in sorted(staging.rglob("*")):
-        if src.is_file():
-            dst = out / src.relative_to(staging)
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(src, dst)
-    shutil.rmtree(staging, ignore_errors=True)
 
 
 def mean_row(rows: list[dict], columns: Sequence[Column]) -> dict:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from steprl.outputfolder import output_path
+
 
 def add_parsers(sub, train_sub, evaluate_sub, add_common) -> None:
     """Register the registration commands on the top-level, ``train`` and ``evaluate`` sub-parsers."""
@@ -23,7 +25,9 @@ def _add_register(sub, add_common) -> None:
     p.add_argument("--model", default=None, help="model file (.safetensors) or bundled model name "
                                                  "(default: the bundled model for the images' dimension)")
     p.add_argument("--steps", type=int, default=None, help="policy steps (default: the model's, usually 20)")
-    p.add_argument("--out", type=Path, required=True, help="output folder (created; files are replaced)")
+    p.add_argument("--out", type=output_path, required=True,
+                   help="output folder (created; the files of an earlier steprl run there are replaced, other "
+                        "files are never touched)")
     p.add_argument("--fixed-labels", type=Path, help="label map of the fixed image (for Dice per step)")
     p.add_argument("--moving-labels", type=Path, help="label map of the moving image (for Dice per step)")
     p.add_argument("--prealign", action="store_true", help="affine pre-alignment (SimpleITK) before SPAC")
@@ -47,7 +51,8 @@ def _add_train(tsub, add_common) -> None:
                           "in DIR (training_seg_*.nii.gz); the last --test-count subjects are never used")
     r.add_argument("--labels", nargs="+", type=Path, help="label maps (files in image order, or one folder); "
                                                          "default: 3-class K-means pseudo-labels")
-    r.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, models, logs); resumed if present")
+    r.add_argument("--out", type=output_path, required=True,
+                   help="run folder (checkpoints, models, logs); resumed if present")
     r.add_argument("--grid", nargs="+", type=int, help="network grid, array order (default 128 128 / 128 128 128)")
     r.add_argument("--epochs", type=int, default=20)
     r.add_argument("--iterations", type=int, default=50, help="episodes per epoch")
@@ -118,6 +123,6 @@ def _add_evaluate(esub, add_common) -> None:
                         "default with --baselines: 1 10 20 up to --steps)")
     r.add_argument("--threads", type=int, default=None,
                    help="CPU threads for the tools and torch in the method comparison (default: all cores)")
-    r.add_argument("--json", type=Path, help="also write the table as JSON")
+    r.add_argument("--json", type=output_path, help="also write the table as JSON")
     r.set_defaults(handler="steprl.registration.commands:evaluate_command")
     add_common(r)

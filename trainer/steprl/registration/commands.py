@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from steprl.errors import InputError
+from steprl.outputfolder import check_output_file, check_output_folder
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ def register_command(args) -> int:
     from steprl import io
     from steprl.registration.outputs import run_and_write
 
+    check_output_folder(args.out)  # before any image is read
     fixed = io.read_image(args.fixed, name="fixed image")
     moving = io.read_image(args.moving, name="moving image")
     if (args.fixed_labels is None) != (args.moving_labels is None):
@@ -79,6 +81,7 @@ def demo(args) -> int:
     from steprl import io
     from steprl.registration.outputs import run_and_write
 
+    check_output_folder(args.out)
     fixed = io.read_image(SAMPLE_DIR / "sample_fixed.nrrd", name="sample fixed image")
     moving = io.read_image(SAMPLE_DIR / "sample_moving.nrrd", name="sample moving image")
     summary = run_and_write(fixed, moving, default_model(2), args.out, steps=args.steps, device=args.device,
@@ -99,29 +102,11 @@ def _print_summary(summary: dict) -> None:
     print(f"outputs in {summary['out']}")
 
 
-# ---- info -----------------------------------------------------------------------------------
-def info(args) -> int:
-    import json
-
-    from steprl.registration.model import load_spac, resolve_model_path
-    from steprl.registration.networks import Critic, count_parameters
-
-    path = resolve_model_path(args.model)
-    from steprl.modelfile import read_card
-
-    card = read_card(path)
-    print(json.dumps(card, indent=2))
-    if card.get("method") == "spac":
-        spac = load_spac(path)
-        print(f"parameters: policy (planner + actor) {count_parameters(spac.policy):,}; "
-              f"each critic (training only) {count_parameters(Critic(spac.config)):,}")
-    return 0
-
-
 # ---- train ----------------------------------------------------------------------------------
 def train_command(args) -> int:
     from steprl.registration.training import train_registration
 
+    check_output_folder(args.out)
     train_registration(args)
     return 0
 
@@ -145,6 +130,8 @@ def _read_pairs_csv(path: Path) -> list[dict[str, Path | None]]:
 def evaluate_command(args) -> int:
     from steprl.registration.evaluation import evaluate_pairs, format_table
 
+    if args.json:
+        check_output_file(args.json, flag="--json")  # before the whole evaluation, not after it
     if args.pairs is not None:
         pairs = _read_pairs_csv(args.pairs)
     else:

@@ -72,9 +72,12 @@ def evaluate_pairs(pairs: list[dict], model, *, steps=None, device="auto", preal
     from tqdm import tqdm
 
     from steprl.device import resolve_device
+    from steprl.limits import check_steps
     from steprl.registration.commands import default_model
     from steprl.registration.model import load_spac
+    from steprl.registration.overlap import check_overlap
 
+    check_steps(steps)
     dev = resolve_device(device)
     compare = bool(baselines) or report_steps is not None
     if compare:
@@ -90,6 +93,9 @@ def evaluate_pairs(pairs: list[dict], model, *, steps=None, device="auto", preal
     rows, spac = [], None
     for pair in tqdm(pairs, desc="pairs", disable=quiet):
         fixed, moving, labels = _read_pair(pair)
+        check_overlap(fixed.geometry, moving.geometry, prealign=prealign,
+                      names=(f"fixed image '{Path(pair['fixed']).name}'",
+                             f"moving image '{Path(pair['moving']).name}'"))
         if spac is None:
             spac = load_spac(model or default_model(fixed.ndim), dev)
         if compare:

@@ -9,14 +9,15 @@ Output folder::
     metrics.json                  per-step NCC (and Dice with labels), final Jacobian statistics
     steps.png                     the moving image at selected steps beside the fixed, with the curves
 
-Everything is written into a hidden staging folder next to ``out`` and moved in only when the
-whole run succeeded, so a failure (bad input, a crash, Ctrl-C) never leaves half an output.
+``out`` is checked before any work and the files are published all at once, replacing only
+the files of the previous steprl run there (:mod:`steprl.outputfolder`): a failure (bad input,
+a crash, Ctrl-C, SIGTERM) never leaves half an output, and no file steprl did not write is
+touched.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from pathlib import Path
 
@@ -24,9 +25,19 @@ import numpy as np
 
 import steprl
 from steprl.geometry import Image
-from steprl.reporting import publish, staging_folder
+from steprl.limits import check_steps, warn_step_outputs
+from steprl.outputfolder import check_output_folder, staged_output
+from steprl.registration.overlap import check_overlap
 
 log = logging.getLogger(__name__)
+
+#: The files of every run (the per-step fields come on top: :func:`step_file`).
+OUTPUT_FILES = ("warped.nii.gz", "displacement.nii.gz", "metrics.json", "steps.png")
+
+
+def step_file(step: int) -> str:
+    """The per-step field of ``step``, relative to the output folder."""
+    return f"steps/displacement_step_{step:03d}.nii.gz"
 
 
 def _slice(array: np.ndarray) -> np.ndarray:
@@ -65,13 +76,20 @@ def run_and_write(fixed: Image, moving: Image, model, out, *, steps: int | None 
     from steprl.registration.inference import register
     from steprl.registration.model import load_spac
 
+    check_output_folder(out, files=OUTPUT_FILES)  # before the model is read; the step files below
+    check_overlap(fixed.geometry, moving.geometry, prealign=prealign)
+    check_steps(steps)  # before the model is read; its default is checked below
     dev = resolve_device(device)
     spac = load_spac(model, dev)
     n_steps = spac.default_steps if steps is None else steps
+    check_steps(n_steps, "the model's default number of steps")
+    files = [*OUTPUT_FILES, *(step_file(k) for k in range(1, n_steps + 1) if step_fields)]
+    check_output_folder(out, files=files)
+    if step_fields:
+        warn_step_outputs(n_steps, fixed.array.size * fixed.ndim * 8, "displacement fields", "--no-step-fields")
     out = Path(out)
-    staging = staging_folder(out)
     wanted = set(select_steps(n_steps, 5)) if n_steps > 0 else {0}
-    try:
+    with staged_output(out) as staging:
         records, pictures, last = [], {}, None
         start = time.perf_counter()
         with tqdm(total=n_steps, desc="SPAC", unit="step", disable=quiet, dynamic_ncols=True) as bar:
@@ -79,8 +97,7 @@ def run_and_write(fixed: Image, moving: Image, model, out, *, steps: int | None 
                                    moving_labels=moving_labels, prealign=prealign, max_step=max_step,
                                    early_stop=early_stop):
                 if step_fields and result.step > 0:
-                    io.write_displacement_field(result.displacement,
-                                                staging / "steps" / f"displacement_step_{result.step:03d}.nii.gz")
+                    io.write_displacement_field(result.displacement, staging / step_file(result.step))
                 records.append({"step": result.step, **result.metrics})
                 if result.step in wanted:
                     pictures[result.step] = _slice(result.warped.array)
@@ -111,8 +128,4 @@ def run_and_write(fixed: Image, moving: Image, model, out, *, steps: int | None 
         registration_steps_figure(_slice(fixed.array), [pictures[s] for s in shown], shown, curves,
                                   staging / "steps.png", title=f"SPAC registration ({spac.path.stem})",
                                   aspect=slice_aspect(fixed.geometry.spacing, axis=0))
-        publish(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return summary

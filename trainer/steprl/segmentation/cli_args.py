@@ -8,6 +8,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from steprl.outputfolder import output_path
+
+#: The bundled segmentation model ``steprl segment`` uses without ``--model``.
+DEFAULT_MODEL = "pixeldrl_wm"
 AXES = ("axial", "coronal", "sagittal", "0", "1", "2")
 
 
@@ -35,8 +39,12 @@ def _add_segment(sub, add_common) -> None:
     p = sub.add_parser("segment", help="segment IMAGE with a PixelDRL-MG (or U-Net) model, step by step",
                        description="Writes labelmap, per-step masks, metrics.json (with --labels) and steps.png.")
     p.add_argument("image", type=Path, help="2D image or 3D volume (NIfTI, NRRD, MHA, PNG, or a DICOM folder)")
-    p.add_argument("--model", required=True, help="segmentation model file (.safetensors with its .json card)")
-    p.add_argument("--out", type=Path, required=True, help="output folder (created; files are replaced)")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="segmentation model file (.safetensors with its .json card) or bundled model name "
+                        f"(default: {DEFAULT_MODEL}, cerebral white matter in brain MRI)")
+    p.add_argument("--out", type=output_path, required=True,
+                   help="output folder (created; the files of an earlier steprl run there are replaced, other "
+                        "files are never touched)")
     p.add_argument("--labels", type=Path, help="reference label map (any grid: resampled onto the image) "
                                                "for per-step Dice and the final metrics")
     p.add_argument("--steps", type=int, default=None, help="policy steps (default: the model's, 10)")
@@ -61,7 +69,8 @@ def _add_train(tsub, add_common) -> None:
                           "(contrast-agnostic; object: --label-values, default cerebral white matter 2 41; "
                           "the last 3 subjects are held out for tests, the 3 before validate)")
     r.add_argument("--labels", nargs="+", type=Path, help="label maps (files in image order, or one folder)")
-    r.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, models, logs); resumed if present")
+    r.add_argument("--out", type=output_path, required=True,
+                   help="run folder (checkpoints, models, logs); resumed if present")
     r.add_argument("--method", choices=("pixeldrl", "pixeldrl-mg", "unet"), default="pixeldrl",
                    help="pixeldrl (PixelDRL-MG, PA3C) or unet (MONAI U-Net baseline, Dice + BCE); default pixeldrl")
     r.add_argument("--epochs", type=int, default=20)
@@ -125,6 +134,6 @@ def _add_evaluate(esub, add_common) -> None:
     _add_slicing(r)
     r.add_argument("--batch-slices", type=int, default=16, metavar="N")
     _add_precision(r)
-    r.add_argument("--json", type=Path, help="also write the table as JSON")
+    r.add_argument("--json", type=output_path, help="also write the table as JSON")
     r.set_defaults(handler="steprl.segmentation.commands:evaluate_command")
     add_common(r)

@@ -11,13 +11,14 @@ from pathlib import Path
 import numpy as np
 
 from steprl.errors import InputError
+from steprl.limits import check_steps
+from steprl.outputfolder import check_output_file, check_output_folder
 
 log = logging.getLogger(__name__)
 
 
 def _check_steps(args) -> None:
-    if getattr(args, "steps", None) is not None and args.steps < 0:
-        raise InputError(f"--steps must be >= 0, got {args.steps}.", "Use e.g. --steps 10.")
+    check_steps(getattr(args, "steps", None))
     if getattr(args, "batch_slices", 1) < 1:
         raise InputError(f"--batch-slices must be >= 1, got {args.batch_slices}.", "Use e.g. --batch-slices 16.")
 
@@ -29,6 +30,7 @@ def segment_command(args) -> int:
     from steprl.segmentation.outputs import run_and_write
 
     _check_steps(args)
+    check_output_folder(args.out)  # before any image is read
     image = io.read_image(args.image, name="image")
     labels = None
     if args.labels is not None:
@@ -62,6 +64,7 @@ def train_command(args) -> int:
     if (args.synthetic or getattr(args, "synthseg", None)) and args.labels:
         raise InputError("--labels makes no sense with --synthetic or --synthseg (those slices bring their own).",
                          "Drop --labels, or train on --images.")
+    check_output_folder(args.out)
     train_segmentation(args)
     return 0
 
@@ -71,6 +74,8 @@ def evaluate_command(args) -> int:
     from steprl.segmentation.evaluation import evaluate_dataset, format_table, mean_row
 
     _check_steps(args)
+    if args.json:
+        check_output_file(args.json, flag="--json")  # before the whole evaluation, not after it
     images = expand_files(args.images, "images")
     labels = expand_files(args.labels, "label maps")
     rows = evaluate_dataset(images, labels, args.model, steps=args.steps, device=args.device, axis=args.axis,

@@ -49,6 +49,7 @@ import torch
 
 from steprl.errors import InputError
 from steprl.geometry import Image
+from steprl.limits import check_steps
 from steprl.segmentation.data import CaseSlices, prepare_case
 from steprl.segmentation.model import LoadedSegmenter, load_segmenter
 
@@ -185,8 +186,7 @@ def segment(
         raise InputError(f"Segmentation takes 2D images or 3D volumes, got {image.ndim}D.", "Give a 2D or 3D image.")
     _check_labels(labels, image)
     n_steps = loaded.default_steps if steps is None else int(steps)
-    if n_steps < 0:
-        raise InputError(f"steps must be >= 0, got {n_steps}.", "Use e.g. --steps 10.")
+    check_steps(n_steps, "steps")  # at most MAX_STEPS: the masks of every step are kept in memory
     if not loaded.is_rl and n_steps > 1:
         log.info("A U-Net segments in one step: running 1 step instead of %d.", n_steps)
         n_steps = 1

@@ -9,15 +9,15 @@ Output folder (``EXT`` = ``nii.gz`` or ``nrrd``)::
                                   mask (dice, ppv, sen, iou, biou, hd95 in mm)
     steps.png                     one slice at selected steps with the changed pixels, and the curves
 
-Everything is written into a hidden staging folder next to ``out`` and moved in only when the
-whole run succeeded (a previous run's ``steps/`` is removed then, so no stale step from a
-longer run survives), so a failure never leaves half an output.
+``out`` is checked before any work and the files are published all at once, replacing only
+the files of the previous steprl run there (so no stale step of a longer earlier run survives,
+and no file steprl did not write is touched; :mod:`steprl.outputfolder`): a failure never
+leaves half an output.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from pathlib import Path
 
@@ -25,7 +25,8 @@ import numpy as np
 
 import steprl
 from steprl.geometry import Image
-from steprl.reporting import publish, staging_folder
+from steprl.limits import check_steps, warn_step_outputs
+from steprl.outputfolder import check_output_folder, staged_output
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,27 @@ def picture_slice(array: np.ndarray, axis: int, mask: np.ndarray | None = None) 
         other = tuple(k for k in range(3) if k != axis)
         return int(np.argmax(mask.sum(axis=other)))
     return array.shape[axis] // 2
+
+
+def step_file(step: int, fmt: str) -> str:
+    """The mask of ``step``, relative to the output folder."""
+    return f"steps/mask_step_{step:03d}.{fmt}"
+
+
+def output_files(fmt: str, steps: int, step_masks: bool) -> list[str]:
+    """The files of a run, relative to the output folder."""
+    return [f"labelmap.{fmt}", "metrics.json", "steps.png", *(step_file(k, fmt) for k in range(1, steps + 1)
+                                                              if step_masks)]
+
+
+def picture_title(method: str, model: str, axis: str | int, index: int, ndim: int) -> str:
+    """The picture's title: the slice named as the user asked for it (``axial slice 68``)."""
+    if ndim != 3:
+        return f"{method} segmentation ({model})"
+    plane = str(axis).strip().lower()
+    named = plane in ("axial", "coronal", "sagittal")
+    where = f"{plane} slice {index}" if named else f"slice {index} along array axis {plane}"
+    return f"{method} segmentation ({model}), {where}"
 
 
 def take(array: np.ndarray, index: int, axis: int) -> np.ndarray:
@@ -65,16 +87,24 @@ def run_and_write(image: Image, model, out, *, steps: int | None = None, device=
 
     if fmt not in FORMATS:
         raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
+    check_output_folder(out, files=output_files(fmt, 0, False))  # before the model is read; the step files below
+    check_steps(steps)
     dev = resolve_device(device)
     loaded = load_segmenter(model)
     n_steps = loaded.default_steps if steps is None else int(steps)
     if not loaded.is_rl:
         n_steps = min(n_steps, 1)
+    check_steps(n_steps, "the model's default number of steps")
     array_axis = resolve_axis(axis, image.geometry)
+    check_output_folder(out, files=output_files(fmt, n_steps, step_masks))
+    if step_masks:
+        warn_step_outputs(n_steps, image.array.size, "masks", "--no-step-masks")
+    if labels is not None and not np.any(np.asarray(labels.array) > 0):
+        log.warning("The reference label map has no object voxel: Dice, IoU and HD95 against it mean nothing "
+                    "(undefined values are written as null in metrics.json).")
     out = Path(out)
-    staging = staging_folder(out)
     wanted = set(select_steps(n_steps, 5)) if n_steps > 0 else {0}
-    try:
+    with staged_output(out) as staging:
         records, kept, last = [], {}, None
         start = time.perf_counter()
         with tqdm(total=None, desc=loaded.method, unit="slice", disable=quiet, dynamic_ncols=True) as bar:
@@ -86,7 +116,7 @@ def run_and_write(image: Image, model, out, *, steps: int | None = None, device=
             for result in segment(image, loaded, n_steps, dev, axis, batch_slices, labels=labels, bf16=bf16,
                                   progress=progress):
                 if step_masks and result.step > 0:
-                    io.write_image(result.mask, staging / "steps" / f"mask_step_{result.step:03d}.{fmt}")
+                    io.write_image(result.mask, staging / step_file(result.step, fmt))
                 records.append({"step": result.step, **result.metrics})
                 if result.step in wanted:
                     kept[result.step] = (result.mask.array, result.changed.array)
@@ -117,11 +147,6 @@ def run_and_write(image: Image, model, out, *, steps: int | None = None, device=
         segmentation_steps_figure(
             take(image.array, index, array_axis), [take(kept[s][0], index, array_axis) for s in shown], shown, curves,
             staging / "steps.png", changed=[take(kept[s][1], index, array_axis) for s in shown],
-            title=f"{loaded.method} segmentation ({loaded.path.stem})" + (
-                f", slice {index} along axis {array_axis}" if image.ndim == 3 else ""),
+            title=picture_title(loaded.method, loaded.path.stem, axis, index, image.ndim),
             aspect=slice_aspect(image.geometry.spacing, array_axis))
-        publish(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return summary
