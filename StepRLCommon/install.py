@@ -1,10 +1,13 @@
 """Python dependencies of the StepRL worker inside Slicer, installed only when the user agrees.
 
 What the worker needs beyond Slicer's own Python: ``torch`` (from the PyTorch extension's
-``PyTorchUtils``, which picks the CUDA build that fits the driver, or the CPU build) and
-``safetensors`` (pip, lower bound only). numpy and SimpleITK come with Slicer and are never
-replaced: the pip step skips them (``slicer.pydeps.pip_ensure(skip_packages=...)`` in Slicer
-5.11+, a constraints file pinning the installed versions on older Slicer).
+``PyTorchUtils``, which picks the CUDA build that fits the driver, or the CPU build),
+``safetensors`` (pip, lower bound only), and what the chosen model's kind needs on top
+(:data:`METHOD_REQUIREMENTS`: MONAI for a U-Net segmentation model; a test runs the worker on
+each kind with everything else hidden, so the list cannot fall behind the code). numpy and
+SimpleITK come with Slicer and are never replaced: the pip step skips them
+(``slicer.pydeps.pip_ensure(skip_packages=...)`` in Slicer 5.11+, a constraints file pinning the
+installed versions on older Slicer).
 
 Nothing here runs at import time, and checking what is missing imports nothing (it reads the
 installed packages' metadata), so opening the module never loads torch into Slicer's process.
@@ -29,6 +32,8 @@ log = logging.getLogger(__name__)
 
 TORCH_REQUIREMENT = "torch>=2.2"
 PIP_REQUIREMENTS = ("safetensors>=0.4",)
+#: What the worker needs for a model of each kind (card ``method``), beyond torch and safetensors.
+METHOD_REQUIREMENTS: dict[str, tuple[str, ...]] = {"spac": (), "pixeldrl-mg": (), "unet": ("monai>=1.3",)}
 #: Distributions Slicer (or the PyTorch extension) provides; pip must never replace them.
 NEVER_REPLACE = ("numpy", "SimpleITK", "torch")
 
@@ -52,6 +57,11 @@ def satisfied(requirement: str) -> bool:
         return Version(installed) >= Version(minimum.strip())
     except ImportError:  # packaging is not importable: compare the numeric parts
         return _version_tuple(installed) >= _version_tuple(minimum)
+
+
+def requirements_for(method: str | None = None) -> tuple[str, ...]:
+    """What the worker needs to run a model of kind ``method`` (None: any model's common needs)."""
+    return (TORCH_REQUIREMENT, *PIP_REQUIREMENTS, *METHOD_REQUIREMENTS.get(method or "", ()))
 
 
 def missing_requirements(requirements: Sequence[str] = (TORCH_REQUIREMENT, *PIP_REQUIREMENTS)) -> list[str]:
@@ -109,14 +119,17 @@ class SlicerInstaller:
 
 
 def ensure_dependencies(confirm: Callable[[str], bool], installer: Installer | None = None, *,
-                        purpose: str = "StepRL") -> bool:
+                        purpose: str = "StepRL", requirements: Sequence[str] | None = None) -> bool:
     """Install what is missing after asking ``confirm(message)``; True when everything is there.
 
-    ``purpose`` names what needs the packages in the question ("SPAC registration needs ...").
+    ``purpose`` names what needs the packages in the question ("SPAC registration needs ...");
+    ``requirements`` (default: :func:`requirements_for` any model) lists them, e.g.
+    ``requirements_for("unet")`` for a U-Net model.
 
     Raises RuntimeError with a user-facing message when an installation failed.
     """
-    missing = missing_requirements()
+    requirements = tuple(requirements or requirements_for())
+    missing = missing_requirements(requirements)
     if not missing:
         return True
     message = (f"{purpose} needs these Python packages, which are not installed yet:\n\n  "
@@ -132,7 +145,7 @@ def ensure_dependencies(confirm: Callable[[str], bool], installer: Installer | N
     others = [r for r in missing if r != TORCH_REQUIREMENT]
     if others:
         installer.pip_ensure(others, NEVER_REPLACE)
-    still = missing_requirements()
+    still = missing_requirements(requirements)
     if still:
         raise RuntimeError(f"Could not install {', '.join(still)}. Restart Slicer and try again; the Python "
                            "console shows pip's messages.")

@@ -109,7 +109,8 @@ class StepRLModuleLogic(ScriptedLoadableModuleLogic):
         p = parameterNode
         own = {field: getattr(p, name) for field, name in cls.requestFields.items()}
         return cls.requestClass(model=p.model, steps=p.steps, device=p.device,
-                                user_models_folder=user_folder(p.userModelsFolder), **own)
+                                user_models_folder=user_folder(p.userModelsFolder), keep_job_folder=p.keepJobFolder,
+                                **own)
 
     def start(self, parameterNode):
         """Start a job from the parameter node; returns the run (poll it with ``worker.poll``)."""
@@ -303,7 +304,10 @@ class StepRLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._updateProgress()
             return
         try:
-            if not install.ensure_dependencies(confirm=slicer.util.confirmOkCancelDisplay, purpose=self.taskTitle()):
+            p = self._parameterNode
+            method = self.logic.worker.find_entry(p.model, user_folder(p.userModelsFolder)).card.get("method")
+            if not install.ensure_dependencies(confirm=slicer.util.confirmOkCancelDisplay, purpose=self.taskTitle(),
+                                               requirements=install.requirements_for(method)):
                 return
             self.run = self.logic.start(self._parameterNode)
         except (StepRLError, RuntimeError) as err:  # one message: what is wrong and what to do

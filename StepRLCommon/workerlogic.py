@@ -19,7 +19,9 @@ every module::
 through the injected :class:`~.process.ProcessRunner`; :meth:`~WorkerLogic.poll` drains the
 worker's JSON-line events (:mod:`.protocol`). When the worker ends, or on
 :meth:`~WorkerLogic.cancel` (which kills its whole process tree), the temporary folder is
-removed; the steps received so far stay in the scene, usable.
+removed; the steps received so far stay in the scene, usable. A request with
+``keep_job_folder`` set keeps that folder (exported inputs, ``job.json``, every step file) and
+logs where it is, for debugging a run outside Slicer (``python -m steprl worker job.json``).
 """
 
 from __future__ import annotations
@@ -256,9 +258,18 @@ class WorkerLogic:
             command = [*self.python, "-m", "steprl", "worker", str(job)]
             handle = self.runner.start(command, env=self.env, cwd=str(temp_dir))
         except BaseException:
-            shutil.rmtree(temp_dir, ignore_errors=True)
+            self._remove_job_folder(request, temp_dir)
             raise
         return self.run_class(request, handle, temp_dir, entry, total_steps=request.steps)
+
+    @staticmethod
+    def _remove_job_folder(request, folder: Path) -> None:
+        """Remove a run's temporary folder, unless the request asks to keep it (then say where it is)."""
+        if getattr(request, "keep_job_folder", False):
+            log.info("The job folder is kept for debugging: %s (run it again with: python -m steprl worker %s)",
+                     folder, folder / "job.json")
+            return
+        shutil.rmtree(folder, ignore_errors=True)
 
     def poll(self, run: WorkerRun) -> list[int]:
         """Handle the worker's new events; returns the steps added to the scene by this call."""
@@ -299,8 +310,9 @@ class WorkerLogic:
 
     def _take_step(self, run: WorkerRun, event: StepEvent) -> None:
         self.add_step(run, event)
-        for path in event.files.values():  # read into the scene: the files are no longer needed
-            Path(path).unlink(missing_ok=True)
+        if not getattr(run.request, "keep_job_folder", False):
+            for path in event.files.values():  # read into the scene: the files are no longer needed
+                Path(path).unlink(missing_ok=True)
         run.steps.append(event.step)
         run.metrics.append(dict(event.metrics))
         run.total_steps = event.total or run.total_steps
@@ -332,7 +344,7 @@ class WorkerLogic:
         run.error = error
         run.eta_seconds = None
         run.message = {RunState.DONE: "Done", RunState.CANCELLED: "Cancelled", RunState.FAILED: "Failed"}[state]
-        shutil.rmtree(run.temp_dir, ignore_errors=True)
+        self._remove_job_folder(run.request, run.temp_dir)
         if error:
             log.error("%s failed: %s", self.task_noun.capitalize(), error)
 

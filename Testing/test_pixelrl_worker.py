@@ -132,9 +132,9 @@ def test_unet_model_runs_one_step(job_folder):
 @pytest.mark.parametrize(("changes", "code", "words"), [
     ({"model": "missing.safetensors"}, 3, ["not found"]),
     ({"model": "spac3d.safetensors"}, 3, ["spac"]),
-    ({"steps": -1}, 2, ["steps must be"]),
+    ({"steps": -1}, 2, ["'steps' must be"]),
     ({"batch_slices": 0}, 2, ["batch_slices"]),
-    ({"image": None}, 2, ["lacks image"]),
+    ({"image": None}, 2, ["lacks 'image'"]),
     ({"image": "absent.nrrd"}, 2, ["absent.nrrd"]),
     ({"axis": "diagonal"}, 2, ["diagonal"]),
 ])
@@ -150,10 +150,10 @@ def test_unexpected_exception_names_the_segmentation_worker(job_folder, monkeypa
 
 def test_read_job_resolves_segment_paths_relative_to_the_job(job_folder):
     job = read_job(write_job(job_folder, "rel.json", labels="labels.nrrd"))
-    assert job["image"] == str((job_folder / "image.nrrd").resolve())
-    assert job["labels"] == str((job_folder / "labels.nrrd").resolve())
-    assert job["model"] == str((job_folder / "tinyseg.safetensors").resolve())
-    assert Path(job["output"]).is_absolute()
+    assert job.image == str((job_folder / "image.nrrd").resolve())
+    assert job.labels == str((job_folder / "labels.nrrd").resolve())
+    assert job.model == str((job_folder / "tinyseg.safetensors").resolve())
+    assert Path(job.output).is_absolute()
 
 
 def test_cli_segment_job_prints_only_json_lines(job_folder):

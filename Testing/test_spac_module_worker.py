@@ -95,8 +95,8 @@ def test_register_job_streams_steps_with_complete_fields(job_folder):
     ({"model": "missing.safetensors"}, 3, ["not found"]),
     ({"model": "tiny2d.safetensors"}, 2, ["3D", "2D"]),
     ({"fixed_labels": "fixed_labels.nrrd"}, 2, ["Only one label map"]),
-    ({"steps": -1}, 2, ["steps must be"]),
-    ({"fixed": None}, 2, ["lacks fixed"]),
+    ({"steps": -1}, 2, ["'steps' must be"]),
+    ({"fixed": None}, 2, ["lacks 'fixed'"]),
     ({"task": "dance"}, 2, ["no known task"]),
     ({"device": "tpu"}, 2, ["Unknown device"]),
 ])
@@ -113,9 +113,9 @@ def test_unexpected_exception_is_reported_as_a_bug(job_folder, monkeypatch):
 
 def test_read_job_resolves_paths_relative_to_the_job(job_folder):
     job = read_job(write_job(job_folder, "rel.json"))
-    assert job["fixed"] == str((job_folder / "fixed.nrrd").resolve())
-    assert job["model"] == str((job_folder / "tiny3d.safetensors").resolve())
-    assert Path(job["output"]).is_absolute()
+    assert job.fixed == str((job_folder / "fixed.nrrd").resolve())
+    assert job.model == str((job_folder / "tiny3d.safetensors").resolve())
+    assert Path(job.output).is_absolute()
 
 
 def test_cli_worker_prints_only_json_lines(job_folder):

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from steprl.errors import InputError
+from steprl.protocol import SegmentJob, write_job
 
 from StepRLCommon import stepresults
 from StepRLCommon.models import ModelEntry
@@ -53,7 +54,8 @@ class SegmentationRequest:
     ``model``: a bundled or user model name, or a ``.safetensors`` path; ``steps`` None uses the
     model's default; ``axis``: one of :data:`AXES`; ``reference``: an optional segmentation node or
     labelmap volume (Dice per step); ``create_labelmap``: the finished run (and "Keep this step")
-    also creates a labelmap volume.
+    also creates a labelmap volume; ``keep_job_folder``: keep the run's temporary folder (exported
+    inputs, job file, step files) for debugging.
     """
 
     volume: object
@@ -65,6 +67,7 @@ class SegmentationRequest:
     create_labelmap: bool = False
     batch_slices: int = 16
     user_models_folder: str | os.PathLike | None = None
+    keep_job_folder: bool = False
 
 
 @dataclass
@@ -108,13 +111,14 @@ class SegmentationLogic(WorkerLogic):
 
     def write_job(self, request: SegmentationRequest, entry: ModelEntry, folder: Path) -> Path:
         export_volume(request.volume, folder / "image.nrrd")
-        job = {"version": 1, "task": "segment", "image": "image.nrrd", "labels": None, "model": str(entry.path),
-               "steps": request.steps, "axis": request.axis, "device": request.device or "auto",
-               "batch_slices": int(request.batch_slices), "output": "steps"}
+        labels = None
         if request.reference is not None:
             segmentation.export_reference(request.reference, request.volume, folder / "labels.nrrd")
-            job["labels"] = "labels.nrrd"
-        return self.write_job_file(folder, job)
+            labels = "labels.nrrd"
+        job = SegmentJob(image="image.nrrd", model=str(entry.path), output="steps", labels=labels,
+                         steps=request.steps, axis=request.axis, device=request.device or "auto",
+                         batch_slices=int(request.batch_slices))
+        return write_job(job, folder)
 
     def add_step(self, run: SegmentationRun, event: StepEvent) -> None:
         volume = run.request.volume

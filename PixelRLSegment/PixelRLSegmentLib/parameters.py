@@ -43,6 +43,7 @@ class PixelRLSegmentParameterNode:
     device - where the policy runs: auto (GPU when available), cpu or cuda.
     createLabelmap - the output also includes a labelmap volume (besides the segmentation).
     showChanges - the step labelmap shows what each step changed instead of the mask.
+    keepJobFolder - keep the run's temporary folder (exported inputs, job file, step files) for debugging.
     sequenceBrowser - the browser of the latest result (its slider is the step slider).
     """
 
@@ -55,5 +56,6 @@ class PixelRLSegmentParameterNode:
     device: Annotated[str, Choice(list(DEVICES))] = "auto"
     createLabelmap: bool = False
     showChanges: bool = False
+    keepJobFolder: bool = False
     sequenceBrowser: vtkMRMLSequenceBrowserNode
 

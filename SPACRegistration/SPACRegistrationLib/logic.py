@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from steprl.errors import InputError
+from steprl.protocol import RegisterJob, write_job
 
 from StepRLCommon.protocol import StepEvent
 from StepRLCommon.workerlogic import (
@@ -53,7 +54,8 @@ class RegistrationRequest:
     """What to register and how (the parameter node's content, as nodes and values).
 
     ``model`` is a bundled model name, a user model name (with ``user_models_folder``) or a
-    ``.safetensors`` path; ``steps`` None uses the model's default.
+    ``.safetensors`` path; ``steps`` None uses the model's default; ``keep_job_folder`` keeps the
+    run's temporary folder (exported inputs, job file, step files) for debugging.
     """
 
     fixed: object
@@ -65,6 +67,7 @@ class RegistrationRequest:
     moving_labels: object | None = None
     prealign: bool = False
     user_models_folder: str | os.PathLike | None = None
+    keep_job_folder: bool = False
 
 
 class RegistrationRun(WorkerRun):
@@ -111,15 +114,16 @@ class RegistrationLogic(WorkerLogic):
     def write_job(self, request: RegistrationRequest, entry: models.ModelEntry, folder: Path) -> Path:
         export_volume(request.fixed, folder / "fixed.nrrd")
         export_volume(request.moving, folder / "moving.nrrd", ignore_parent=True)
-        job = {"version": 1, "task": "register", "fixed": "fixed.nrrd", "moving": "moving.nrrd",
-               "fixed_labels": None, "moving_labels": None, "model": str(entry.path), "steps": request.steps,
-               "device": request.device or "auto", "prealign": bool(request.prealign), "output": "steps"}
+        labels = {}
         if request.fixed_labels is not None:
             export_volume(request.fixed_labels, folder / "fixed_labels.nrrd")
             export_volume(request.moving_labels, folder / "moving_labels.nrrd",
                           ignore_parent=is_own_proxy(request.moving_labels.GetParentTransformNode()))
-            job.update(fixed_labels="fixed_labels.nrrd", moving_labels="moving_labels.nrrd")
-        return self.write_job_file(folder, job)
+            labels = {"fixed_labels": "fixed_labels.nrrd", "moving_labels": "moving_labels.nrrd"}
+        job = RegisterJob(fixed="fixed.nrrd", moving="moving.nrrd", model=str(entry.path), output="steps",
+                          steps=request.steps, device=request.device or "auto", prealign=bool(request.prealign),
+                          **labels)
+        return write_job(job, folder)
 
     def add_step(self, run: RegistrationRun, event: StepEvent) -> None:
         try:

@@ -38,6 +38,7 @@ class SPACRegistrationParameterNode:
     device - where the policy runs: auto (GPU when available), cpu or cuda.
     prealign - affine pre-alignment before the policy.
     createWarpedVolume - "Keep this step" also creates the resampled moving volume.
+    keepJobFolder - keep the run's temporary folder (exported inputs, job file, step files) for debugging.
     sequenceBrowser - the browser of the latest result (its slider is the step slider).
     """
 
@@ -51,5 +52,6 @@ class SPACRegistrationParameterNode:
     device: Annotated[str, Choice(list(DEVICES))] = "auto"
     prealign: bool = False
     createWarpedVolume: bool = False
+    keepJobFolder: bool = False
     sequenceBrowser: vtkMRMLSequenceBrowserNode
 

@@ -5,7 +5,8 @@ process tree, a crash in torch cannot take Slicer down, and torch is never impor
 Slicer's own process. The Slicer logic (``SPACRegistrationLib``) writes the job, reads the
 events line by line and streams every finished step into the scene.
 
-Job file (JSON, written by the logic; relative paths are relative to the job file's folder)::
+Job file (JSON, written by the logic; relative paths are relative to the job file's folder; the
+schema is :mod:`steprl.protocol`, which checks a whole job before any work starts)::
 
     {"version": 1, "task": "register",
      "fixed": "fixed.nrrd", "moving": "moving.nrrd",          # any grid, LPS headers
@@ -46,9 +47,12 @@ the input image's geometry, both written atomically before the step event; a U-N
 one step. ``segment()`` yields step 0 at once and steps 1..n after the whole volume has run,
 so the ``progress`` events (slices done) drive the progress bar meanwhile.
 
+Order of work: the job is checked, then the device, then the inputs are read and checked
+(dimensions, overlap of the pair) and the model is loaded; only then is the output folder made.
+
 Exit codes: 0 done; a user error exits with its :class:`~steprl.errors.StepRLError`
 ``exit_code`` (2 input, 3 model file); anything else is a bug and exits 1, always after one
-``error`` event. SIGTERM ends the run like Ctrl-C (exit 130).
+``error`` event. SIGTERM ends the run like Ctrl-C (exit 130; set up by :func:`steprl.cli.main`).
 """
 
 from __future__ import annotations
@@ -57,7 +61,6 @@ import json
 import logging
 import math
 import os
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -65,11 +68,15 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from steprl.errors import InputError, StepRLError
+from steprl.jsonvalues import finite_json
+from steprl.limits import check_steps
+from steprl.outputfolder import check_output_folder
+from steprl.protocol import JOB_VERSION, DevicesJob, Job, RegisterJob, SegmentJob, read_job
+
+__all__ = ["JOB_VERSION", "field_path", "line_emitter", "main", "mask_paths", "read_job", "run_job"]
 
 log = logging.getLogger(__name__)
 
-JOB_VERSION = 1
-TASKS = ("register", "segment", "devices")
 FIELD_SUFFIX = ".mha"
 MASK_SUFFIX = ".nrrd"
 #: Seconds between two slice-progress events of a segmentation (the GUI needs no more).
@@ -81,28 +88,11 @@ Emit = Callable[[dict[str, Any]], None]
 
 
 # ---- events ---------------------------------------------------------------------------------
-def _jsonable(value: Any) -> Any:
-    """Metrics as strict JSON: numpy scalars to float, NaN/inf to None, dict keys to str."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, bool) or value is None or isinstance(value, str):
-        return value
-    if isinstance(value, int):
-        return value
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return str(value)
-    return number if math.isfinite(number) else None
-
-
 def line_emitter(stream: TextIO) -> Emit:
     """An ``emit`` that writes one JSON line per event to ``stream`` and flushes it at once."""
 
     def emit(event: dict[str, Any]) -> None:
-        stream.write(json.dumps(_jsonable(event), allow_nan=False) + "\n")
+        stream.write(json.dumps(finite_json(event), allow_nan=False, default=str) + "\n")
         stream.flush()
 
     return emit
@@ -121,47 +111,7 @@ def _claim_stdout() -> TextIO:
     return events
 
 
-# ---- the job --------------------------------------------------------------------------------
-def read_job(path: str | os.PathLike) -> dict[str, Any]:
-    """Read and check a job file; relative paths become absolute (relative to its folder)."""
-    path = Path(path)
-    try:
-        job = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise InputError(f"Job file {path} does not exist.", "Start the worker from the Slicer module.") from exc
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"Job file {path} cannot be read as JSON ({exc}).",
-                         "Start the worker from the Slicer module.") from exc
-    if not isinstance(job, dict) or job.get("task") not in TASKS:
-        raise InputError(f"Job file {path} names no known task (expected one of {', '.join(TASKS)}).",
-                         "Start the worker from the Slicer module.")
-    if job.get("version", JOB_VERSION) > JOB_VERSION:
-        raise InputError(f"Job file {path} has version {job['version']}; this steprl reads up to {JOB_VERSION}.",
-                         "Update the StepRL extension so the module and steprl match.")
-    required, paths = {
-        "register": (("fixed", "moving", "model", "output"), ("fixed", "moving", "fixed_labels", "moving_labels")),
-        "segment": (("image", "model", "output"), ("image", "labels")),
-    }.get(job["task"], ((), ()))
-    if required:
-        missing = [k for k in required if not job.get(k)]
-        if missing:
-            raise InputError(f"Job file {path} lacks {', '.join(missing)}.", "Start the worker from the Slicer module.")
-        for key in (*paths, "output"):
-            if job.get(key):
-                job[key] = str((path.parent / job[key]).resolve())
-        model = Path(job["model"])
-        if not model.is_absolute() and (path.parent / model).exists():
-            job["model"] = str((path.parent / model).resolve())
-        steps = job.get("steps")
-        if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 0):
-            raise InputError(f"steps must be a whole number >= 0, got {steps!r}.", "Choose e.g. 20 steps.")
-    if job["task"] == "segment":
-        batch = job.get("batch_slices", 16)
-        if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
-            raise InputError(f"batch_slices must be a whole number >= 1, got {batch!r}.", "Use e.g. 16.")
-    return job
-
-
+# ---- the job's files -------------------------------------------------------------------------
 def field_path(output: str | os.PathLike, step: int) -> Path:
     """Where the field of ``step`` is written."""
     return Path(output) / f"field_step_{step:03d}{FIELD_SUFFIX}"
@@ -210,38 +160,53 @@ def run_devices(emit: Emit) -> None:
     emit({"event": "devices", "devices": devices, "default": "cuda" if torch.cuda.is_available() else "cpu"})
 
 
-def run_register(job: dict[str, Any], emit: Emit) -> int:
+def _prepare_output(output: str) -> Path:
+    """The job's output folder, refused (InputError) when it cannot be made; created only by
+    :func:`_make_output`, after the inputs and the model passed their checks."""
+    return check_output_folder(output, flag="the job's output folder")
+
+
+def _make_output(output: Path) -> Path:
+    output.mkdir(parents=True, exist_ok=True)
+    return output
+
+
+def run_register(job: RegisterJob, emit: Emit) -> int:
     """Run a registration job, emitting one step event per finished step; returns the step count."""
     from steprl import io
     from steprl.device import resolve_device
     from steprl.registration.inference import register
     from steprl.registration.model import load_spac
+    from steprl.registration.overlap import check_overlap
 
     start = time.perf_counter()
-    output = Path(job["output"])
-    output.mkdir(parents=True, exist_ok=True)
-    emit({"event": "progress", "stage": "reading", "message": "Reading the images"})
-    fixed = io.read_image(job["fixed"], name="fixed volume")
-    moving = io.read_image(job["moving"], name="moving volume")
-    io.validate_image(moving, "moving volume", ndim=fixed.ndim, reference_name="fixed volume")
-    fixed_labels = moving_labels = None
-    if bool(job.get("fixed_labels")) != bool(job.get("moving_labels")):
+    output = _prepare_output(job.output)
+    if bool(job.fixed_labels) != bool(job.moving_labels):
         raise InputError("Only one label map was given.",
                          "Choose both the fixed and the moving label maps, or neither.")
-    if job.get("fixed_labels"):
-        fixed_labels = io.read_labels(job["fixed_labels"], fixed.geometry, name="fixed label map")
-        moving_labels = io.read_labels(job["moving_labels"], moving.geometry, name="moving label map")
-    device = resolve_device(job.get("device") or "auto")
-    emit({"event": "progress", "stage": "loading", "message": f"Loading model {job['model']} on {device}"})
-    spac = load_spac(job["model"], device)
-    steps = spac.default_steps if job.get("steps") is None else int(job["steps"])
+    device = resolve_device(job.device)
+    emit({"event": "progress", "stage": "reading", "message": "Reading the images"})
+    fixed = io.read_image(job.fixed, name="fixed volume")
+    moving = io.read_image(job.moving, name="moving volume")
+    io.validate_image(moving, "moving volume", ndim=fixed.ndim, reference_name="fixed volume")
+    check_overlap(fixed.geometry, moving.geometry, prealign=job.prealign, prealign_option="the affine pre-alignment",
+                  names=("fixed volume", "moving volume"))
+    fixed_labels = moving_labels = None
+    if job.fixed_labels:
+        fixed_labels = io.read_labels(job.fixed_labels, fixed.geometry, name="fixed label map")
+        moving_labels = io.read_labels(job.moving_labels, moving.geometry, name="moving label map")
+    emit({"event": "progress", "stage": "loading", "message": f"Loading model {job.model} on {device}"})
+    spac = load_spac(job.model, device)
+    steps = spac.default_steps if job.steps is None else job.steps
+    check_steps(steps, "the model's default number of steps")
+    _make_output(output)
     emit({"event": "started", "task": "register", "pid": os.getpid(), "device": str(device),
           "model": str(spac.path), "steps": steps, "grid": list(spac.grid)})
-    if job.get("prealign"):
+    if job.prealign:
         emit({"event": "progress", "stage": "prealign", "message": "Affine pre-alignment"})
     last = 0
     for result in register(fixed, moving, spac, steps, device, fixed_labels=fixed_labels,
-                           moving_labels=moving_labels, prealign=bool(job.get("prealign"))):
+                           moving_labels=moving_labels, prealign=job.prealign):
         path = field_path(output, result.step)
         _write_field(result, path)  # atomically, before the event that names it
         elapsed = result.metrics["seconds"]
@@ -270,7 +235,7 @@ def _slice_progress(emit: Emit, start: float) -> Callable[[int, int], None]:
     return progress
 
 
-def run_segment(job: dict[str, Any], emit: Emit) -> int:
+def run_segment(job: SegmentJob, emit: Emit) -> int:
     """Run a segmentation job, emitting one step event (mask + changed files) per step; returns the last step."""
     from steprl import io
     from steprl.device import resolve_device
@@ -279,26 +244,27 @@ def run_segment(job: dict[str, Any], emit: Emit) -> int:
     from steprl.segmentation.model import load_segmenter
 
     start = time.perf_counter()
-    output = Path(job["output"])
-    output.mkdir(parents=True, exist_ok=True)
+    output = _prepare_output(job.output)
+    device = resolve_device(job.device)
     emit({"event": "progress", "stage": "reading", "message": "Reading the image"})
-    image = io.read_image(job["image"], name="input volume")
+    image = io.read_image(job.image, name="input volume")
     labels = None
-    if job.get("labels"):
-        labels = io.read_labels(job["labels"], image.geometry, name="reference label map")
-    device = resolve_device(job.get("device") or "auto")
-    emit({"event": "progress", "stage": "loading", "message": f"Loading model {job['model']} on {device}"})
-    loaded = load_segmenter(job["model"])
-    steps = loaded.default_steps if job.get("steps") is None else int(job["steps"])
+    if job.labels:
+        labels = io.read_labels(job.labels, image.geometry, name="reference label map")
+    axis = job.axis
+    array_axis = resolve_axis(axis, image.geometry)
+    emit({"event": "progress", "stage": "loading", "message": f"Loading model {job.model} on {device}"})
+    loaded = load_segmenter(job.model)
+    steps = loaded.default_steps if job.steps is None else job.steps
     if not loaded.is_rl:
         steps = min(steps, 1)
-    axis = job.get("axis", "axial")
-    array_axis = resolve_axis(axis, image.geometry)
+    check_steps(steps, "the model's default number of steps")
+    _make_output(output)
     emit({"event": "started", "task": "segment", "pid": os.getpid(), "device": str(device),
           "model": str(loaded.path), "method": loaded.method, "steps": steps, "grid": list(loaded.size),
           "axis": array_axis, "shape": list(image.array.shape)})
     last = 0
-    for result in segment(image, loaded, steps, device, axis, int(job.get("batch_slices", 16)), labels=labels,
+    for result in segment(image, loaded, steps, device, axis, job.batch_slices, labels=labels,
                           progress=_slice_progress(emit, time.perf_counter())):
         mask_path, changed_path = mask_paths(output, result.step)
         _write_mask(result.mask, mask_path)  # both atomically, before the event that names them
@@ -327,12 +293,12 @@ def run_job(job_path: str | os.PathLike | None, emit: Emit, *, devices: bool = F
             run_devices(emit)
             emit({"event": "done", "steps": 0, "seconds": 0.0})
             return 0
-        job = read_job(job_path)
-        noun = NOUNS[job["task"]]
-        if job["task"] == "devices":
+        job: Job = read_job(job_path)
+        noun = NOUNS[job.task]
+        if isinstance(job, DevicesJob):
             run_devices(emit)
             emit({"event": "done", "steps": 0, "seconds": 0.0})
-        elif job["task"] == "segment":
+        elif isinstance(job, SegmentJob):
             run_segment(job, emit)
         else:
             run_register(job, emit)
@@ -353,18 +319,7 @@ def run_job(job_path: str | os.PathLike | None, emit: Emit, *, devices: bool = F
         return 1
 
 
-def _interrupt_on_sigterm() -> None:
-    """Cancel sends SIGTERM first: unwind like Ctrl-C so temporary files are removed."""
-
-    def handler(signum, frame):  # noqa: ARG001 - signal handler signature
-        raise KeyboardInterrupt
-
-    if hasattr(signal, "SIGTERM"):
-        signal.signal(signal.SIGTERM, handler)
-
-
 def main(args) -> int:
     """Entry point of ``steprl worker`` (see :mod:`steprl.worker_cli`)."""
-    events = _claim_stdout()
-    _interrupt_on_sigterm()
+    events = _claim_stdout()  # SIGTERM (Cancel) unwinds like Ctrl-C: steprl.cli.main sees to that
     return run_job(args.job, line_emitter(events), devices=args.devices)
