@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from cli_support import assert_one_error, forbid_model_loading, run
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from steprl import modelfile
-from steprl.cli import main
 from steprl.errors import CheckpointError
 from steprl.registration.commands import SAMPLE_DIR
 from steprl.registration.model import BUNDLED_DIR
@@ -26,20 +26,6 @@ from steprl.registration.overlap import check_overlap
 from steprl.training.checkpoint import load_checkpoint, save_checkpoint
 
 FIXED, MOVING = SAMPLE_DIR / "sample_fixed.nrrd", SAMPLE_DIR / "sample_moving.nrrd"
-
-
-def run(capsys, *argv) -> tuple[int, str]:
-    code = main([str(a) for a in argv])
-    return code, capsys.readouterr().err
-
-
-def assert_one_error(code: int, err: str, words: list[str], exit_code: int = 2) -> None:
-    assert code == exit_code, err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("steprl: error:")]
-    assert len(lines) == 1, err
-    for word in words:
-        assert word.lower() in lines[0].lower(), (word, lines[0])
 
 
 def strict_json(path) -> dict:
@@ -165,14 +151,7 @@ def test_a_well_formed_checkpoint_with_nan_is_refused_like_a_corrupt_one(tmp_pat
 # ---- absurd step counts ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("command", ["segment", "register"])
 def test_a_huge_step_count_is_refused_before_any_work(tmp_path, capsys, monkeypatch, command):
-    import steprl.registration.model
-    import steprl.segmentation.model
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded")
-
-    monkeypatch.setattr(steprl.registration.model, "load_spac", refuse)
-    monkeypatch.setattr(steprl.segmentation.model, "load_segmenter", refuse)
+    forbid_model_loading(monkeypatch)
     inputs = [FIXED] if command == "segment" else [FIXED, MOVING]
     model = "pixeldrl_wm" if command == "segment" else "spac2d_brain"
     code, err = run(capsys, command, *inputs, "--model", model, "--steps", "100000", "--out", tmp_path / "out",

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from cli_support import assert_one_error, forbid_model_loading, run
 from steprl import outputfolder
 from steprl.cli import main
 from steprl.errors import InputError
@@ -35,20 +36,6 @@ def segment(out, *extra) -> list[str]:
             "--device", "cpu", *map(str, extra)]
 
 
-def run(capsys, argv) -> tuple[int, str]:
-    code = main(argv)
-    return code, capsys.readouterr().err
-
-
-def assert_one_error(code: int, err: str, words: list[str]) -> None:
-    assert code == 2, err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if "error:" in line]
-    assert len(lines) == 1, err
-    for word in words:
-        assert word.lower() in lines[0].lower(), (word, lines[0])
-
-
 def files_under(folder: Path) -> dict[str, str]:
     return {p.relative_to(folder).as_posix(): p.read_text() for p in sorted(folder.rglob("*")) if p.is_file()}
 
@@ -56,14 +43,7 @@ def files_under(folder: Path) -> dict[str, str]:
 @pytest.fixture
 def no_model_loading(monkeypatch):
     """Fail the test if a model is loaded: the refusal must come before any work."""
-    import steprl.registration.model
-    import steprl.segmentation.model
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded although the output folder is unusable")
-
-    monkeypatch.setattr(steprl.registration.model, "load_spac", refuse)
-    monkeypatch.setattr(steprl.segmentation.model, "load_segmenter", refuse)
+    forbid_model_loading(monkeypatch)
 
 
 # ---- never delete what the tool did not write ------------------------------------------------
@@ -73,10 +53,10 @@ def test_a_users_steps_folder_survives(tmp_path, capsys, command, skip_steps):
     (out / "steps").mkdir(parents=True)
     (out / "steps" / "mine.txt").write_text("keep")
     (out / "notes.txt").write_text("mine too")
-    code, err = run(capsys, command(out, skip_steps))
+    code, err = run(capsys, *command(out, skip_steps))
     assert code == 0, err
     assert (out / "steps" / "mine.txt").read_text() == "keep" and (out / "notes.txt").read_text() == "mine too"
-    code, err = run(capsys, command(out))  # with step files, into the same folder
+    code, err = run(capsys, *command(out))  # with step files, into the same folder
     assert code == 0, err
     assert (out / "steps" / "mine.txt").read_text() == "keep"
     assert len(list((out / "steps").iterdir())) == 3  # mine.txt and the two step files
@@ -84,10 +64,10 @@ def test_a_users_steps_folder_survives(tmp_path, capsys, command, skip_steps):
 
 def test_a_rerun_replaces_only_the_files_of_the_previous_run(tmp_path, capsys):
     out = tmp_path / "X"
-    assert run(capsys, register(out))[0] == 0
+    assert run(capsys, *register(out))[0] == 0
     assert len(list((out / "steps").iterdir())) == 2
     (out / "steps" / "mine.txt").write_text("keep")
-    assert run(capsys, register(out, "--no-step-fields"))[0] == 0
+    assert run(capsys, *register(out, "--no-step-fields"))[0] == 0
     assert sorted(p.name for p in (out / "steps").iterdir()) == ["mine.txt"]  # the old step fields went
     manifest = json.loads((out / outputfolder.MANIFEST).read_text())
     assert sorted(manifest["files"]) == ["displacement.nii.gz", "metrics.json", "steps.png", "warped.nii.gz"]
@@ -97,7 +77,7 @@ def test_a_file_steprl_did_not_write_is_never_overwritten(tmp_path, capsys, no_m
     out = tmp_path / "X"
     out.mkdir()
     (out / "metrics.json").write_text("the user's own")
-    code, err = run(capsys, register(out))
+    code, err = run(capsys, *register(out))
     assert_one_error(code, err, ["metrics.json", "did not write"])
     assert files_under(out) == {"metrics.json": "the user's own"}
 
@@ -117,14 +97,14 @@ def test_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys, no_mode
     target = tmp_path / "result.txt"
     target.write_text("a file")
     for argv in (register(target), segment(target)):
-        code, err = run(capsys, argv)
+        code, err = run(capsys, *argv)
         assert_one_error(code, err, ["result.txt", "existing file"])
     assert target.read_text() == "a file"
 
 
 def test_out_under_a_file_is_refused_before_any_work(tmp_path, capsys, no_model_loading):
     (tmp_path / "file.nii.gz").write_text("an image")
-    code, err = run(capsys, register(tmp_path / "file.nii.gz" / "sub"))
+    code, err = run(capsys, *register(tmp_path / "file.nii.gz" / "sub"))
     assert_one_error(code, err, ["file.nii.gz", "not a folder"])
 
 
@@ -135,7 +115,7 @@ def test_out_in_a_read_only_folder_is_refused_before_any_work(tmp_path, capsys, 
     locked.chmod(0o555)
     try:
         for out in (locked, locked / "sub"):
-            code, err = run(capsys, register(out))
+            code, err = run(capsys, *register(out))
             assert_one_error(code, err, ["not writable"])
     finally:
         locked.chmod(0o755)
@@ -144,21 +124,20 @@ def test_out_in_a_read_only_folder_is_refused_before_any_work(tmp_path, capsys, 
 def test_a_folder_where_an_output_file_goes_is_refused_before_any_work(tmp_path, capsys, no_model_loading):
     out = tmp_path / "X"
     (out / "warped.nii.gz" / "x").mkdir(parents=True)
-    code, err = run(capsys, register(out))
+    code, err = run(capsys, *register(out))
     assert_one_error(code, err, ["warped.nii.gz"])
     assert [p.relative_to(out).as_posix() for p in sorted(out.rglob("*"))] == ["warped.nii.gz", "warped.nii.gz/x"]
 
 
 def test_evaluate_json_into_a_folder_is_refused_before_the_evaluation(tmp_path, capsys, no_model_loading):
-    code, err = run(capsys, ["evaluate", "registration", "--images", str(FIXED), str(MOVING), "--json",
-                             str(tmp_path), "--quiet"])
+    code, err = run(capsys, "evaluate", "registration", "--images", FIXED, MOVING, "--json", tmp_path, "--quiet")
     assert_one_error(code, err, ["--json", "is a folder"])
 
 
 def test_train_into_a_file_is_refused_before_training(tmp_path, capsys):
     target = tmp_path / "run.txt"
     target.write_text("a file")
-    code, err = run(capsys, ["train", "registration", "--synthetic", "16", "16", "--out", str(target), "--quiet"])
+    code, err = run(capsys, "train", "registration", "--synthetic", "16", "16", "--out", target, "--quiet")
     assert_one_error(code, err, ["run.txt", "existing file"])
 
 
@@ -231,7 +210,7 @@ def test_sigterm_removes_the_staging_folder(tmp_path):
 def test_every_output_is_readable_by_others_and_the_log_names_the_final_folder(tmp_path, capsys, caplog):
     out = tmp_path / "X"
     with caplog.at_level("DEBUG", logger="steprl"):
-        code, err = run(capsys, register(out))
+        code, err = run(capsys, *register(out))
     assert code == 0, err
     umask = os.umask(0)
     os.umask(umask)
