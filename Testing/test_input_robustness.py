@@ -159,6 +159,17 @@ def test_a_huge_step_count_is_refused_before_any_work(tmp_path, capsys, monkeypa
     assert_one_error(code, err, ["100000", "at most 1000"])
 
 
+def test_large_per_step_outputs_are_announced(tmp_path, capsys, caplog, monkeypatch):
+    import steprl.limits
+
+    monkeypatch.setattr(steprl.limits, "LARGE_OUTPUT_BYTES", 1_000_000)  # 2 fields of the sample: 1.8 MB
+    with caplog.at_level(logging.WARNING, logger="steprl"):
+        code, err = run(capsys, "register", FIXED, MOVING, "--model", "spac2d_brain", "--steps", "2", "--out",
+                        tmp_path / "out", "--quiet")
+    assert code == 0, err
+    assert any("--no-step-fields" in r.getMessage() for r in caplog.records)
+
+
 # ---- pairs that barely overlap ------------------------------------------------------------------------------
 @pytest.mark.parametrize(("header", "words"), [
     ({"spacing": (0.001, 0.001)}, ["barely overlap"]),  # 0.2 mm of image against 22 cm

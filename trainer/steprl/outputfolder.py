@@ -170,9 +170,10 @@ def _check_collisions(out: Path, files: Iterable[str], shown: str) -> None:
         raise InputError(f"The output folder '{shown}' holds a folder (or a file in the way) where this run writes "
                          f"{', '.join(blocked[:5])}.", "Rename or remove it, or choose another --out folder.")
     if foreign:
-        raise InputError(f"The output folder '{shown}' already holds {', '.join(foreign[:5])}, which no steprl run "
-                         "wrote there: steprl does not overwrite files it did not write.",
-                         "Choose another --out folder, or move those files away first.")
+        raise InputError(f"The output folder '{shown}' already holds {', '.join(foreign[:5])}, which steprl has no "
+                         f"record of writing ({MANIFEST}): it does not overwrite files it did not write.",
+                         "Choose another --out folder, or move those files away first (outputs of an older steprl "
+                         "carry no record: remove them yourself if that is what they are).")
 
 
 # ---- staging ---------------------------------------------------------------------------------
