@@ -73,6 +73,7 @@ class RegistrationEnv:
         self.fixed_onehot = one_hot(fixed_labels, num_labels)
         self.moving_onehot = one_hot(moving_labels, num_labels)
         self.num_labels = num_labels
+        self._blurred: tuple[float, torch.Tensor, torch.Tensor] | None = None
         self.max_steps, self.max_step, self.reward_scale = max_steps, max_step, reward_scale
         self.reset()
 
@@ -91,16 +92,42 @@ class RegistrationEnv:
         """The ORIGINAL moving image warped by ``field`` (default: the accumulated one)."""
         return spatial.warp(self.moving, self.field if field is None else field)
 
-    def dice_of(self, field: torch.Tensor) -> torch.Tensor:
-        """Soft Dice ``(B,)`` of the fixed labels and the moving one-hot labels warped linearly by ``field``."""
-        return soft_dice(self.fixed_onehot, spatial.warp(self.moving_onehot, field))
+    def dice_of(self, field: torch.Tensor, sigma: float = 0.0) -> torch.Tensor:
+        """Soft Dice ``(B,)`` of the fixed labels and the moving one-hot labels warped linearly by ``field``.
+
+        ``sigma > 0`` (voxels) compares both label maps blurred by a Gaussian first (a training
+        loss, multi-scale style). Why: on coarse grids the SynthSeg structures are 1-3 voxels
+        thick, and a thin structure misaligned by more than its thickness does not overlap at
+        all: its crisp Dice is flat (no gradient) until the structures touch. Blurred maps
+        overlap over a wider range of shifts. (Linear interpolation still makes any warped-map
+        loss piecewise linear in a shift, with kinks at whole voxels, blurred or not.)
+        Rewards and validation use the crisp Dice.
+        """
+        if sigma <= 0:
+            return soft_dice(self.fixed_onehot, spatial.warp(self.moving_onehot, field))
+        if self._blurred is None or self._blurred[0] != sigma:
+            from steprl.synthetic import gaussian_blur
+
+            self._blurred = (sigma, gaussian_blur(self.fixed_onehot, sigma), gaussian_blur(self.moving_onehot, sigma))
+        _, fixed, moving = self._blurred
+        return soft_dice(fixed, spatial.warp(moving, field))
 
     def clamp(self, step: torch.Tensor) -> torch.Tensor:
         return step.clamp(-self.max_step, self.max_step)
 
     def step(self, action: torch.Tensor) -> StepOutcome:
         """Apply a raw voxel step ``(B, ndim, *S)`` (clamped here) and score it."""
-        self.field = spatial.compose(self.field, self.clamp(action.detach().float()))
+        return self.advance(spatial.compose(self.field, self.clamp(action.detach().float())))
+
+    def jump(self, field: torch.Tensor, steps: int) -> None:
+        """Take ``steps`` steps at once to the accumulated voxel field ``field``, unscored (no Dice, no reward)."""
+        self.field = field.detach().float()
+        self.t += steps
+
+    def advance(self, field: torch.Tensor) -> StepOutcome:
+        """One step to an accumulated voxel field ``(B, ndim, *S)`` composed elsewhere (a rollout trained
+        through its steps composes them itself); scores it like :meth:`step`."""
+        self.field = field.detach().float()
         self.t += 1
         dice = self.dice_of(self.field)
         reward = (dice - self.dice) * self.reward_scale

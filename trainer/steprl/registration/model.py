@@ -48,6 +48,18 @@ class LoadedSPAC:
     def default_steps(self) -> int:
         return int(self.card.get("inference", {}).get("steps", 20))
 
+    @property
+    def default_refine_steps(self) -> int:
+        """Refinement steps after the policy's (card ``inference.refine.steps``; 0 when the card has none)."""
+        return int(self.card.get("inference", {}).get("refine", {}).get("steps", 0))
+
+    def refine_settings(self):
+        """The card's :class:`steprl.registration.refine.RefineSettings` (its defaults where the card is silent)."""
+        from steprl.registration.refine import RefineSettings
+
+        given = self.card.get("inference", {}).get("refine", {})
+        return RefineSettings(**{k: given[k] for k in RefineSettings.__dataclass_fields__ if k in given})
+
 
 def resolve_model_path(model: str | Path) -> Path:
     """A path as given if it exists, else a bundled model of that name; ModelFileError otherwise."""

@@ -16,8 +16,18 @@ Architecture (our reading of SPAC, AAAI 2022, and its official 3D code):
 - **Critic**: its own strided encoder of the state, globally pooled, concatenated with ``z``,
   then an MLP -> ``Q(s, z)`` ``(B, 1)``. SAC uses two critics and two target copies.
 
-No normalisation layers: a policy is run on one pair at a time and RL targets move, which
-makes batch statistics unhelpful.
+Normalisation (``norm="instance"``): off in the original design (2D model); the 3D recipe turns
+it on, because without it the plain 3D network fitted even one pair slowly and diverged at lr
+3e-3 (issue 11's diagnosis). Instance statistics are per item, so a policy run on one pair at
+test time behaves as in training (unlike batch norm).
+
+Options of the 3D recipe (all off by default, so older model cards rebuild the same network):
+``stem`` (a full-resolution conv before the first stride), ``features`` (``"diff"``: the planner also
+sees ``fixed - warped``, where the registration error shows directly; ``"demons"`` adds the
+demons force ``(fixed - warped) * grad(warped)``, which already points each voxel the way an
+optical-flow step would move it), ``step_bound`` (the
+actor's step is ``b * tanh(a / b)``: bounded inside the network, so the training loss sees the
+step the environment applies and a large learning rate cannot blow the output up).
 """
 
 from __future__ import annotations
@@ -43,6 +53,12 @@ class SPACConfig:
         field_level: the actor predicts its step on a grid ``2 ** field_level`` times coarser
             than the network grid and upsamples it linearly (1: half resolution, the default;
             2: a quarter resolution, a smoother step with 8x fewer outputs in 3D).
+        norm: ``"none"`` or ``"instance"`` (InstanceNorm after every conv of planner and actor).
+        stem: width of a full-resolution conv block before the first stride (0: none).
+        features: the planner's input: ``"pair"`` (fixed, warped), ``"diff"`` (+ fixed - warped) or
+            ``"demons"`` (+ fixed - warped and its product with each component of grad(warped)).
+        step_bound: if > 0, the actor's step is ``step_bound * tanh(a / step_bound)`` voxels per
+            component (of the network grid); 0 leaves it unbounded (the environment still clamps).
     """
 
     ndim: int = 2
@@ -52,6 +68,10 @@ class SPACConfig:
     critic_channels: tuple[int, ...] = (8, 16, 16, 16)
     log_std_range: tuple[float, float] = (-5.0, 1.0)
     field_level: int = 1
+    norm: str = "none"
+    stem: int = 0
+    features: str = "pair"
+    step_bound: float = 0.0
 
     def __post_init__(self) -> None:
         if self.ndim not in (2, 3):
@@ -64,6 +84,17 @@ class SPACConfig:
             raise ValueError(f"every grid axis must be divisible by {factor} (2**levels); got {self.grid}")
         if not 1 <= self.field_level < len(self.channels):
             raise ValueError(f"field_level must be in 1..{len(self.channels) - 1}, got {self.field_level}")
+        if self.features not in FEATURE_CHANNELS:
+            raise ValueError(f"features must be one of {sorted(FEATURE_CHANNELS)}, got {self.features!r}")
+        if self.norm not in ("none", "instance"):
+            raise ValueError(f"norm must be 'none' or 'instance', got {self.norm!r}")
+        if self.stem < 0 or self.step_bound < 0:
+            raise ValueError(f"stem and step_bound must be >= 0, got {self.stem} and {self.step_bound}")
+
+    @property
+    def state_channels(self) -> int:
+        """Channels the planner reads (:func:`planner_input`)."""
+        return FEATURE_CHANNELS[self.features] + (self.ndim if self.features == "demons" else 0)
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -72,6 +103,10 @@ class SPACConfig:
     def from_dict(cls, d: dict) -> SPACConfig:
         fields = cls.__dataclass_fields__
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in fields})
+
+
+#: the planner's input channels per ``SPACConfig.features`` (``"demons"`` adds one per axis)
+FEATURE_CHANNELS = {"pair": 2, "diff": 3, "demons": 3}
 
 
 def _conv(ndim: int):
@@ -93,8 +128,30 @@ def he_init(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-def _block(ndim: int, cin: int, cout: int, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(_conv(ndim)(cin, cout, 3, stride=stride, padding=1), nn.LeakyReLU(0.2, inplace=True))
+def _block(ndim: int, cin: int, cout: int, stride: int = 1, norm: str = "none") -> nn.Sequential:
+    """3x3(x3) conv -> optional InstanceNorm (affine) -> LeakyReLU(0.2)."""
+    layers: list[nn.Module] = [_conv(ndim)(cin, cout, 3, stride=stride, padding=1)]
+    if norm == "instance":
+        layers.append((nn.InstanceNorm2d if ndim == 2 else nn.InstanceNorm3d)(cout, affine=True))
+    layers.append(nn.LeakyReLU(0.2, inplace=True))
+    return nn.Sequential(*layers)
+
+
+def planner_input(state: torch.Tensor, features: str) -> torch.Tensor:
+    """The state ``(B, 2, *S)`` as the planner reads it (``SPACConfig.features``).
+
+    ``"pair"``: as is; ``"diff"``: ``(B, 3, *S)`` with ``fixed - warped``; ``"demons"``:
+    ``(B, 3 + ndim, *S)`` with also ``(fixed - warped) * d(warped)/d(axis k)`` (central
+    differences, voxel units), the demons / optical-flow force.
+    """
+    if features == "pair":
+        return state
+    diff = state[:, :1] - state[:, 1:2]
+    if features == "diff":
+        return torch.cat([state, diff], dim=1)
+    axes = tuple(range(2, state.ndim))
+    grads = torch.gradient(state[:, 1:2], dim=axes)
+    return torch.cat([state, diff, *(diff * g for g in grads)], dim=1)
 
 
 class Planner(nn.Module):
@@ -102,19 +159,22 @@ class Planner(nn.Module):
 
     def __init__(self, cfg: SPACConfig) -> None:
         super().__init__()
-        nd, chans = cfg.ndim, cfg.channels
+        nd, chans, norm = cfg.ndim, cfg.channels, cfg.norm
+        cin = cfg.state_channels
+        self.stem = _block(nd, cin, cfg.stem, norm=norm) if cfg.stem else nn.Identity()
+        cin = cfg.stem or cin
         self.levels = nn.ModuleList()
-        cin = 2
         for cout in chans:
-            self.levels.append(nn.Sequential(_block(nd, cin, cout, stride=2), _block(nd, cout, cout)))
+            self.levels.append(nn.Sequential(_block(nd, cin, cout, 2, norm), _block(nd, cout, cout, norm=norm)))
             cin = cout
         self.head = nn.Linear(cin, 2 * cfg.plan_dim)
         he_init(self)
         self.log_std_range = cfg.log_std_range
+        self.features = cfg.features
 
     def forward(self, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         skips = []
-        x = state
+        x = self.stem(planner_input(state, self.features))
         for level in self.levels:
             x = level(x)
             skips.append(x)
@@ -138,13 +198,14 @@ class Actor(nn.Module):
         cin = 2 * chans[-1]  # bottleneck features + broadcast plan
         for skip_c in reversed(chans[cfg.field_level - 1:-1]):  # skip level i has 1 / 2**(i+1) resolution
             cout = skip_c
-            self.ups.append(_block(nd, cin + skip_c, cout))
+            self.ups.append(_block(nd, cin + skip_c, cout, norm=cfg.norm))
             cin = cout
         self.out = _conv(nd)(cin, nd, 3, padding=1)
         he_init(self)
         # Start near the identity: small initial steps keep early rollouts sane.
         nn.init.normal_(self.out.weight, std=1e-3)
         nn.init.zeros_(self.out.bias)
+        self.step_bound = cfg.step_bound
 
     def forward(self, plan: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
         bottom = skips[-1]
@@ -157,8 +218,10 @@ class Actor(nn.Module):
             x = up(torch.cat([x, skip], dim=1))
         coarse = self.out(x)  # displacement in voxels of the coarse grid
         factor = 2**self.field_level
-        full = F.interpolate(coarse.float(), scale_factor=factor, mode=mode, align_corners=False)
-        return factor * full  # coarse-grid voxels -> full-grid voxels
+        full = factor * F.interpolate(coarse.float(), scale_factor=factor, mode=mode, align_corners=False)
+        if self.step_bound > 0:  # coarse-grid voxels -> full-grid voxels, bounded inside the network
+            full = self.step_bound * torch.tanh(full / self.step_bound)
+        return full
 
 
 class Critic(nn.Module):

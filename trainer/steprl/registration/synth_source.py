@@ -62,6 +62,11 @@ class SynthSegPairSource:
         pair_augment: the random field between the two views of a known pair.
         supersample: paint images on a grid this many times finer and average them down
             (partial volume; 1 = paint the output grid, so images move in whole voxels).
+        t1_probability: share of contrasts drawn from SynthSeg's T1 priors (the rest are random);
+            1 trains on T1-like images only, the first stage of a T1-first curriculum.
+        strip_probability: share of pairs whose images are brain-extracted (every label outside
+            the 32 brain structures, CSF included among them, painted as background), since
+            users register skull-stripped scans and templates (MNI152, Colin27 ``ch2bet``) too.
     """
 
     labels_are_real = True
@@ -71,10 +76,18 @@ class SynthSegPairSource:
     def __init__(self, train: Sequence[Path], validation: Sequence[Path], grid: tuple[int, ...], *,
                  spacing: float = 3.3, priors_folder: Path | None = None, val_pairs: int = 6, seed: int = 0,
                  source_spacing: float = 2.0, same_contrast: bool = True, known_fraction: float = 0.0,
-                 pair_augment: SpatialAugment = PAIR_AUGMENT, supersample: int = 1) -> None:
+                 pair_augment: SpatialAugment = PAIR_AUGMENT, supersample: int = 1,
+                 t1_probability: float = 0.3, strip_probability: float = 0.0) -> None:
         if supersample < 1:
             raise ValueError(f"supersample must be >= 1, got {supersample}")
         self.supersample = supersample
+        if not 0.0 <= t1_probability <= 1.0:
+            raise ValueError(f"t1_probability must be in [0, 1], got {t1_probability}")
+        self.t1_probability = t1_probability
+        if not 0.0 <= strip_probability <= 1.0:
+            raise ValueError(f"strip_probability must be in [0, 1], got {strip_probability}")
+        self.strip_probability = strip_probability
+        self.brain = torch.from_numpy(synthseg.lookup_table({v: 1 for v in synthseg.BRAIN_STRUCTURES}))
         if not 0.0 <= known_fraction <= 1.0:
             raise ValueError(f"known_fraction must be in [0, 1], got {known_fraction}")
         self.same_contrast, self.known_fraction, self.pair_augment = same_contrast, known_fraction, pair_augment
@@ -99,7 +112,8 @@ class SynthSegPairSource:
 
     def _painted(self, values: torch.Tensor, rng: np.random.Generator, contrast) -> tuple[torch.Tensor, torch.Tensor]:
         """Label values ``(1, 1, *S * supersample)`` -> image and structure indices ``0..32``, each ``(1, *S)``."""
-        image = pool_image(synthesize(values, self.intensity, rng, contrast=contrast), self.supersample)
+        image = synthesize(values, self.intensity, rng, contrast=contrast, t1_probability=self.t1_probability)
+        image = pool_image(image, self.supersample)
         return image[0], self.structures[pick_labels(values, self.supersample).clamp(0, 1023)][0]
 
     @property
@@ -110,15 +124,21 @@ class SynthSegPairSource:
     def _fine_spacing(self) -> float:
         return self.spacing / self.supersample
 
+    def _stripped(self, values: Sequence[torch.Tensor], rng: np.random.Generator) -> list[torch.Tensor]:
+        """The label-value maps of one pair, brain-extracted together with ``strip_probability`` (no draw at 0)."""
+        if self.strip_probability > 0 and rng.uniform() < self.strip_probability:
+            return [v * self.brain[v.clamp(0, 1023)] for v in values]
+        return list(values)
+
     def _contrast(self, rng: np.random.Generator):
-        return draw_contrast(self.intensity, rng) if self.same_contrast else None
+        return draw_contrast(self.intensity, rng, self.t1_probability) if self.same_contrast else None
 
     def _two_subjects(self, fixed: torch.Tensor, moving: torch.Tensor, rng: np.random.Generator) -> tuple:
         """(fixed image, moving image, fixed structures, moving structures), each ``(1, *S)``, field ``None``."""
         contrast = self._contrast(rng)
-        (fi, fl), (mi, ml) = (
-            self._painted(random_resample(labels[None, None], self.source_spacing, self._fine, self._fine_spacing, rng,
-                                          self.augment), rng, contrast) for labels in (fixed, moving))
+        values = [random_resample(labels[None, None], self.source_spacing, self._fine, self._fine_spacing, rng,
+                                  self.augment) for labels in (fixed, moving)]
+        (fi, fl), (mi, ml) = (self._painted(v, rng, contrast) for v in self._stripped(values, rng))
         return fi, mi, fl, ml, None
 
     def _one_subject(self, labels: torch.Tensor, rng: np.random.Generator) -> tuple:
@@ -126,7 +146,7 @@ class SynthSegPairSource:
         fixed_v, moving_v, field = known_pair(labels[None, None], self.source_spacing, self.grid, self.spacing, rng,
                                               self.augment, self.pair_augment, self.supersample)
         contrast = self._contrast(rng)
-        (fi, fl), (mi, ml) = (self._painted(v, rng, contrast) for v in (fixed_v, moving_v))
+        (fi, fl), (mi, ml) = (self._painted(v, rng, contrast) for v in self._stripped((fixed_v, moving_v), rng))
         return fi, mi, fl, ml, field[0]
 
     @staticmethod

@@ -1,0 +1,141 @@
+"""The committed training record of a model trained over many runs (and machines).
+
+A run folder (``steprl train ... --out RUN``) lives on the machine that trained it; the next
+run may be on another machine. This tool copies what matters of a run (its command, settings,
+episodes, optimiser updates, CPU-hours and validation curve) into a JSON record that is
+committed with the code, then renders the record as markdown with a plot of validation Dice
+against the total number of updates across all runs:
+
+    python trainer/tools/training_record.py add runs/spac3d --name spac3d_brain
+    python trainer/tools/training_record.py show --name spac3d_brain
+
+Files: ``trainer/benchmarks/results/training_record_<name>.{json,md,png}``. ``add`` replaces
+the entry of the same run folder (a resumed run grows in place) and keeps run order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+
+
+def updates_per_episode(training: dict) -> int:
+    """Optimiser updates of the registration loss per training episode (iteration)."""
+    steps, unroll = int(training.get("episode_steps", 1)), int(training.get("unroll", 0))
+    return math.ceil(steps / unroll) if unroll > 0 else steps
+
+
+def read_run(run: Path, label: str | None = None) -> dict:
+    """One run folder as a record entry (``config.json`` + ``history.jsonl`` + ``model_last.json``)."""
+    config = json.loads((run / "config.json").read_text(encoding="utf-8"))
+    cfg = config.get("config", config)
+    training = cfg.get("training", {})
+    per_episode = updates_per_episode(training)
+    curve = []
+    for line in (run / "history.jsonl").read_text(encoding="utf-8").splitlines():
+        entry = json.loads(line)
+        val = entry.get("validation", {})
+        curve.append({"episodes": entry["global_step"], "updates": entry["global_step"] * per_episode,
+                      **{k: round(float(v), 4) for k, v in val.items() if isinstance(v, (int, float))}})
+    card_path = run / "model_last.json"
+    card = json.loads(card_path.read_text(encoding="utf-8")) if card_path.is_file() else {}
+    card_training = card.get("training", {})
+    return {"run": label or run.name, "command": card_training.get("command", ""),
+            "init_from": cfg.get("data", {}).get("init_from"), "network": cfg.get("network", {}),
+            "training": training, "updates_per_episode": per_episode,
+            "episodes": curve[-1]["episodes"] if curve else 0, "updates": curve[-1]["updates"] if curve else 0,
+            "cpu_hours": card_training.get("cpu_hours"), "device": card_training.get("device"), "curve": curve}
+
+
+def load(name: str) -> dict:
+    path = RESULTS / f"training_record_{name}.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"model": name, "runs": []}
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def render(record: dict) -> str:
+    """Markdown: one row per run, then the validation curve over the cumulative updates."""
+    lines = [f"# Training record: {record['model']}", "",
+             "Written by `trainer/tools/training_record.py` from each run's `history.jsonl`. Updates are "
+             "optimiser updates of the registration loss; validation Dice is the mean over the 32 SynthSeg "
+             "structures of held-out subjects, on the network grid, after 1, 10 and 20 steps (identity: no step).",
+             "", "| # | run | init from | episodes | updates | CPU-hours | device | command |",
+             "|---|---|---|---|---|---|---|---|"]
+    for k, run in enumerate(record["runs"], 1):
+        lines.append(f"| {k} | {run['run']} | {run.get('init_from') or '-'} | {run['episodes']} | {run['updates']} | "
+                     f"{run.get('cpu_hours') or '-'} | {run.get('device') or '-'} | `{run['command']}` |")
+    total_updates = sum(r["updates"] for r in record["runs"])
+    total_hours = sum(r.get("cpu_hours") or 0 for r in record["runs"])
+    lines += ["", f"Total: {total_updates} updates, {total_hours:.2f} CPU-hours.", "",
+              "| run | updates (cumulative) | identity | step 1 | step 10 | step 20 | folding % |",
+              "|---|---|---|---|---|---|---|"]
+    offset = 0
+    for run in record["runs"]:
+        for point in run["curve"]:
+            lines.append(f"| {run['run']} | {offset + point['updates']} | {point.get('dice_identity', '-')} | "
+                         f"{point.get('dice_step1', '-')} | {point.get('dice_step10', '-')} | "
+                         f"{point.get('dice_final', '-')} | {point.get('folding_percent', '-')} |")
+        offset += run["updates"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(record: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    offset = 0
+    for run in record["runs"]:
+        x = [offset + p["updates"] for p in run["curve"]]
+        for key, style in (("dice_final", "-"), ("dice_step1", ":")):
+            ax.plot(x, [p.get(key, math.nan) for p in run["curve"]], style, label=f"{run['run']} {key}")
+        ax.plot(x, [p.get("dice_identity", math.nan) for p in run["curve"]], "k--", lw=0.8)
+        offset += run["updates"]
+    ax.set_xlabel("optimiser updates (cumulative over runs)")
+    ax.set_ylabel("validation Dice (held-out subjects)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    add = sub.add_parser("add", help="add (or update) a run folder's entry, then render")
+    add.add_argument("run", type=Path)
+    add.add_argument("--label", default=None, help="the run's name in the record (default: the folder name)")
+    for q in (add, sub.add_parser("show", help="render the record again")):
+        q.add_argument("--name", required=True, help="the model's name, e.g. spac3d_brain")
+    args = p.parse_args(argv)
+    record = load(args.name)
+    if args.cmd == "add":
+        if not (args.run / "history.jsonl").is_file():
+            print(f"error: {args.run} holds no history.jsonl: not a finished epoch of a training run", file=sys.stderr)
+            return 2
+        entry = read_run(args.run, args.label)
+        runs = [r for r in record["runs"] if r["run"] != entry["run"]]
+        index = next((i for i, r in enumerate(record["runs"]) if r["run"] == entry["run"]), len(runs))
+        runs.insert(index, entry)
+        record["runs"] = runs
+        _write(RESULTS / f"training_record_{args.name}.json", json.dumps(record, indent=1) + "\n")
+    _write(RESULTS / f"training_record_{args.name}.md", render(record))
+    plot(record, RESULTS / f"training_record_{args.name}.png")
+    print(f"wrote {RESULTS / f'training_record_{args.name}.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
