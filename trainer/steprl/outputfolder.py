@@ -316,8 +316,12 @@ def publish(staging: Path, out: str | os.PathLike) -> None:
     log.info("Wrote %d files to %s", len(new), out)
 
 
+def _manifest_tmp(real: Path) -> Path:
+    return real / f"{MANIFEST}.{os.getpid()}.tmp"
+
+
 def _write_manifest(real: Path, files: list[str]) -> None:
-    tmp = real / f"{MANIFEST}.{os.getpid()}.tmp"
+    tmp = _manifest_tmp(real)
     tmp.write_text(json.dumps({"written_by": "steprl", "files": files}, indent=1) + "\n", encoding="utf-8")
     os.replace(tmp, real / MANIFEST)
 
@@ -328,6 +332,8 @@ def _roll_back(real: Path, staging: Path, placed: list[str], moved_aside: list[s
     A previous file that cannot be put back stays in the staging folder, which is then kept
     (see :func:`_keeps_previous_files`) and named in the log: nothing is lost.
     """
+    with contextlib.suppress(OSError):
+        _manifest_tmp(real).unlink(missing_ok=True)
     for rel in reversed(placed):
         with contextlib.suppress(OSError):
             os.replace(real / rel, staging / rel)
