@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-
 from steprl import modelfile, spatial
 from steprl.errors import InputError
 from steprl.geometry import Geometry, Image

@@ -10,7 +10,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from steprl import modelfile, spatial
 from steprl.errors import ModelFileError
 from steprl.registration.data import SyntheticPairSource

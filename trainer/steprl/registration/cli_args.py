@@ -35,6 +35,9 @@ def _add_register(sub, add_common) -> None:
     p.add_argument("--early-stop", type=int, default=None, metavar="K",
                    help="stop after K steps without NCC improvement")
     p.add_argument("--no-step-fields", action="store_true", help="do not write the per-step displacement fields")
+    p.add_argument("--refine", type=int, default=None, metavar="N",
+                   help="N refinement steps after the policy's: Adam on local NCC + smoothness of the composed field "
+                        "(test-time optimisation), shown as further steps (default: the model card's; 0: off)")
     p.set_defaults(handler="steprl.registration.commands:register_command")
     add_common(p)
 
@@ -93,6 +96,44 @@ def _add_train(tsub, add_common) -> None:
                    help="the actor predicts each step on a grid 2**K times coarser than the network grid "
                         "(default 1: half resolution; 2: smoother, cheaper steps)")
     r.add_argument("--plan-dim", type=int, default=None, help="plan size (default 32 in 2D, 64 in 3D)")
+    r.add_argument("--norm", choices=("none", "instance"), default="none",
+                   help="normalisation after every conv of planner and actor (default none; the 3D recipe: instance)")
+    r.add_argument("--stem", type=int, default=0, metavar="C",
+                   help="width of a full-resolution conv block before the first stride (default 0: none)")
+    r.add_argument("--features", choices=("pair", "diff", "demons"), default="pair",
+                   help="what the planner reads: the pair (default), + fixed - warped (diff), or + the demons force "
+                        "(fixed - warped) * grad(warped) (demons)")
+    r.add_argument("--step-bound", type=float, default=0.0, metavar="VOXELS",
+                   help="bound each step inside the network, b * tanh(a / b) (default 0: unbounded, the "
+                        "environment's clamp alone)")
+    r.add_argument("--unroll", type=int, default=0, metavar="W",
+                   help="train through the policy's own rollout, backpropagating through windows of W composed "
+                        "steps (the 3D recipe; default 0: the paper's one-step update)")
+    r.add_argument("--smooth-weight", type=float, default=1.0,
+                   help="weight of the |grad u|^2 smoothness loss (of the step; of the composed field with --unroll)")
+    r.add_argument("--label-sigma", type=float, default=0.0, metavar="VOXELS",
+                   help="blur both label maps by this Gaussian before the loss's Dice (thin structures then overlap, "
+                        "and give a gradient, over a wider range of misalignment; default 0)")
+    r.add_argument("--bf16", action="store_true",
+                   help="--unroll: run the policy under bfloat16 autocast (faster on GPUs and on CPUs with AMX or "
+                        "AVX512-BF16; warps and losses stay float32). Measure first: "
+                        "trainer/benchmarks/bench_spac_updates.py")
+    r.add_argument("--ncc-window", type=int, default=9, help="local NCC window in voxels (default 9)")
+    r.add_argument("--test-max-step", type=float, default=None, metavar="VOXELS",
+                   help="per-step clamp at validation and in the model card (default 3; --train-max-step with "
+                        "--unroll: the same clamp in training and at test)")
+    r.add_argument("--val-steps", type=int, default=None,
+                   help="policy steps of the validation rollouts (default 10; 20 with --unroll, as at test)")
+    r.add_argument("--t1-fraction", type=float, default=0.3, metavar="P",
+                   help="--synthseg: share of contrasts drawn from SynthSeg's T1 priors (default 0.3; 1 for a "
+                        "T1-first stage)")
+    r.add_argument("--strip-fraction", type=float, default=0.0, metavar="P",
+                   help="--synthseg: share of pairs shown brain-extracted (skull and other non-brain labels "
+                        "painted as background), for skull-stripped scans and templates (default 0)")
+    r.add_argument("--init-from", default=None, metavar="MODEL",
+                   help="start from the policy weights of a model file or bundled model (same network layout; "
+                        "the grid may differ): warm-start a new recipe, or fine-tune a model on your own scans. "
+                        "Ignored when --out holds a run to resume")
     r.add_argument("--lr", type=float, default=1e-3, help="learning rate of the registration loss (planner + actor)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--gamma-augment", type=float, default=0.0, metavar="R",
@@ -123,6 +164,9 @@ def _add_evaluate(esub, add_common) -> None:
                         "default with --baselines: 1 10 20 up to --steps)")
     r.add_argument("--threads", type=int, default=None,
                    help="CPU threads for the tools and torch in the method comparison (default: all cores)")
+    r.add_argument("--refine", type=int, default=None, metavar="N",
+                   help="refinement steps after the policy's (default: the model card's; 0: the policy alone). With "
+                        "--baselines the policy's rows stay the policy alone and SPAC + refinement is one more row")
     r.add_argument("--json", type=output_path, help="also write the table as JSON")
     r.set_defaults(handler="steprl.registration.commands:evaluate_command")
     add_common(r)

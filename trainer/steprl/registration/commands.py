@@ -70,7 +70,7 @@ def register_command(args) -> int:
         fixed, moving, args.model or default_model(fixed.ndim), args.out, steps=args.steps, device=args.device,
         fixed_labels=fixed_labels, moving_labels=moving_labels, prealign=args.prealign, max_step=args.max_step,
         early_stop=args.early_stop, step_fields=not args.no_step_fields, quiet=args.quiet,
-        inputs={"fixed": str(args.fixed), "moving": str(args.moving)},
+        inputs={"fixed": str(args.fixed), "moving": str(args.moving)}, refine=args.refine,
     )
     _print_summary(summary)
     return 0
@@ -148,7 +148,7 @@ def evaluate_command(args) -> int:
     compare = bool(args.baselines) or args.report_steps is not None
     rows = evaluate_pairs(pairs, args.model, steps=args.steps, device=args.device, prealign=args.prealign,
                           quiet=args.quiet, baselines=tuple(args.baselines), report_steps=args.report_steps,
-                          threads=args.threads)
+                          threads=args.threads, refine=args.refine)
     if compare:
         from steprl.registration.evaluation import format_method_table, method_means
 

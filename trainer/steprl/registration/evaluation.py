@@ -63,8 +63,12 @@ def _read_pair(pair: dict):
 
 def evaluate_pairs(pairs: list[dict], model, *, steps=None, device="auto", prealign=False, quiet=False,
                    baselines: Sequence[str] = (), report_steps: Sequence[int] | None = None,
-                   threads: int | None = None) -> list[dict]:
+                   threads: int | None = None, refine: int | None = None) -> list[dict]:
     """Register every pair (dicts with fixed, moving[, fixed_labels, moving_labels] paths).
+
+    ``refine``: refinement steps after the policy's (None: the model card's default); with
+    ``baselines``/``report_steps`` the policy's rows stay the policy alone and the refined
+    result is one more row (``spac@N+refineM``), so both are always reported.
 
     Without ``baselines`` and ``report_steps``: one row per pair (module docstring, first table).
     With either: one row per pair and method, from :func:`compare_case`.
@@ -101,19 +105,20 @@ def evaluate_pairs(pairs: list[dict], model, *, steps=None, device="auto", preal
         if compare:
             case_rows, _ = compare_case(fixed, moving, spac, name=_pair_name(pair), baselines=baselines,
                                         report_steps=report_steps, steps=steps, device=dev, prealign=prealign,
-                                        threads=threads, **labels)
+                                        threads=threads, refine=spac.default_refine_steps if refine is None
+                                        else refine, **labels)
             rows.extend(case_rows)
         else:
-            rows.append(_pair_row(pair, fixed, moving, labels, spac, steps, dev, prealign))
+            rows.append(_pair_row(pair, fixed, moving, labels, spac, steps, dev, prealign, refine))
     return rows
 
 
-def _pair_row(pair: dict, fixed, moving, labels: dict, spac, steps, dev, prealign: bool) -> dict:
-    """The default table's row of one pair."""
+def _pair_row(pair: dict, fixed, moving, labels: dict, spac, steps, dev, prealign: bool, refine: int | None) -> dict:
+    """The default table's row of one pair (final = after the refinement steps, if any)."""
     from steprl import metrics, spatial
     from steprl.registration.inference import register
 
-    history = list(register(fixed, moving, spac, steps, dev, prealign=prealign, **labels))
+    history = list(register(fixed, moving, spac, steps, dev, prealign=prealign, refine_steps=refine, **labels))
     first, one, last = history[0], history[min(1, len(history) - 1)], history[-1]
     jac = spatial.jacobian_determinant(last.voxel_field)[0].cpu().numpy()
     row = {"pair": _pair_name(pair), "steps": last.step,
@@ -223,7 +228,8 @@ def _resample_to_fixed(image, fixed_geometry, mode: str) -> np.ndarray:
 def compare_case(fixed, moving, spac, *, name: str, fixed_labels=None, moving_labels=None,
                  baselines: Sequence[str] = (), report_steps: Sequence[int] | None = None, steps: int | None = None,
                  device="auto", prealign: bool = False, threads: int | None = None, labels: Sequence[int] | None = None,
-                 quick_baselines: bool = False, timing_run: bool = True, window: int = 9) -> tuple[list[dict], dict]:
+                 quick_baselines: bool = False, timing_run: bool = True, window: int = 9,
+                 refine: int = 0) -> tuple[list[dict], dict]:
     """Register one pair by every method and score each on the fixed grid.
 
     Args:
@@ -239,6 +245,8 @@ def compare_case(fixed, moving, spac, *, name: str, fixed_labels=None, moving_la
         quick_baselines: the tools' tiny test settings (tests and smoke runs only).
         timing_run: time SPAC in a second, label-free run (module docstring); off: time the
             labelled run (a little slower: it also computes Dice at every step).
+        refine: refinement steps after the policy's last step; its result is one more row,
+            ``spac@N+refineM`` (the ``spac@K`` rows are always the policy alone).
 
     Returns ``(rows, curve)``: one row per method (identity, baselines, ``spac@K`` per report
     step) and SPAC's per-step curve ``{"step", "dice" (with labels), "ncc", "seconds"}`` over
@@ -276,27 +284,32 @@ def compare_case(fixed, moving, spac, *, name: str, fixed_labels=None, moving_la
     label_kw = {"fixed_labels": fixed_labels, "moving_labels": moving_labels} if has_labels else {}
     curve: dict = {"step": [], "dice": [], "ncc": [], "seconds": []}
     spac_rows = {}
-    for result in register(fixed, moving, spac, n_steps, dev, prealign=prealign, **label_kw):
+    for result in register(fixed, moving, spac, n_steps, dev, prealign=prealign, refine_steps=refine, **label_kw):
         curve["step"].append(result.step)
         curve["ncc"].append(_ncc(fixed.array, result.warped.array, window))
         curve["seconds"].append(result.metrics["seconds"])
         if has_labels:
             curve["dice"].append(result.metrics["dice"])
-        if result.step in chosen:
+        refined = result.kind == "refine" and result.step == n_steps + refine
+        if (result.step in chosen and result.kind != "refine") or refined:
             net = result.displacement.geometry
             with torch.no_grad():
                 field = spatial.resample(result.physical_field.float().cpu(), net, fixed.geometry)
-            spac_rows[result.step] = row(f"spac@{result.step}", result.warped.array, field,
-                                         result.metrics["seconds"], result.warped_labels)
+            method = f"spac@{n_steps}+refine{refine}" if refined else f"spac@{result.step}"
+            spac_rows[result.step] = row(method, result.warped.array, field, result.metrics["seconds"],
+                                         result.warped_labels)
     if has_labels and timing_run:
-        seconds = [r.metrics["seconds"] for r in register(fixed, moving, spac, n_steps, dev, prealign=prealign)]
+        seconds = [r.metrics["seconds"] for r in register(fixed, moving, spac, n_steps, dev, prealign=prealign,
+                                                          refine_steps=refine)]
         curve["seconds"] = seconds
         for step, r in spac_rows.items():
             r["seconds"] = seconds[step]
-    rows.extend(spac_rows[s] for s in chosen if s in spac_rows)
+    rows.extend(spac_rows[s] for s in sorted(spac_rows))  # the refined row's step is past every policy step
     for r in rows:
         if r["method"].startswith("spac@"):
-            r["steps"] = int(r["method"][5:])
+            r["steps"] = int(r["method"][5:].split("+")[0])
+            if "+refine" in r["method"]:
+                r["refine_steps"] = refine
     return rows, curve
 
 

@@ -65,6 +65,14 @@ class StepResult:
     metrics: dict
     _ctx: _Context = field(repr=False)
     _warped_labels: torch.Tensor | None = field(default=None, repr=False)
+    #: the grid ``voxel_field`` lives on: the network grid, or the finer refinement grid
+    grid: Geometry | None = None
+    #: "input", "policy" or "refine": what produced this step
+    kind: str = "policy"
+
+    @property
+    def field_grid(self) -> Geometry:
+        return self._ctx.net if self.grid is None else self.grid
 
     @property
     def warped_labels(self) -> np.ndarray | None:
@@ -81,20 +89,20 @@ class StepResult:
     def physical_field(self) -> torch.Tensor:
         """Total physical displacement ``(1, ndim, *S_net)`` in mm (LPS), affine included."""
         ctx = self._ctx
-        u = spatial.voxel_to_physical(self.voxel_field, ctx.net)
-        return spatial.total_displacement(u, ctx.net, ctx.affine)
+        u = spatial.voxel_to_physical(self.voxel_field, self.field_grid)
+        return spatial.total_displacement(u, self.field_grid, ctx.affine)
 
     @cached_property
     def displacement(self) -> Image:
         """The accumulated field as a vector Image on the network grid (an ITK displacement field)."""
         arr = self.physical_field[0].movedim(0, -1).float().cpu().numpy()
-        return Image(arr, self._ctx.net)
+        return Image(arr, self.field_grid)
 
     def field_on_fixed_grid(self) -> torch.Tensor:
         """Physical displacement WITHOUT the affine, resampled onto the fixed grid ``(1, ndim, *S_fixed)``."""
         ctx = self._ctx
-        u = spatial.voxel_to_physical(self.voxel_field, ctx.net)
-        return spatial.resample(u, ctx.net, ctx.fixed.geometry)
+        u = spatial.voxel_to_physical(self.voxel_field, self.field_grid)
+        return spatial.resample(u, self.field_grid, ctx.fixed.geometry)
 
     def warp_moving(self, moving: torch.Tensor, geometry: Geometry, mode: str = "linear") -> torch.Tensor:
         """Resample any image on the moving side ``(1, C, *S)`` onto the fixed grid by this step."""
@@ -155,6 +163,8 @@ def register(
     max_step: float | None = None,
     early_stop: int | None = None,
     bf16: bool | None = None,
+    refine_steps: int | None = None,
+    refine_settings=None,
 ) -> Iterator[StepResult]:
     """Register ``moving`` to ``fixed`` step by step; yields ``steps + 1`` :class:`StepResult`.
 
@@ -168,6 +178,10 @@ def register(
         max_step: per-step clamp in voxels (default: the card's, official SPAC 3).
         early_stop: stop after this many steps without local-NCC improvement (None: never).
         bf16: autocast the network in bfloat16 (default: on for CUDA, off on CPU).
+        refine_steps: test-time optimisation steps after the policy's (``--refine N``;
+            :mod:`steprl.registration.refine`), yielded as further steps with ``kind == "refine"``
+            (default: the model card's ``inference.refine.steps``, 0 when absent).
+        refine_settings: a :class:`steprl.registration.refine.RefineSettings` (default: the card's).
     """
     from steprl.device import resolve_device
     from steprl.metrics import local_ncc
@@ -178,22 +192,30 @@ def register(
     _check_inputs(fixed, moving, spac)
     if (fixed_labels is None) != (moving_labels is None):
         raise InputError("Only one label map was given.", "Give both fixed and moving labels, or neither.")
+    from steprl.limits import check_steps
+
+    check_steps(steps)
     steps = spac.default_steps if steps is None else int(steps)
-    if steps < 0:
-        raise InputError(f"steps must be >= 0, got {steps}.", "Use e.g. --steps 20.")
     max_step = spac.max_step if max_step is None else float(max_step)
     if not max_step > 0:
         raise InputError(f"max_step must be a positive number of voxels, got {max_step}.", "Use e.g. --max-step 3.")
     if early_stop is not None and early_stop < 1:
         raise InputError(f"early_stop must be at least 1 step, got {early_stop}.", "Use e.g. --early-stop 3.")
+    check_steps(refine_steps, "--refine")
+    refine_steps = spac.default_refine_steps if refine_steps is None else int(refine_steps)
+    if refine_settings is None:
+        refine_settings = spac.refine_settings()
     use_bf16 = (dev.type == "cuda") if bf16 is None else bf16
+    from steprl.registration.refine import field_on, refine, refine_grid
+
     start = time.perf_counter()
 
     from steprl.registration.prealign import affine_prealign
 
     affine = affine_prealign(fixed, moving) if prealign else None
     net = spac.network_grid(fixed.geometry)
-    f_net = spatial.resample(_tensor(normalise_percentile(fixed.array), dev), fixed.geometry, net)
+    f_norm = _tensor(normalise_percentile(fixed.array), dev)
+    f_net = spatial.resample(f_norm, fixed.geometry, net)
     m_norm = _tensor(normalise_percentile(moving.array), dev)
     m_net = spatial.resample(m_norm, moving.geometry, net, affine=affine)
     label_ids: list[int] = []
@@ -205,28 +227,35 @@ def register(
     moving_label_t = None if moving_labels is None else _tensor(moving_labels.array, dev)
     window = int(spac.card.get("inference", {}).get("ncc_window", 9))
 
+    def result(t: int, u: torch.Tensor, warped: torch.Tensor, kind: str, grid: Geometry | None = None) -> StepResult:
+        """Step ``t``'s metrics: NCC on the network grid, folding of the field, Dice with labels."""
+        with torch.no_grad():
+            ncc = float(local_ncc(f_net, warped, window))
+            folding = float((spatial.jacobian_determinant(u) <= 0).float().mean() * 100)
+        metrics: dict = {"ncc": ncc, "folding_percent": folding}
+        out = StepResult(t, u, metrics, ctx, grid=grid, kind=kind)
+        if moving_label_t is not None:
+            warped_labels = out.warp_moving(moving_label_t, moving_labels.geometry, mode="nearest")
+            out._warped_labels = warped_labels
+            per_label = _dice(ctx.fixed_labels, warped_labels, label_ids)
+            metrics["dice_per_label"] = per_label
+            metrics["dice"] = float(np.mean(list(per_label.values()))) if per_label else float("nan")
+        metrics["seconds"] = time.perf_counter() - start
+        return out
+
     u = f_net.new_zeros(1, net.ndim, *net.shape)
     warped = m_net
     best, since_best = -np.inf, 0
+    t = 0
     for t in range(steps + 1):
         if t > 0:
             with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
                 _, step = spac.policy.act(torch.cat([f_net, warped], dim=1), deterministic=True)
             u = spatial.compose(u, step.float().clamp(-max_step, max_step))
             warped = spatial.warp(m_net, u)
-        with torch.no_grad():
-            ncc = float(local_ncc(f_net, warped, window))
-            folding = float((spatial.jacobian_determinant(u) <= 0).float().mean() * 100)
-        metrics: dict = {"ncc": ncc, "folding_percent": folding}
-        result = StepResult(t, u, metrics, ctx)
-        if moving_label_t is not None:
-            warped_labels = result.warp_moving(moving_label_t, moving_labels.geometry, mode="nearest")
-            result._warped_labels = warped_labels
-            per_label = _dice(ctx.fixed_labels, warped_labels, label_ids)
-            metrics["dice_per_label"] = per_label
-            metrics["dice"] = float(np.mean(list(per_label.values()))) if per_label else float("nan")
-        metrics["seconds"] = time.perf_counter() - start
-        yield result
+        current = result(t, u, warped, "policy" if t else "input")
+        yield current
+        ncc = current.metrics["ncc"]
         if early_stop is not None and t > 0:
             if ncc > best + 1e-4:
                 best, since_best = ncc, 0
@@ -234,6 +263,15 @@ def register(
                 since_best += 1
                 if since_best >= early_stop:
                     log.info("early stop at step %d: no NCC improvement for %d steps", t, early_stop)
-                    return
+                    break
         elif t == 0:
             best = ncc
+    if refine_steps:
+        fine = refine_grid(net, refine_settings.factor)
+        f_fine = spatial.resample(f_norm, fixed.geometry, fine)
+        m_fine = spatial.resample(m_norm, moving.geometry, fine, affine=affine)
+        fields = refine(f_fine, m_fine, field_on(u, net, fine), refine_steps, refine_settings)
+        for k, refined in enumerate(fields, start=1):
+            with torch.no_grad():
+                warped = spatial.warp(m_net, field_on(refined, fine, net))
+            yield result(t + k, refined, warped, "refine", fine)

@@ -66,8 +66,12 @@ def _final_metrics(last, fixed_labels: Image | None) -> dict:
 def run_and_write(fixed: Image, moving: Image, model, out, *, steps: int | None = None, device="auto",
                   fixed_labels: Image | None = None, moving_labels: Image | None = None, prealign: bool = False,
                   max_step: float | None = None, early_stop: int | None = None, step_fields: bool = True,
-                  quiet: bool = False, inputs: dict | None = None) -> dict:
-    """Register and write the outputs listed in the module docstring; returns the metrics summary."""
+                  quiet: bool = False, inputs: dict | None = None, refine: int | None = None) -> dict:
+    """Register and write the outputs listed in the module docstring; returns the metrics summary.
+
+    ``refine``: refinement steps after the policy's (None: the model card's default), written
+    and plotted as further steps.
+    """
     from tqdm import tqdm
 
     from steprl import io
@@ -81,8 +85,11 @@ def run_and_write(fixed: Image, moving: Image, model, out, *, steps: int | None 
     check_steps(steps)  # before the model is read; its default is checked below
     dev = resolve_device(device)
     spac = load_spac(model, dev)
-    n_steps = spac.default_steps if steps is None else steps
-    check_steps(n_steps, "the model's default number of steps")
+    n_policy = spac.default_steps if steps is None else steps
+    check_steps(n_policy, "the model's default number of steps")
+    n_refine = spac.default_refine_steps if refine is None else refine
+    check_steps(n_refine, "--refine")
+    n_steps = n_policy + n_refine
     files = [*OUTPUT_FILES, *(step_file(k) for k in range(1, n_steps + 1) if step_fields)]
     check_output_folder(out, files=files)
     if step_fields:
@@ -93,12 +100,12 @@ def run_and_write(fixed: Image, moving: Image, model, out, *, steps: int | None 
         records, pictures, last = [], {}, None
         start = time.perf_counter()
         with tqdm(total=n_steps, desc="SPAC", unit="step", disable=quiet, dynamic_ncols=True) as bar:
-            for result in register(fixed, moving, spac, n_steps, dev, fixed_labels=fixed_labels,
+            for result in register(fixed, moving, spac, n_policy, dev, fixed_labels=fixed_labels,
                                    moving_labels=moving_labels, prealign=prealign, max_step=max_step,
-                                   early_stop=early_stop):
+                                   early_stop=early_stop, refine_steps=n_refine):
                 if step_fields and result.step > 0:
                     io.write_displacement_field(result.displacement, staging / step_file(result.step))
-                records.append({"step": result.step, **result.metrics})
+                records.append({"step": result.step, "kind": result.kind, **result.metrics})
                 if result.step in wanted:
                     pictures[result.step] = _slice(result.warped.array)
                 last = result
@@ -115,6 +122,8 @@ def run_and_write(fixed: Image, moving: Image, model, out, *, steps: int | None 
             "inputs": inputs or {},
             "device": str(dev),
             "prealign": prealign,
+            "policy_steps": n_policy,
+            "refine_steps": n_refine,
             "steps": records,
             "final": _final_metrics(last, fixed_labels),
             "seconds_total": time.perf_counter() - start,

@@ -66,10 +66,15 @@ def _synthseg_source(args):
         raise InputError(f"--synthseg trains 3D models but --grid has {len(grid)} values.",
                          "Give 3 values, e.g. --grid 64 64 64.")
     split = synthseg.split_subjects(synthseg.list_label_maps(args.synthseg), args.val_count, args.test_count)
+    for option, value in (("--t1-fraction", args.t1_fraction), ("--strip-fraction", args.strip_fraction)):
+        if not 0.0 <= value <= 1.0:
+            raise InputError(f"{option} is a share, from 0 to 1; got {value}.",
+                             f"Give a value from 0 to 1, e.g. {option} 0.5.")
     source = SynthSegPairSource(split.train, split.validation, grid, spacing=args.synth_spacing, seed=args.seed,
                                 same_contrast=not args.cross_contrast, known_fraction=args.known_pairs,
                                 pair_augment=scaled_augment(PAIR_AUGMENT, args.known_field_scale),
-                                supersample=args.supersample)
+                                supersample=args.supersample, t1_probability=args.t1_fraction,
+                                strip_probability=args.strip_fraction)
     data = {"kind": "images synthesised from SynthSeg label maps (random contrast, bias, noise, blur, "
                     "affine + elastic augmentation), subjects affinely aligned by structure centroids",
             "folder": str(args.synthseg), "train_subjects": [p.name for p in split.train],
@@ -78,8 +83,30 @@ def _synthseg_source(args):
             "labels": "32 SynthSeg brain structures",
             "contrast": "each image its own" if args.cross_contrast else "one random contrast per pair",
             "known_field_pairs": args.known_pairs, "known_field_scale": args.known_field_scale,
-            "supersample": args.supersample}
+            "supersample": args.supersample, "t1_fraction": args.t1_fraction,
+            "brain_extracted_fraction": args.strip_fraction}
     return source, grid, data
+
+
+def _rollout_settings(args) -> dict:
+    """Validation depth and test clamp: with ``--unroll``, those of the training rollout (same steps, same clamp)."""
+    if args.unroll < 0:
+        raise InputError(f"--unroll must be >= 0 steps, got {args.unroll}.",
+                         "Give e.g. --unroll 4, or 0 to turn it off.")
+    if args.unroll > args.episode_steps:
+        raise InputError(f"--unroll {args.unroll} is longer than an episode (--episode-steps {args.episode_steps}).",
+                         "Give an --unroll window of at most --episode-steps.")
+    out = {"unroll": args.unroll}
+    test_max_step = args.test_max_step if args.test_max_step is not None else (
+        args.train_max_step if args.unroll else None)
+    if test_max_step is not None:
+        out["test_max_step"] = test_max_step
+    val_steps = args.val_steps if args.val_steps is not None else (20 if args.unroll else None)
+    if val_steps is not None:
+        if val_steps < 1:
+            raise InputError(f"--val-steps must be >= 1, got {val_steps}.", "Give e.g. --val-steps 20.")
+        out["val_steps"] = val_steps
+    return out
 
 
 def train_registration(args) -> None:
@@ -94,11 +121,13 @@ def train_registration(args) -> None:
         ndim = len(grid)
         try:
             net_cfg = SPACConfig(ndim=ndim, grid=grid, channels=tuple(args.channels or (16, 32, 32, 32)),
-                                 plan_dim=args.plan_dim or (32 if ndim == 2 else 64), field_level=args.field_level)
+                                 plan_dim=args.plan_dim or (32 if ndim == 2 else 64), field_level=args.field_level,
+                                 norm=args.norm, stem=args.stem, features=args.features,
+                                 step_bound=args.step_bound)
         except ValueError as err:
             problem = f"Invalid network settings: {str(err).rstrip('.')}."
-            raise InputError(problem, "Choose a --grid divisible by 2**len(--channels) and a --field-level "
-                                      "below len(--channels).") from err
+            raise InputError(problem, "Choose a --grid divisible by 2**len(--channels), a --field-level "
+                                      "below len(--channels), and --stem / --step-bound >= 0.") from err
         weights = {}
         if args.synthseg:  # exact labels: Dice in the loss too; NCC only when both images share a contrast
             weights = {"ncc_weight": 0.0 if args.cross_contrast else 1.0, "dice_weight": 1.0}
@@ -110,8 +139,13 @@ def train_registration(args) -> None:
             weights["dice_weight"] = args.dice_weight
         cfg = SPACTrainConfig(batch_pairs=args.batch, episode_steps=args.episode_steps, lr=args.lr, seed=args.seed,
                               replay_batch=args.replay_batch, sac_start=args.sac_start, grad_clip=args.grad_clip,
-                              train_max_step=args.train_max_step, **weights)
+                              train_max_step=args.train_max_step, smooth_weight=args.smooth_weight,
+                              ncc_window=args.ncc_window, label_sigma=args.label_sigma, bf16=args.bf16, **weights,
+                              **_rollout_settings(args))
         learner = SPACLearner(net_cfg, cfg, source, dist)
+        if args.init_from:
+            learner.init_from(args.init_from)
+            data["init_from"] = str(args.init_from)
         if args.data_licence:
             data["licence"] = args.data_licence
         learner.data_description = data

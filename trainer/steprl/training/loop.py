@@ -46,6 +46,7 @@ from torch import nn
 import steprl
 from steprl import modelfile
 from steprl.errors import CheckpointError
+from steprl.jsonvalues import finite_json
 from steprl.training import distributed as tdist
 from steprl.training.checkpoint import (
     capture_rng_state,
@@ -434,7 +435,8 @@ def fit(
                         "seconds": round(time.monotonic() - started, 3),
                     }
                 )
-                _write_text_atomic(history_path, "".join(json.dumps(h) + "\n" for h in history))
+                _write_text_atomic(history_path, "".join(json.dumps(finite_json(h), allow_nan=False) + "\n"
+                                                         for h in history))  # a NaN loss is null, not bare NaN
                 # The commit point: written last (see the module docstring).
                 save_checkpoint(last_path, learner.modules, learner.optimizers, ckpt_state, extra,
                                 rng_states=rng_states)
