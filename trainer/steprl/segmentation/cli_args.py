@@ -13,6 +13,9 @@ from steprl.outputfolder import output_path
 #: The bundled segmentation model ``steprl segment`` uses without ``--model``.
 DEFAULT_MODEL = "pixeldrl_wm"
 AXES = ("axial", "coronal", "sagittal", "0", "1", "2")
+#: ``evaluate segmentation --baselines`` (steprl.segmentation.baselines.METHODS; not imported here, to keep
+#: the CLI's start light).
+BASELINES = ("otsu", "kmeans", "atropos")
 
 
 def add_parsers(sub, train_sub, evaluate_sub, add_common) -> None:
@@ -135,5 +138,16 @@ def _add_evaluate(esub, add_common) -> None:
     r.add_argument("--batch-slices", type=int, default=16, metavar="N")
     _add_precision(r)
     r.add_argument("--json", type=output_path, help="also write the table as JSON")
-    r.set_defaults(handler="steprl.segmentation.commands:evaluate_command")
+    r.add_argument("--baselines", nargs="+", choices=BASELINES, default=(), metavar="METHOD",
+                   help="also run these white-matter baselines on every case, inside its brain mask, scored "
+                        "alike: otsu (4-class Otsu), kmeans (3-class K-means), atropos (ANTs Atropos 3-class; "
+                        "pip install 'steprl[compare]'); each takes the brightest class as white matter")
+    brain = r.add_mutually_exclusive_group()
+    brain.add_argument("--brain-masks", nargs="+", type=Path, metavar="MASK",
+                       help="brain masks for the baselines (files in image order, or one folder; > 0 = brain); "
+                            "default: the image's nonzero voxels, right for skull-stripped images only")
+    brain.add_argument("--brain-from-labels", action="store_true",
+                       help="the baselines' brain mask = every labelled voxel of the label map (for whole-brain "
+                            "label maps such as FreeSurfer's aseg)")
+    r.set_defaults(handler="steprl.segmentation.evaluation:evaluate_command")
     add_common(r)
