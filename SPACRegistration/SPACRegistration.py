@@ -49,6 +49,13 @@ class SPACRegistrationLogic(StepRLModuleLogic):
     #: The name ``worker`` had before the modules shared this class (saved scripts use it).
     registration = StepRLModuleLogic.worker
 
+    @classmethod
+    def request(cls, parameterNode):
+        """The base request, plus the refinement steps (the spin box's -1, "model default", is None)."""
+        request = super().request(parameterNode)
+        request.refine = None if parameterNode.refineSteps < 0 else parameterNode.refineSteps
+        return request
+
 
 class SPACRegistrationWidget(StepRLWidget):
     """The module panel (see ``StepRLWidget``): registration's inputs, views and kept steps."""

@@ -148,6 +148,37 @@ def test_run_streams_every_step_and_matches_the_worker_warp(models_dir, scene_an
     assert np.corrcoef(got[mask], want[mask])[0, 1] > 0.99
 
 
+def test_refinement_steps_follow_the_policy_on_the_slider_and_warp_like_steprl(models_dir, scene_and_volumes,
+                                                                               tmp_path):
+    """Refinement steps (on a finer grid than the policy's) are further slider items, and the kept
+    refined step resamples in Slicer as steprl warps it."""
+    from steprl import io
+    from steprl.registration.inference import register
+
+    scene, fixed, moving, fixed_image, moving_image = scene_and_volumes
+    logic = make_logic(scene, tmp_path)
+    model = str(models_dir / "tiny3d.safetensors")
+    with pytest.raises(InputError, match="refinement"):
+        logic.check(RegistrationRequest(fixed, moving, model, refine=-1))
+    run = logic.start(RegistrationRequest(fixed, moving, model, steps=STEPS, device="cpu", refine=2))
+    poll_until_done(logic, run)
+    assert run.error is None
+    total = STEPS + 2
+    assert run.steps == list(range(total + 1)) and run.nodes.sequence.GetNumberOfDataNodes() == total + 1
+    export_volume(fixed, tmp_path / "fixed.nrrd")
+    export_volume(moving, tmp_path / "moving.nrrd", ignore_parent=True)
+    expected = list(register(io.read_image(tmp_path / "fixed.nrrd"), io.read_image(tmp_path / "moving.nrrd"), model,
+                             STEPS, "cpu", refine_steps=2))
+    assert expected[-1].kind == "refine"
+    _, warped = logic.keep_step(run, total, resample=True)
+    got = slicer.util.arrayFromVolume(warped).astype(np.float64)
+    want = expected[-1].warped.array.astype(np.float64)
+    u = expected[-1].field_on_fixed_grid()[0].movedim(0, -1).cpu().numpy()
+    mask = inside_moving(physical_points(fixed_image.geometry) + u, moving_image.geometry)
+    span = float(moving_image.array.max() - moving_image.array.min())
+    assert mask.mean() > 0.5 and np.abs(got - want)[mask].max() < 1e-3 * span
+
+
 def test_label_maps_give_dice_per_step_and_follow_the_steps(models_dir, scene_and_volumes, tmp_path):
     from steprl.geometry import Image
 

@@ -91,7 +91,22 @@ def test_register_job_streams_steps_with_complete_fields(job_folder):
     assert parse_line("some library chatter") is None and parse_line('{"event": "nonsense"}') is None
 
 
+def test_register_job_with_refinement_streams_its_steps_after_the_policy(job_folder):
+    """The refinement steps come after the policy's, each with its kind, and count in the total."""
+    record = Recorder()
+    assert run_job(write_job(job_folder, name="refine.json", refine=3), record) == 0
+    started = next(e for e in record.events if e["event"] == "started")
+    assert (started["steps"], started["policy_steps"], started["refine_steps"]) == (STEPS + 3, STEPS, 3)
+    steps = [e for e in record.events if e["event"] == "step"]
+    assert [e["step"] for e in steps] == list(range(STEPS + 3 + 1)) and all(e["total"] == STEPS + 3 for e in steps)
+    assert [e["kind"] for e in steps] == ["input"] + ["policy"] * STEPS + ["refine"] * 3
+    assert record.complete_at_emit == [True] * (STEPS + 3 + 1)
+    refined = sitk.ReadImage(steps[-1]["field"])
+    assert refined.GetSize() == (31, 31, 31)  # the refinement grid: twice the 16^3 network grid, same box
+
+
 @pytest.mark.parametrize(("changes", "code", "words"), [
+    ({"refine": -2}, 2, ["'refine' must be"]),
     ({"model": "missing.safetensors"}, 3, ["not found"]),
     ({"model": "tiny2d.safetensors"}, 2, ["3D", "2D"]),
     ({"fixed_labels": "fixed_labels.nrrd"}, 2, ["Only one label map"]),

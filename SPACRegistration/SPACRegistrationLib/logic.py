@@ -55,7 +55,9 @@ class RegistrationRequest:
 
     ``model`` is a bundled model name, a user model name (with ``user_models_folder``) or a
     ``.safetensors`` path; ``steps`` None uses the model's default; ``keep_job_folder`` keeps the
-    run's temporary folder (exported inputs, job file, step files) for debugging.
+    run's temporary folder (exported inputs, job file, step files) for debugging; ``refine`` is the
+    number of refinement steps after the policy's (test-time optimisation, shown on the slider as
+    further steps; None: the model's default, 0: off).
     """
 
     fixed: object
@@ -68,6 +70,7 @@ class RegistrationRequest:
     prealign: bool = False
     user_models_folder: str | os.PathLike | None = None
     keep_job_folder: bool = False
+    refine: int | None = None
 
 
 class RegistrationRun(WorkerRun):
@@ -104,6 +107,9 @@ class RegistrationLogic(WorkerLogic):
                 "then apply again.")
         if request.steps is not None and request.steps < 0:
             raise InputError(f"The number of steps must be 0 or more, got {request.steps}.", "Choose e.g. 20 steps.")
+        if request.refine is not None and request.refine < 0:
+            raise InputError(f"The number of refinement steps must be 0 or more, got {request.refine}.",
+                             "Choose 0 to turn refinement off, or leave the model's default.")
         entry = self.find_entry(request.model, request.user_models_folder)
         if entry.ndim != 3:
             raise InputError(f"Model '{entry.name}' is a {entry.ndim}D model, but Slicer volumes are 3D.",
@@ -122,7 +128,7 @@ class RegistrationLogic(WorkerLogic):
             labels = {"fixed_labels": "fixed_labels.nrrd", "moving_labels": "moving_labels.nrrd"}
         job = RegisterJob(fixed="fixed.nrrd", moving="moving.nrrd", model=str(entry.path), output="steps",
                           steps=request.steps, device=request.device or "auto", prealign=bool(request.prealign),
-                          **labels)
+                          refine=request.refine, **labels)
         return write_job(job, folder)
 
     def add_step(self, run: RegistrationRun, event: StepEvent) -> None:

@@ -20,10 +20,13 @@ from slicer import (
 
 from StepRLCommon.parameters import DEVICES, Choice, WithinRange, parameterNodeWrapper, user_folder
 
-__all__ = ["DEVICES", "MAX_STEPS", "MIN_STEPS", "SPACRegistrationParameterNode", "user_folder"]
+__all__ = ["DEVICES", "MAX_REFINE", "MAX_STEPS", "MIN_STEPS", "MODEL_DEFAULT_REFINE", "SPACRegistrationParameterNode",
+           "user_folder"]
 
 #: Bounds of the number of policy steps (the .ui spin box has the same range).
 MIN_STEPS, MAX_STEPS = 1, 200
+#: Bounds of the number of refinement steps; -1 means the model's default (the .ui spin box has the same range).
+MODEL_DEFAULT_REFINE, MAX_REFINE = -1, 500
 
 
 @parameterNodeWrapper
@@ -35,6 +38,7 @@ class SPACRegistrationParameterNode:
     model - the chosen model: a ``.safetensors`` path or a bundled model name.
     userModelsFolder - a folder of the user's own models (listed after the bundled ones).
     steps - number of policy steps.
+    refineSteps - refinement steps after the policy's (test-time optimisation); -1: the model's default, 0: off.
     device - where the policy runs: auto (GPU when available), cpu or cuda.
     prealign - affine pre-alignment before the policy.
     createWarpedVolume - "Keep this step" also creates the resampled moving volume.
@@ -49,6 +53,7 @@ class SPACRegistrationParameterNode:
     model: str = ""
     userModelsFolder: pathlib.Path = pathlib.Path()
     steps: Annotated[int, WithinRange(MIN_STEPS, MAX_STEPS)] = 20
+    refineSteps: Annotated[int, WithinRange(MODEL_DEFAULT_REFINE, MAX_REFINE)] = MODEL_DEFAULT_REFINE
     device: Annotated[str, Choice(list(DEVICES))] = "auto"
     prealign: bool = False
     createWarpedVolume: bool = False

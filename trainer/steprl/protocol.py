@@ -60,6 +60,7 @@ class RegisterJob:
     steps: int | None = None
     device: str = "auto"
     prealign: bool = False
+    refine: int | None = None  # refinement steps after the policy's (None: the model card's default)
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": JOB_VERSION, "task": self.task, **dataclasses.asdict(self)}
@@ -111,8 +112,8 @@ def _check_value(source: str, key: str, value: Any, field: dataclasses.Field) ->
         if not optional:
             raise InputError(f"{source} lacks '{key}'.", _FIX)
         return
-    if key == "steps":
-        check_steps(value, f"{source}: 'steps'")
+    if key in ("steps", "refine"):
+        check_steps(value, f"{source}: '{key}'")
     elif key == "batch_slices":
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise _field_error(source, key, "a whole number >= 1", value)

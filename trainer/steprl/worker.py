@@ -199,19 +199,23 @@ def run_register(job: RegisterJob, emit: Emit) -> int:
     spac = load_spac(job.model, device)
     steps = spac.default_steps if job.steps is None else job.steps
     check_steps(steps, "the model's default number of steps")
+    refine = spac.default_refine_steps if job.refine is None else job.refine
+    check_steps(refine, "the model's default number of refinement steps")
+    total = steps + refine
     _make_output(output)
     emit({"event": "started", "task": "register", "pid": os.getpid(), "device": str(device),
-          "model": str(spac.path), "steps": steps, "grid": list(spac.grid)})
+          "model": str(spac.path), "steps": total, "policy_steps": steps, "refine_steps": refine,
+          "grid": list(spac.grid)})
     if job.prealign:
         emit({"event": "progress", "stage": "prealign", "message": "Affine pre-alignment"})
     last = 0
     for result in register(fixed, moving, spac, steps, device, fixed_labels=fixed_labels,
-                           moving_labels=moving_labels, prealign=job.prealign):
+                           moving_labels=moving_labels, prealign=job.prealign, refine_steps=refine):
         path = field_path(output, result.step)
         _write_field(result, path)  # atomically, before the event that names it
         elapsed = result.metrics["seconds"]
-        eta = elapsed / result.step * (steps - result.step) if result.step else None
-        emit({"event": "step", "step": result.step, "total": steps, "field": str(path.resolve()),
+        eta = elapsed / result.step * (total - result.step) if result.step else None
+        emit({"event": "step", "step": result.step, "total": total, "kind": result.kind, "field": str(path.resolve()),
               "metrics": result.metrics, "eta_seconds": eta, "time": time.time()})
         last = result.step
     emit({"event": "done", "steps": last, "seconds": time.perf_counter() - start})
