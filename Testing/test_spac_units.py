@@ -362,3 +362,15 @@ def test_register_cuda_unavailable_is_a_clear_error(tiny_models):
     with pytest.raises(InputError, match="CUDA is not available") as info:
         list(register(images["fixed"], images["moving"], tiny_models[2], steps=1, device="cuda"))
     assert "cpu" in info.value.fix
+
+
+def test_warped_slice_is_the_middle_slice_of_the_full_warp(tiny_models):
+    """The pictures warp one slice only; it must be exactly that slice of the full warp (oblique, anisotropic)."""
+    images = _pair_images((10, 12, 14), (1.5, 1.2, 2.0), seed=2)
+    c, s = np.cos(0.3), np.sin(0.3)
+    oblique = Geometry((10, 12, 14), (1.5, 1.2, 2.0), (4.0, -3.0, 7.0), np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]))
+    fixed = Image(images["fixed"].array, oblique)
+    last = list(register(fixed, images["moving"], tiny_models[3], steps=2, device="cpu"))[-1]
+    for axis in (0, 1, 2):
+        want = np.take(last.warped.array, fixed.geometry.shape[axis] // 2, axis=axis)
+        np.testing.assert_allclose(last.warped_slice(axis), want, atol=1e-5)

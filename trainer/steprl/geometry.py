@@ -114,6 +114,17 @@ class Geometry:
         )
         return Geometry(tuple(shape), spacing, self.origin, self.direction)
 
+    def slab(self, axis: int, index: int) -> Geometry:
+        """The one-voxel-thick sub-grid at ``index`` along array ``axis`` (same spacing and direction)."""
+        if not 0 <= index < self.shape[axis]:
+            raise ValueError(f"index {index} is outside axis {axis} of a grid of shape {self.shape}")
+        shape = list(self.shape)
+        shape[axis] = 1
+        start = np.zeros(self.ndim)
+        start[axis] = index
+        a, b = self.tensor_index_to_physical()
+        return Geometry(tuple(shape), self.spacing, tuple(a @ start + b), self.direction)
+
     def axis_aligned(self, shape: tuple[int, ...]) -> Geometry:
         """A grid of ``shape`` voxels with IDENTITY direction (LPS axes) covering this grid's extent.
 

@@ -107,13 +107,13 @@ def run_and_write(fixed: Image, moving: Image, model, out, *, steps: int | None 
                     io.write_displacement_field(result.displacement, staging / step_file(result.step))
                 records.append({"step": result.step, "kind": result.kind, **result.metrics})
                 if result.step in wanted:
-                    pictures[result.step] = _slice(result.warped.array)
+                    pictures[result.step] = result.warped_slice(axis=0)
                 last = result
                 if result.step:
                     bar.update(1)
                     bar.set_postfix(ncc=f"{result.metrics['ncc']:.3f}")
         if last.step not in pictures:  # stopped early
-            pictures[last.step] = _slice(last.warped.array)
+            pictures[last.step] = _slice(last.warped.array)  # computed anyway: warped.nii.gz
         io.write_image(last.warped, staging / "warped.nii.gz")
         io.write_displacement_field(last.displacement, staging / "displacement.nii.gz")
         summary = {
