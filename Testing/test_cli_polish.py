@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import SimpleITK as sitk
 from steprl.cli import build_parser, main
-from steprl.registration.commands import SAMPLE_DIR
+from steprl.commands import SAMPLE_DIR
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 README = (REPO_ROOT / "README.md").read_text(encoding="utf-8")

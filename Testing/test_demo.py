@@ -6,8 +6,7 @@ import json
 
 import numpy as np
 from steprl.cli import main
-from steprl.modelfile import read_card
-from steprl.registration.model import BUNDLED_DIR
+from steprl.modelfile import BUNDLED_DIR, read_card
 
 
 def test_bundled_2d_model_has_a_complete_card():

@@ -19,9 +19,9 @@ from cli_support import assert_one_error, forbid_model_loading, run
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from steprl import modelfile
+from steprl.commands import SAMPLE_DIR
 from steprl.errors import CheckpointError
-from steprl.registration.commands import SAMPLE_DIR
-from steprl.registration.model import BUNDLED_DIR
+from steprl.modelfile import BUNDLED_DIR
 from steprl.registration.overlap import check_overlap
 from steprl.training.checkpoint import load_checkpoint, save_checkpoint
 

@@ -20,8 +20,8 @@ import pytest
 from cli_support import assert_one_error, forbid_model_loading, run
 from steprl import outputfolder
 from steprl.cli import main
+from steprl.commands import SAMPLE_DIR
 from steprl.errors import InputError
-from steprl.registration.commands import SAMPLE_DIR
 
 FIXED, MOVING = SAMPLE_DIR / "sample_fixed.nrrd", SAMPLE_DIR / "sample_moving.nrrd"
 

@@ -520,7 +520,7 @@ def test_train_ddp_two_processes(tmp_path):
 
 
 def test_3d_register_without_model_names_the_way_out_when_none_is_bundled(assets, tmp_path, capsys):
-    from steprl.registration.model import BUNDLED_DIR
+    from steprl.modelfile import BUNDLED_DIR
 
     if (BUNDLED_DIR / "spac3d_brain.safetensors").is_file():
         pytest.skip("a 3D model is bundled: the default applies")

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import SimpleITK as sitk
+from steprl.commands import SAMPLE_DIR
 from steprl.errors import InputError
 from steprl.protocol import RegisterJob, SegmentJob, job_from_dict
-from steprl.registration.commands import SAMPLE_DIR
 from steprl.worker import run_job
 from test_spac_module_support import Recorder, assert_one_error_event
 

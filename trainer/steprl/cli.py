@@ -1,4 +1,4 @@
-"""The ``steprl`` command line: argument parsing only; the work happens in ``*/commands.py``.
+"""The ``steprl`` command line: argument parsing only; the work happens in ``commands.py`` and ``*/commands.py``.
 
     steprl demo --out demo_out
     steprl register FIXED MOVING --model spac2d_brain --steps 20 --out result/
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=output_path, default=Path("steprl_demo"),
                       help="output folder (default steprl_demo)")
     demo.add_argument("--steps", type=int, default=None)
-    demo.set_defaults(handler="steprl.registration.commands:demo")
+    demo.set_defaults(handler="steprl.commands:demo")
     _add_common(demo)
     train_sub = sub.add_parser("train", help="train a model").add_subparsers(dest="task", required=True)
     evaluate_sub = sub.add_parser("evaluate", help="evaluate a model over a set of cases and print a table"
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="show a model card and its parameter count")
     info.add_argument("model", help="model file or bundled model name")
     info.add_argument("--json", action="store_true", help="print the whole card as stored (JSON)")
-    info.set_defaults(handler="steprl.modelinfo:info_command")
+    info.set_defaults(handler="steprl.commands:info")
     _add_common(info)
     _hide_suppressed(sub)
     return parser

@@ -63,6 +63,8 @@ SUPPORTED_READ = (
     "PNG/JPEG/TIFF/BMP pictures (2D), or a folder holding a DICOM series"
 )
 _TMP_PREFIX = ".steprl-tmp-"
+#: Files :func:`expand_files` picks from a folder of images.
+IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".tif", ".tiff", ".jpg")
 
 
 # ---- atomic outputs -------------------------------------------------------------------
@@ -444,6 +446,20 @@ def _warn_if_empty(labels: Image, path: Path, name: str) -> Image:
                     "against it mean nothing (undefined values are written as null).", name, path)
     return labels
 
+
+
+def expand_files(paths: list[Path], what: str) -> list[Path]:
+    """Files as given, or the image files inside a single folder (sorted)."""
+    if len(paths) == 1 and paths[0].is_dir():
+        files = sorted(p for p in paths[0].iterdir() if p.name.lower().endswith(IMAGE_SUFFIXES))
+        if not files:
+            raise InputError(f"No image files in folder {paths[0]} ({what}).",
+                             f"Put {', '.join(IMAGE_SUFFIXES)} files there, or list the files.")
+        return files
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise InputError(f"{what.capitalize()} not found: {', '.join(missing[:3])}.", "Check the paths.")
+    return list(paths)
 
 # ---- checks ---------------------------------------------------------------------------
 def validate_image(image: Image, name: str, *, ndim: int | None = None, reference_name: str | None = None) -> None:

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import steprl
-from steprl.errors import ModelFileError
+from steprl.errors import InputError, ModelFileError
 
 if TYPE_CHECKING:  # pragma: no cover - typing only, keeps torch out of the import
     import torch
@@ -57,6 +57,11 @@ _TASK_OF_METHOD = {"spac": "registration", "pixeldrl-mg": "segmentation", "unet"
 
 _REEXPORT = "Re-download or re-export it."
 
+#: The models shipped with steprl (``steprl/models``); a ``model`` argument may name one of them.
+BUNDLED_DIR = Path(__file__).resolve().parent / "models"
+#: The bundled registration model used when none is given, by image dimension.
+DEFAULT_MODELS = {2: "spac2d_brain", 3: "spac3d_brain"}
+
 
 # ----------------------------------------------------------------------------------------- paths
 def model_paths(path: str | os.PathLike[str]) -> tuple[Path, Path]:
@@ -72,6 +77,28 @@ def model_paths(path: str | os.PathLike[str]) -> tuple[Path, Path]:
             break
     return p.with_name(name + WEIGHTS_SUFFIX), p.with_name(name + CARD_SUFFIX)
 
+
+
+def resolve_model_path(model: str | os.PathLike[str]) -> Path:
+    """A path as given if it exists, else a bundled model of that name; ModelFileError otherwise."""
+    path = Path(model)
+    for candidate in (path, path.with_suffix(WEIGHTS_SUFFIX), BUNDLED_DIR / f"{path.name}{WEIGHTS_SUFFIX}",
+                      BUNDLED_DIR / path.name):
+        if candidate.is_file():
+            return candidate
+    bundled = ", ".join(sorted(p.stem for p in BUNDLED_DIR.glob(f"*{WEIGHTS_SUFFIX}"))) or "none"
+    raise ModelFileError(f"Model '{model}' not found (neither a file nor a bundled model).",
+                         f"Give a .safetensors model path, or one of the bundled models: {bundled}.")
+
+
+def default_model(ndim: int) -> str:
+    """The bundled registration model for ``ndim``-D images; InputError naming the way out when none ships."""
+    name = DEFAULT_MODELS[ndim]
+    if not (BUNDLED_DIR / f"{name}{WEIGHTS_SUFFIX}").is_file():
+        raise InputError(f"No {ndim}D registration model is bundled with this steprl version.",
+                         "Pass --model with a model file, e.g. one trained with `steprl train registration "
+                         "--synthseg DIR` (contrast-agnostic 3D brain MRI).")
+    return name
 
 def _sha256(path: Path) -> str:
     """Hex sha256 of a file, read in 1 MiB chunks (weights can be hundreds of MiB)."""

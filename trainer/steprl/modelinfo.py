@@ -1,4 +1,5 @@
-"""``steprl info MODEL``: a model card as a reader wants it (``--json``: the raw card).
+"""A model card as a reader wants it: what ``steprl info MODEL`` prints (``--json``: the raw card;
+the command itself is :func:`steprl.commands.info`).
 
 Why: a card holds ~150 lines of JSON (network config, training settings, provenance); a user
 deciding whether a model fits their data wants the task, the data it learned from and under
@@ -15,7 +16,6 @@ Example output::
 
 from __future__ import annotations
 
-import json
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -76,24 +76,3 @@ def describe(card: dict[str, Any], path: Path, parameters: str | None = None) ->
         lines += _paragraph(label, value)
     return "\n".join(lines)
 
-
-def info_command(args) -> int:
-    """Print the card of ``args.model`` (readable, or raw with ``args.json``) and the parameter counts."""
-    from steprl.modelfile import read_card
-    from steprl.registration.model import resolve_model_path
-
-    path = resolve_model_path(args.model)
-    card = read_card(path)
-    if args.json:
-        print(json.dumps(card, indent=2))
-        return 0
-    parameters = None
-    if card.get("method") == "spac":
-        from steprl.registration.model import load_spac
-        from steprl.registration.networks import Critic, count_parameters
-
-        spac = load_spac(path)
-        parameters = (f"policy (planner + actor) {count_parameters(spac.policy):,}; each critic (training only) "
-                      f"{count_parameters(Critic(spac.config)):,}")
-    print(describe(card, path, parameters))
-    return 0

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import sys
 from pathlib import Path
 
 from steprl.errors import InputError
@@ -15,47 +14,12 @@ from steprl.outputfolder import check_output_file, check_output_folder
 
 log = logging.getLogger(__name__)
 
-SAMPLE_DIR = Path(__file__).resolve().parent.parent / "data"
-DEFAULT_MODELS = {2: "spac2d_brain", 3: "spac3d_brain"}
-IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".tif", ".tiff", ".jpg")
 
-
-def _progress(total: int, quiet: bool, desc: str):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="step", disable=quiet, file=sys.stderr, dynamic_ncols=True)
-
-
-def expand_files(paths: list[Path], what: str) -> list[Path]:
-    """Files as given, or the image files inside a single folder (sorted)."""
-    if len(paths) == 1 and paths[0].is_dir():
-        files = sorted(p for p in paths[0].iterdir() if p.name.lower().endswith(IMAGE_SUFFIXES))
-        if not files:
-            raise InputError(f"No image files in folder {paths[0]} ({what}).",
-                             f"Put {', '.join(IMAGE_SUFFIXES)} files there, or list the files.")
-        return files
-    missing = [str(p) for p in paths if not p.exists()]
-    if missing:
-        raise InputError(f"{what.capitalize()} not found: {', '.join(missing[:3])}.", "Check the paths.")
-    return list(paths)
-
-
-def default_model(ndim: int) -> str:
-    """The bundled model for ``ndim``-D images; InputError naming the way out when none ships."""
-    from steprl.registration.model import BUNDLED_DIR
-
-    name = DEFAULT_MODELS[ndim]
-    if not (BUNDLED_DIR / f"{name}.safetensors").is_file():
-        raise InputError(f"No {ndim}D registration model is bundled with this steprl version.",
-                         "Pass --model with a model file, e.g. one trained with `steprl train registration "
-                         "--synthseg DIR` (contrast-agnostic 3D brain MRI).")
-    return name
-
-
-# ---- register / demo ----------------------------------------------------------------------
+# ---- register ----------------------------------------------------------------------
 def register_command(args) -> int:
     from steprl import io
-    from steprl.registration.outputs import run_and_write
+    from steprl.modelfile import default_model
+    from steprl.registration.outputs import print_summary, run_and_write
 
     check_output_folder(args.out)  # before any image is read
     fixed = io.read_image(args.fixed, name="fixed image")
@@ -72,34 +36,8 @@ def register_command(args) -> int:
         early_stop=args.early_stop, step_fields=not args.no_step_fields, quiet=args.quiet,
         inputs={"fixed": str(args.fixed), "moving": str(args.moving)}, refine=args.refine,
     )
-    _print_summary(summary)
+    print_summary(summary)
     return 0
-
-
-def demo(args) -> int:
-    """The main job on the embedded default: the bundled sample pair and the bundled 2D model."""
-    from steprl import io
-    from steprl.registration.outputs import run_and_write
-
-    check_output_folder(args.out)
-    fixed = io.read_image(SAMPLE_DIR / "sample_fixed.nrrd", name="sample fixed image")
-    moving = io.read_image(SAMPLE_DIR / "sample_moving.nrrd", name="sample moving image")
-    summary = run_and_write(fixed, moving, default_model(2), args.out, steps=args.steps, device=args.device,
-                            quiet=args.quiet, inputs={"fixed": "bundled sample_fixed.nrrd",
-                                                      "moving": "bundled sample_moving.nrrd"})
-    _print_summary(summary)
-    print(f"Open {Path(args.out) / 'steps.png'} to see the steps.")
-    return 0
-
-
-def _print_summary(summary: dict) -> None:
-    first, last = summary["steps"][0], summary["steps"][-1]
-    line = f"steps: {last['step']}  NCC {first['ncc']:.3f} -> {last['ncc']:.3f}"
-    if "dice" in last:
-        line += f"  Dice {first['dice']:.3f} -> {last['dice']:.3f}"
-    line += f"  folding {summary['final']['folding_percent']:.3f}%  time {last['seconds']:.1f} s"
-    print(line)
-    print(f"outputs in {summary['out']}")
 
 
 # ---- train ----------------------------------------------------------------------------------
@@ -128,6 +66,7 @@ def _read_pairs_csv(path: Path) -> list[dict[str, Path | None]]:
 
 
 def evaluate_command(args) -> int:
+    from steprl.io import expand_files
     from steprl.registration.evaluation import evaluate_pairs, format_table
 
     if args.json:

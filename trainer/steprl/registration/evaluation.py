@@ -77,7 +77,7 @@ def evaluate_pairs(pairs: list[dict], model, *, steps=None, device="auto", preal
 
     from steprl.device import resolve_device
     from steprl.limits import check_steps
-    from steprl.registration.commands import default_model
+    from steprl.modelfile import default_model
     from steprl.registration.model import load_spac
     from steprl.registration.overlap import check_overlap
 

@@ -154,8 +154,7 @@ class SPACLearner:
         many runs keeps the whole history of its commands, updates and CPU-hours.
         """
         from steprl.errors import ModelFileError
-        from steprl.modelfile import check_state_dict, load_model
-        from steprl.registration.model import resolve_model_path
+        from steprl.modelfile import check_state_dict, load_model, resolve_model_path
 
         path = resolve_model_path(model)
         state, card = load_model(path, method="spac", ndim=self.net_cfg.ndim, device="cpu")

@@ -1,7 +1,8 @@
 """Loading a SPAC model file into a ready-to-run policy (never unpickling anything).
 
 ``model`` arguments across steprl accept a path to a ``.safetensors`` / ``.json`` model file,
-or the name of a model bundled with steprl (``steprl.models``), e.g. ``"spac2d_brain"``.
+or the name of a model bundled with steprl (``steprl.models``; see
+:func:`steprl.modelfile.resolve_model_path`), e.g. ``"spac2d_brain"``.
 """
 
 from __future__ import annotations
@@ -13,9 +14,8 @@ import torch
 
 from steprl.errors import ModelFileError
 from steprl.geometry import Geometry
+from steprl.modelfile import resolve_model_path
 from steprl.registration.networks import SPACConfig, SPACPolicy
-
-BUNDLED_DIR = Path(__file__).resolve().parent.parent / "models"
 
 
 @dataclass
@@ -59,18 +59,6 @@ class LoadedSPAC:
 
         given = self.card.get("inference", {}).get("refine", {})
         return RefineSettings(**{k: given[k] for k in RefineSettings.__dataclass_fields__ if k in given})
-
-
-def resolve_model_path(model: str | Path) -> Path:
-    """A path as given if it exists, else a bundled model of that name; ModelFileError otherwise."""
-    path = Path(model)
-    for candidate in (path, path.with_suffix(".safetensors"), BUNDLED_DIR / f"{path.name}.safetensors",
-                      BUNDLED_DIR / path.name):
-        if candidate.is_file():
-            return candidate
-    bundled = ", ".join(sorted(p.stem for p in BUNDLED_DIR.glob("*.safetensors"))) or "none"
-    raise ModelFileError(f"Model '{model}' not found (neither a file nor a bundled model).",
-                         f"Give a .safetensors model path, or one of the bundled models: {bundled}.")
 
 
 def load_spac(model: str | Path, device: torch.device | str = "cpu") -> LoadedSPAC:

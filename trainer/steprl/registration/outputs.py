@@ -138,3 +138,14 @@ def run_and_write(fixed: Image, moving: Image, model, out, *, steps: int | None 
                                   staging / "steps.png", title=f"SPAC registration ({spac.path.stem})",
                                   aspect=slice_aspect(fixed.geometry.spacing, axis=0))
     return summary
+
+
+def print_summary(summary: dict) -> None:
+    """The two lines ``steprl register`` and ``steprl demo`` print: the metrics' change, where the outputs are."""
+    first, last = summary["steps"][0], summary["steps"][-1]
+    line = f"steps: {last['step']}  NCC {first['ncc']:.3f} -> {last['ncc']:.3f}"
+    if "dice" in last:
+        line += f"  Dice {first['dice']:.3f} -> {last['dice']:.3f}"
+    line += f"  folding {summary['final']['folding_percent']:.3f}%  time {last['seconds']:.1f} s"
+    print(line)
+    print(f"outputs in {summary['out']}")

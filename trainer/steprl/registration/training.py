@@ -20,7 +20,7 @@ def _default_grid(ndim: int) -> tuple[int, ...]:
 
 def build_source(args, ndim_hint: int | None = None):
     """The pair source and a JSON description of the data, from the CLI arguments."""
-    from steprl.registration.commands import expand_files
+    from steprl.io import expand_files
     from steprl.registration.data import ImagePairSource, SyntheticPairSource
 
     if getattr(args, "known_pairs", 0.0) and not args.synthseg:

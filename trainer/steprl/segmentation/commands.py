@@ -6,13 +6,12 @@ Each function takes the parsed ``argparse.Namespace`` and returns an exit code.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
 
 from steprl.errors import InputError
 from steprl.limits import check_steps
-from steprl.outputfolder import check_output_file, check_output_folder
+from steprl.outputfolder import check_output_folder
 
 log = logging.getLogger(__name__)
 
@@ -68,22 +67,3 @@ def train_command(args) -> int:
     train_segmentation(args)
     return 0
 
-
-def evaluate_command(args) -> int:
-    from steprl.registration.commands import expand_files
-    from steprl.segmentation.evaluation import evaluate_dataset, format_table, mean_row
-
-    _check_steps(args)
-    if args.json:
-        check_output_file(args.json, flag="--json")  # before the whole evaluation, not after it
-    images = expand_files(args.images, "images")
-    labels = expand_files(args.labels, "label maps")
-    rows = evaluate_dataset(images, labels, args.model, steps=args.steps, device=args.device, axis=args.axis,
-                            batch_slices=args.batch_slices, label_values=args.label_values, bf16=args.bf16,
-                            quiet=args.quiet)
-    print(format_table(rows))
-    if args.json:
-        from steprl.io import write_json
-
-        write_json({"cases": rows, "mean": mean_row(rows), "model": str(args.model)}, Path(args.json))
-    return 0

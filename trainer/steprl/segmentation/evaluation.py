@@ -173,8 +173,8 @@ def evaluate_command(args) -> int:
     Everything that can be refused (steps, the --json path, missing optional packages, file
     lists, brain-mask count) is checked before the first case is segmented.
     """
+    from steprl.io import expand_files
     from steprl.outputfolder import check_output_file
-    from steprl.registration.commands import expand_files
     from steprl.segmentation.baselines import require
     from steprl.segmentation.commands import _check_steps
 

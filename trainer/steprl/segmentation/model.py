@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from steprl.errors import ModelFileError
+from steprl.modelfile import resolve_model_path
 
 METHODS = ("pixeldrl-mg", "unet")
 
@@ -47,13 +48,6 @@ class LoadedSegmenter:
     @property
     def allow_revival(self) -> bool:
         return bool(self.card.get("inference", {}).get("allow_revival", True))
-
-
-def resolve_model_path(model: str | Path) -> Path:
-    """A model file path (or bundled name); the same rules as for registration models."""
-    from steprl.registration.model import resolve_model_path as resolve
-
-    return resolve(model)
 
 
 def build_network(card: dict, path: Path) -> torch.nn.Module:

@@ -42,7 +42,7 @@ def build_source(args):
         if len(args.synthetic) != 2:
             raise InputError(f"--synthetic takes 2 values (H W), got {len(args.synthetic)}.", "E.g. --synthetic 64 64.")
         return SyntheticSliceSource(tuple(args.synthetic), seed=args.seed, val_count=args.val_slices)
-    from steprl.registration.commands import expand_files
+    from steprl.io import expand_files
 
     if not args.labels:
         raise InputError("Training a segmentation needs --labels (one label map per image).",
