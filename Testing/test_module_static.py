@@ -529,25 +529,6 @@ def test_dependencies_are_installed_only_with_consent(monkeypatch):
         install.ensure_dependencies(lambda text: True, fake)
 
 
-def test_spac_lib_still_re_exports_what_moved_to_the_common_package():
-    """Saved scripts that import the old names keep working for one release."""
-    require_slicer_core()
-    from SPACRegistrationLib import install, logic, mrmlio, process, protocol
-
-    from StepRLCommon import install as common_install
-    from StepRLCommon import mrmlio as common_mrmlio
-    from StepRLCommon import process as common_process
-    from StepRLCommon import protocol as common_protocol
-    from StepRLCommon import workerlogic
-
-    assert process.SubprocessRunner is common_process.SubprocessRunner
-    assert protocol.parse_line is common_protocol.parse_line and protocol.StepEvent is common_protocol.StepEvent
-    assert install.ensure_dependencies is common_install.ensure_dependencies
-    assert mrmlio.volume_from_image is common_mrmlio.volume_from_image
-    assert mrmlio.export_volume is common_mrmlio.export_volume
-    assert logic.RunState is workerlogic.RunState and issubclass(logic.RegistrationLogic, workerlogic.WorkerLogic)
-
-
 def test_protocol_reads_every_file_of_a_step_and_counted_progress():
     from StepRLCommon.protocol import ProgressEvent, StepEvent, device_choice_texts, parse_line
 

@@ -1,7 +1,7 @@
 """Segmentation logic on a MRML scene: a PixelDRL-MG worker run on the shared run life cycle. No Qt, no torch.
 
     logic = SegmentationLogic(scene)
-    run = logic.start(SegmentationRequest(volume, model="pixeldrl_brats", steps=10))
+    run = logic.start(SegmentationRequest(volume, model="pixeldrl_wm", steps=10))
     logic.wait(run)                   # in Slicer: a QTimer calls logic.poll(run) every 100 ms
     run.segmentation                  # vtkMRMLSegmentationNode of the last step (made on finish)
     logic.select_step(run, 3)         # the slider: the proxy labelmap shows step 3

@@ -7,7 +7,6 @@ result nodes, model cards); what is here is SPAC's own:
 - ``mrmlio``: grid transforms read from the worker's fields, copied and resampled through.
 - ``results``: the registration result nodes and "Keep this step".
 - ``models``: the SPAC models; ``parameters``: the parameter node.
-- ``process``, ``protocol``, ``install``: moved to ``StepRLCommon``, re-exported for one release.
 
 Every Python file added to this folder must also be listed in ``MODULE_PYTHON_SCRIPTS`` of
 ``SPACRegistration/CMakeLists.txt``.

@@ -17,7 +17,7 @@ schema is :mod:`steprl.protocol`, which checks a whole job before any work start
 
     {"version": 1, "task": "segment",
      "image": "image.nrrd", "labels": null,                   # labels optional (any grid), Dice per step
-     "model": "pixeldrl_brats",                               # bundled name or .safetensors path
+     "model": "pixeldrl_wm",                                  # bundled name or .safetensors path
      "steps": 10, "axis": "axial", "device": "auto",          # steps null: the model card's default
      "batch_slices": 16, "output": "out"}                     # folder for the step masks
 

@@ -443,8 +443,3 @@ def make_optimizer(modules: Iterable[nn.Module], config: PA3CConfig) -> torch.op
     """Adam over the network and the reward-map convolution, learning rate ``config.lr``."""
     parameters = [p for module in modules for p in module.parameters() if p.requires_grad]
     return torch.optim.Adam(parameters, lr=config.lr)
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, config: PA3CConfig) -> torch.optim.lr_scheduler.StepLR:
-    """Learning rate x ``lr_decay`` every ``lr_decay_every`` epochs (call ``step()`` once per epoch)."""
-    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_decay_every, gamma=config.lr_decay)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import nn
 
 from steprl.errors import InputError
@@ -64,8 +63,3 @@ def dice_ce_loss() -> nn.Module:
     from monai.losses import DiceCELoss
 
     return DiceCELoss(sigmoid=True, batch=True)
-
-
-def unet_masks(net: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Binary masks ``(B, 1, H, W)`` float (``logit >= 0``, i.e. probability >= 0.5) for ``images``."""
-    return (net(images) >= 0).float()
