@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from test_spac_module_support import REPO_ROOT, require_slicer_core, save_tiny_model
+from module_support import REPO_ROOT, require_slicer_core, save_tiny_model
 
 CATALOG = REPO_ROOT / "Resources" / "StepRL.json"
 COMMON_DIR = REPO_ROOT / "StepRLCommon"

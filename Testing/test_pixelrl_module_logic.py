@@ -14,8 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_pixelrl_worker import save_tiny_segmenter
-from test_spac_module_support import (
+from module_support import (
     MODEL_CASES,
     assert_crash_before_any_step,
     assert_refused,
@@ -30,6 +29,7 @@ from test_spac_module_support import (
     wait_for_steps,
     wait_group_gone,
 )
+from test_pixelrl_worker import save_tiny_segmenter
 
 slicer = require_slicer_core()
 

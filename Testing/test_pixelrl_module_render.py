@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from module_support import grab, require_slicer_core
 from test_pixelrl_worker import save_tiny_segmenter
 from test_spac_module_render import offscreen_env  # noqa: F401 - the shared offscreen-OpenGL fixture
-from test_spac_module_support import grab, require_slicer_core
 
 slicer = require_slicer_core()
 pytest.importorskip("trame_slicer", reason="trame-slicer is not installed (pip install -e 'trainer[test]')")

@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from module_support import Recorder, assert_bad_job, events_when_task_raises, rotation, save_tiny_model
 from steprl import io
 from steprl.geometry import Geometry, Image
 from steprl.modelfile import save_model
 from steprl.segmentation.inference import segment
 from steprl.worker import mask_paths, read_job, run_job
-from test_spac_module_support import Recorder, assert_bad_job, events_when_task_raises, rotation, save_tiny_model
 
 STEPS = 3
 SHAPE = (5, 20, 18)  # (D, H, W)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_spac_module_support import (
+from module_support import (
     MODEL_CASES,
     NoRunner,
     assert_crash_before_any_step,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_spac_module_support import REPO_ROOT, grab, oblique_pair, require_slicer_core, save_tiny_model
+from module_support import REPO_ROOT, grab, oblique_pair, require_slicer_core, save_tiny_model
 
 slicer = require_slicer_core()
 pytest.importorskip("trame_slicer", reason="trame-slicer is not installed (pip install -e 'trainer[test]')")

@@ -16,9 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from steprl import io
-from steprl.worker import read_job, run_job
-from test_spac_module_support import (
+from module_support import (
     Recorder,
     assert_bad_job,
     events_when_task_raises,
@@ -28,6 +26,8 @@ from test_spac_module_support import (
     save_tiny_model,
     wait_group_gone,
 )
+from steprl import io
+from steprl.worker import read_job, run_job
 
 STEPS = 2
 

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 import SimpleITK as sitk
+from module_support import Recorder, assert_one_error_event
 from steprl.commands import SAMPLE_DIR
 from steprl.errors import InputError
 from steprl.protocol import RegisterJob, SegmentJob, job_from_dict
 from steprl.worker import run_job
-from test_spac_module_support import Recorder, assert_one_error_event
 
 FIXED, MOVING = SAMPLE_DIR / "sample_fixed.nrrd", SAMPLE_DIR / "sample_moving.nrrd"
 
@@ -169,7 +169,7 @@ def test_the_install_list_covers_every_model_kind(tmp_path, unet_model):
 
 
 def test_keep_job_folder_keeps_the_inputs_job_and_step_files(tmp_path):
-    from test_spac_module_support import require_slicer_core
+    from module_support import require_slicer_core
 
     slicer = require_slicer_core()
     from PixelRLSegmentLib.logic import SegmentationLogic, SegmentationRequest

@@ -200,7 +200,7 @@ def main() -> int:
     from trame_slicer.core import SlicerApp
 
     sys.path.insert(0, str(REPO / "Testing"))
-    from test_spac_module_support import save_tiny_model
+    from module_support import save_tiny_model
 
     print(f"date {time.strftime('%Y-%m-%d %H:%M')}  load {os.getloadavg()}  cpus {os.cpu_count()}  "
           f"python {sys.version.split()[0]}")

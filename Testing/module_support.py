@@ -1,4 +1,4 @@
-"""Helpers shared by the SPACRegistration module tests (``test_spac_module_*.py``); no tests here.
+"""Helpers shared by the module tests (SPACRegistration, PixelRLSegment, the worker); no tests here.
 
 The module's Lib and the shared ``StepRLCommon`` are imported from the source tree (conftest.py
 puts their folders on ``sys.path``), as Slicer does with the scripted modules' folder. ``slicer``
