@@ -34,10 +34,10 @@ from module_support import (
 slicer = require_slicer_core()
 
 from SPACRegistrationLib.logic import RegistrationLogic, RegistrationRequest, RunState  # noqa: E402
-from SPACRegistrationLib.mrmlio import export_volume, volume_from_image  # noqa: E402
 from steprl.errors import InputError, ModelFileError  # noqa: E402
 
 from StepRLCommon import workerlogic as logic_module  # noqa: E402
+from StepRLCommon.mrmlio import export_volume, volume_from_image  # noqa: E402
 
 STEPS = 3
 
@@ -133,7 +133,7 @@ def test_run_streams_every_step_and_matches_the_worker_warp(models_dir, scene_an
 
     # Slicer's "Harden transform" on a copy of the moving volume, then an identity resampling onto
     # the fixed grid: the same image up to the second interpolation.
-    from SPACRegistrationLib.mrmlio import resample_volume
+    from SPACRegistrationLib.transforms import resample_volume
 
     copy = volume_from_image(scene, moving_image, "moving copy")
     copy.SetAndObserveTransformNodeID(transform.GetID())

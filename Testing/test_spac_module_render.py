@@ -72,11 +72,12 @@ def test_slice_view_follows_the_steps(offscreen_env, tmp_path, monkeypatch):
         monkeypatch.setenv(key, value)
     from PIL import Image as PILImage
     from SPACRegistrationLib.logic import RegistrationLogic, RegistrationRequest, RunState
-    from SPACRegistrationLib.mrmlio import volume_from_image
     from steprl.geometry import Image
     from trame_slicer.core import SlicerApp
     from trame_slicer.views import DirectViewFactory, ViewLayoutDefinition
     from trame_slicer.views.render_scheduler import NoScheduleRendering
+
+    from StepRLCommon.mrmlio import volume_from_image
 
     app = SlicerApp()
     app.view_manager.register_factory(DirectViewFactory(do_render_offscreen=True))

@@ -173,8 +173,9 @@ def test_keep_job_folder_keeps_the_inputs_job_and_step_files(tmp_path):
 
     slicer = require_slicer_core()
     from PixelRLSegmentLib.logic import SegmentationLogic, SegmentationRequest
-    from SPACRegistrationLib.mrmlio import volume_from_image
     from steprl import io
+
+    from StepRLCommon.mrmlio import volume_from_image
 
     scene = slicer.vtkMRMLScene()
     image = io.read_image(FIXED)

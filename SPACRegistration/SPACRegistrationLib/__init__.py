@@ -4,8 +4,8 @@ Built on the shared ``StepRLCommon`` package (run life cycle, worker protocol, p
 result nodes, model cards); what is here is SPAC's own:
 
 - ``logic``: the registration checks, job and steps (:class:`logic.RegistrationLogic`).
-- ``mrmlio``: grid transforms read from the worker's fields, copied and resampled through.
-- ``results``: the registration result nodes and "Keep this step".
+- ``steps``: the step nodes of a registration result and "Keep this step".
+- ``transforms``: grid transforms read from the worker's fields, copied and resampled through.
 - ``models``: the SPAC models; ``parameters``: the parameter node.
 
 Every Python file added to this folder must also be listed in ``MODULE_PYTHON_SCRIPTS`` of

@@ -29,6 +29,7 @@ from pathlib import Path
 from steprl.errors import InputError
 from steprl.protocol import RegisterJob, write_job
 
+from StepRLCommon.mrmlio import export_volume
 from StepRLCommon.protocol import StepEvent
 from StepRLCommon.workerlogic import (
     RunState,
@@ -40,8 +41,8 @@ from StepRLCommon.workerlogic import (
     worker_environment,
 )
 
-from . import models, results
-from .mrmlio import export_volume, is_own_proxy, read_grid_transform
+from . import models, steps
+from .transforms import is_own_proxy, read_grid_transform
 
 __all__ = ["RegistrationLogic", "RegistrationRequest", "RegistrationRun", "RunState", "default_python_command",
            "default_temp_root", "in_slicer", "worker_environment"]
@@ -74,7 +75,7 @@ class RegistrationRequest:
 
 
 class RegistrationRun(WorkerRun):
-    """One running or finished registration (``nodes``: its :class:`~.results.ResultNodes`)."""
+    """One running or finished registration (``nodes``: its :class:`~.steps.ResultNodes`)."""
 
 
 class RegistrationLogic(WorkerLogic):
@@ -84,7 +85,7 @@ class RegistrationLogic(WorkerLogic):
     task_noun = "registration"
     methods = (models.METHOD,)
     model_kind = "SPAC registration model"
-    result_kind = results.KIND
+    result_kind = steps.KIND
     run_class = RegistrationRun
 
     def check(self, request: RegistrationRequest) -> models.ModelEntry:
@@ -138,12 +139,12 @@ class RegistrationLogic(WorkerLogic):
             raise InputError(f"The field of step {event.step} could not be read ({err}).",
                              "Check free space in Slicer's temporary folder, then apply again.") from err
         if run.nodes is not None:
-            results.add_step(run.nodes, event.step, node, event.metrics, self.sequences_logic)
+            steps.add_step(run.nodes, event.step, node, event.metrics, self.sequences_logic)
             return
         base = f"{run.request.moving.GetName()} SPAC"
-        run.nodes = results.create(self.scene, event.step, node, event.metrics, run.request.fixed,
+        run.nodes = steps.create(self.scene, event.step, node, event.metrics, run.request.fixed,
                                    run.request.moving, self.sequences_logic, base)
-        results.select(run.nodes, 0, self.sequences_logic)
+        steps.select(run.nodes, 0, self.sequences_logic)
         proxy_id = run.nodes.proxy.GetID()
         run.request.moving.SetAndObserveTransformNodeID(proxy_id)
         labels = run.request.moving_labels
@@ -159,4 +160,4 @@ class RegistrationLogic(WorkerLogic):
         nodes = self.nodes_of(run_or_browser)
         if step is None:
             step = nodes.selected_step
-        return results.keep(nodes, step, self.scene, resample=resample, name=name)
+        return steps.keep(nodes, step, self.scene, resample=resample, name=name)

@@ -16,7 +16,7 @@ import logging
 from StepRLCommon import stepresults
 from StepRLCommon.stepresults import StepNodes, add_step, append_metrics, select
 
-from .mrmlio import copy_grid_transform, resample_volume
+from .transforms import copy_grid_transform, resample_volume
 
 __all__ = ["COLUMNS", "KIND", "ResultNodes", "add_step", "append_metrics", "create", "from_browser", "keep",
            "select"]

@@ -1,7 +1,7 @@
 """Grid transforms in and out of MRML with Slicer's own readers, and resampling through them.
 
 Geometry stays Slicer's business here: volumes are written by Slicer's volume storage node
-(``StepRLCommon.mrmlio``, re-exported here), and the worker's displacement fields (ITK
+(``StepRLCommon.mrmlio``), and the worker's displacement fields (ITK
 displacement fields, LPS, pull-back) are read by Slicer's transform storage node, which turns
 them into a RAS grid transform FROM the parent, the convention of DESIGN.md. No LPS/RAS
 arithmetic happens in this module.
@@ -28,12 +28,12 @@ from vtkmodules.vtkCommonMath import vtkMatrix4x4
 from vtkmodules.vtkCommonTransforms import vtkGeneralTransform
 from vtkmodules.vtkImagingCore import vtkImageCast, vtkImageReslice
 
-from StepRLCommon.mrmlio import export_volume, ijk_to_world, role_attribute, volume_from_image
+from StepRLCommon.mrmlio import ijk_to_world, role_attribute
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FLOAT", "ROLE_ATTRIBUTE", "copy_grid_transform", "export_volume", "ijk_to_world", "is_own_proxy",
-           "read_grid_transform", "resample_volume", "volume_from_image"]
+__all__ = ["FLOAT", "ROLE_ATTRIBUTE", "copy_grid_transform", "is_own_proxy", "read_grid_transform",
+           "resample_volume"]
 
 #: Attribute that marks the nodes this module created, with their role as value.
 ROLE_ATTRIBUTE = role_attribute("SPACRegistration")
