@@ -320,6 +320,25 @@ def test_atomic_path_and_write_json(tmp_path):
     assert only_files(tmp_path) == ["m.json"]
 
 
+
+def test_nested_atomic_paths_are_placed_innermost_first_and_text_replaces(tmp_path, monkeypatch):
+    import os
+
+    from steprl import atomic
+
+    order = []
+    real_replace = os.replace
+    monkeypatch.setattr(atomic.os, "replace", lambda src, dst: (order.append(os.path.basename(dst)),
+                                                                real_replace(src, dst)))
+    with atomic.atomic_path(tmp_path / "card.json") as card, atomic.atomic_path(tmp_path / "w.bin") as weights:
+        weights.write_bytes(b"w")
+        card.write_text("{}")
+    monkeypatch.undo()
+    assert order == ["w.bin", "card.json"]  # the card that names the weights comes last
+    atomic.write_text(tmp_path / "card.json", "new")
+    assert (tmp_path / "card.json").read_text() == "new"
+    assert only_files(tmp_path) == ["card.json", "w.bin"]
+
 # ---- displacement fields ---------------------------------------------------------------
 @pytest.mark.parametrize("ext", [".nii.gz", ".nrrd", ".mha"])
 def test_displacement_field_is_itk_resampling_transform(tmp_path, ext):

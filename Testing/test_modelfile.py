@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from steprl import modelfile
+from steprl.atomic import TEMP_PREFIX
 from steprl.errors import ModelFileError
 from torch import nn
 
@@ -49,7 +50,7 @@ def test_round_trip(saved, tmp_path):
     fresh = _net()
     modelfile.check_state_dict(fresh, state, path)
     assert torch.equal(fresh[0].weight, net[0].weight)
-    assert not list(tmp_path.glob("*.tmp"))
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(f"{TEMP_PREFIX}*"))
     umask = os.umask(0)
     os.umask(umask)
     for written in (path, path.with_suffix(".json")):  # shareable, as any file the user writes

@@ -13,6 +13,7 @@ import pytest
 import torch
 from steprl import device as sdevice
 from steprl import modelfile
+from steprl.atomic import TEMP_PREFIX
 from steprl.errors import CheckpointError, InputError
 from steprl.training import checkpoint as ckpt
 from steprl.training import distributed as tdist
@@ -95,7 +96,7 @@ def test_outputs_exist_load_and_are_consistent(tmp_path):
         assert state["learner"]["updates"] == 4 * epoch
         model_state, _ = modelfile.load_model(out / f"model_{name}")
         assert torch.equal(model_state["weight"], fresh.net.weight)
-    assert not list(out.rglob("*.tmp"))
+    assert not list(out.rglob("*.tmp")) and not list(out.rglob(f"{TEMP_PREFIX}*"))
 
 
 def test_finished_run_is_not_trained_again(tmp_path):
@@ -139,7 +140,7 @@ def test_interrupted_checkpoint_write_keeps_previous_one(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "replace", real_replace)
 
     assert last.read_bytes() == before
-    assert not list(out.rglob("*.tmp"))
+    assert not list(out.rglob("*.tmp")) and not list(out.rglob(f"{TEMP_PREFIX}*"))
     assert ckpt.read_checkpoint_state(last)["epoch"] == 1
     # The epoch whose commit failed is redone, and the outcome is the uninterrupted one.
     learner = ToyLearner()

@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     for failure in failures:
         print(failure)
     if args.markdown:
-        from steprl.io import atomic_path
+        from steprl.atomic import atomic_path
 
         with atomic_path(args.markdown) as tmp_path:
             Path(tmp_path).write_text("\n".join(header()) + "\n\n" + table(rows, markdown=True) + "\n")

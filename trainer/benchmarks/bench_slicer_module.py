@@ -66,8 +66,8 @@ def rss_mib() -> float:
 def emit(folder: Path, steps: int, grid: int, interval: float) -> None:
     """Act as the worker: write each step's field atomically, then print its event (worker format)."""
     import SimpleITK as sitk
+    from steprl.atomic import atomic_path
     from steprl.geometry import Geometry, Image
-    from steprl.io import atomic_path
     from steprl.worker import field_path, line_emitter
 
     out = line_emitter(sys.stdout)

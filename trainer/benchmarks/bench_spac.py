@@ -433,18 +433,6 @@ NOTES = [
 ]
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path = path.resolve()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-
-
 # ---------------------------------------------------------------------------------- driver
 def _child(args: argparse.Namespace, name: str, device: str, precision: str, workdir: Path) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--one", name, device, precision, "--json",
@@ -551,7 +539,9 @@ def main(argv: list[str] | None = None) -> int:
         if extra:
             md += ["```", *extra, "```", ""]
         md += [f"- {n}" for n in NOTES + notes] + [""]
-        _atomic_write(args.markdown, "\n".join(md))
+        from steprl.atomic import write_text
+
+        write_text(args.markdown, "\n".join(md))
         print(f"\nwrote {args.markdown}")
     return 0 if all("error" not in r for r in rows) else 1
 

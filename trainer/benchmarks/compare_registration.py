@@ -61,6 +61,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from steprl.atomic import atomic_path, write_text
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -463,18 +464,9 @@ def plot(results: dict, path: Path) -> None:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _cpu_model() -> str:
@@ -712,7 +704,7 @@ def main(argv: list[str] | None = None) -> int:
     record = {"argv": argv, "started": started, "threads": args.threads, "models": models,
               "load_start": list(load_start), "load_end": os.getloadavg()[0], "wall": time.perf_counter() - t0,
               "results": results}
-    _write_atomic(args.out.with_suffix(".json"), json.dumps(record, indent=1, default=float))
+    write_text(args.out.with_suffix(".json"), json.dumps(record, indent=1, default=float))
     write_outputs(record, args)
     log.info("wrote %s (%.1f min)", args.out, record["wall"] / 60)
     return 0
@@ -723,7 +715,7 @@ def write_outputs(record: dict, args) -> None:
     plot(record["results"], args.out.with_name("compare_registration_dice_vs_step.png"))
     command = ["trainer/benchmarks/compare_registration.py", *record["argv"]]
     nan = float("nan")
-    _write_atomic(args.out, report(record["results"], args, command, record["started"],
+    write_text(args.out, report(record["results"], args, command, record["started"],
                                    tuple(record.get("load_start", (nan,) * 3)), record.get("wall", nan),
                                    record["models"], record.get("load_end")))
 

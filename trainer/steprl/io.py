@@ -11,8 +11,8 @@ images (displacement fields) as ``(*S, C)``.
 
 Writes are atomic: data go to a temporary name in the destination folder that keeps the real
 extension (SimpleITK picks its writer by extension) and are renamed into place with
-:func:`os.replace`; on failure nothing half-written is left. :func:`atomic_path` is the generic
-tool for that and other modules reuse it for JSON, PNG and safetensors outputs.
+:func:`os.replace`; on failure nothing half-written is left (:mod:`steprl.atomic`, the one
+implementation of that for every steprl output).
 
 Example::
 
@@ -24,21 +24,19 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import re
-import shutil
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
 
+from steprl.atomic import atomic_detached, atomic_path, write_text
 from steprl.errors import InputError
 from steprl.filecheck import check_file
 from steprl.geometry import Geometry, Image
@@ -62,100 +60,17 @@ SUPPORTED_READ = (
     "NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd), "
     "PNG/JPEG/TIFF/BMP pictures (2D), or a folder holding a DICOM series"
 )
-_TMP_PREFIX = ".steprl-tmp-"
 #: Files :func:`expand_files` picks from a folder of images.
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".tif", ".tiff", ".jpg")
 
 
-# ---- atomic outputs -------------------------------------------------------------------
+# ---- file names and JSON --------------------------------------------------------------
 def extension(path: str | os.PathLike) -> str:
     """Lower-case extension of ``path``, with ``.nii.gz`` (and ``.xxx.gz``) kept whole."""
     suffixes = [s.lower() for s in Path(path).suffixes]
     if len(suffixes) >= 2 and suffixes[-1] == ".gz":
         return suffixes[-2] + suffixes[-1]
     return suffixes[-1] if suffixes else ""
-
-
-def _temporary_sibling(path: Path) -> Path:
-    """A fresh name in ``path``'s folder that ENDS with ``path.name`` (so every suffix is kept)."""
-    return path.parent / f"{_TMP_PREFIX}{uuid.uuid4().hex[:10]}-{path.name}"
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-
-
-def _fsync(path: Path) -> None:
-    """Flush a written file to disk, so that the rename never exposes an empty file after a crash."""
-    if path.is_file():
-        with open(path, "rb") as handle:
-            os.fsync(handle.fileno())
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Write ``path`` atomically: yield a temporary path to write to, rename it into place after.
-
-    The temporary path lies in the same folder (so the rename is atomic on one file system) and
-    ends with the real file name, so every suffix (``.nii.gz``, ``.json``, ``.safetensors``)
-    is kept for writers that choose the format by extension. Parent folders are created.
-
-    - On success the temporary file is flushed to disk and ``os.replace``-d onto ``path``
-      (replacing an existing file). The body must have created it.
-    - On any exception the temporary file (or folder) is removed and the exception re-raised;
-      an existing ``path`` is left untouched.
-
-    The body may also create a FOLDER at the yielded path (e.g. a DICOM series); it then
-    replaces ``path`` if that is missing or an empty folder.
-
-    Example::
-
-        with atomic_path("out/model.safetensors") as tmp:
-            safetensors.torch.save_file(tensors, tmp)
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary_sibling(path)
-    try:
-        yield tmp
-        if not tmp.exists():
-            raise FileNotFoundError(f"nothing was written to the temporary file {tmp} for {path}")
-        _fsync(tmp)
-        if tmp.is_dir() and path.is_dir() and not any(path.iterdir()):
-            path.rmdir()  # os.replace onto an empty folder is not portable
-        os.replace(tmp, path)
-    except BaseException:
-        _remove(tmp)
-        raise
-
-
-@contextlib.contextmanager
-def _atomic_detached(path: Path) -> Iterator[Path]:
-    """Like :func:`atomic_path` for two-file formats (``.mhd`` + ``.raw``, ``.nhdr`` + ``.raw``).
-
-    The header names its data file, so the files cannot be written under temporary names.
-    They are written with their REAL names into a temporary folder beside ``path``, then moved
-    next to it: data files first, the header last, so a reader never finds a header whose
-    data is missing. On failure the temporary folder is removed.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = _temporary_sibling(path.with_name(path.name + ".d"))
-    tmp_dir.mkdir()
-    try:
-        yield tmp_dir / path.name
-        header = tmp_dir / path.name
-        if not header.exists():
-            raise FileNotFoundError(f"nothing was written for {path}")
-        others = [p for p in tmp_dir.iterdir() if p != header]
-        for item in [*others, header]:
-            _fsync(item)
-            os.replace(item, path.parent / item.name)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 def write_json(obj: Any, path: str | os.PathLike) -> Path:
@@ -169,9 +84,7 @@ def write_json(obj: Any, path: str | os.PathLike) -> Path:
 
     path = Path(path)
     text = json.dumps(finite_json(obj), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    return path
+    return write_text(path, text)
 
 
 # ---- reading --------------------------------------------------------------------------
@@ -541,7 +454,7 @@ def write_image(image: Image, path: str | os.PathLike) -> Path:
             "Rescale and cast it to uint8 or uint16 first, or write .nii.gz / .nrrd to keep the values.",
         )
     sitk_image = _to_sitk(image)
-    writer = _atomic_detached if ext in _DETACHED else atomic_path
+    writer = atomic_detached if ext in _DETACHED else atomic_path
     try:
         with writer(path) as tmp:
             sitk.WriteImage(sitk_image, str(tmp), useCompression=ext in _COMPRESSED)

@@ -32,13 +32,13 @@ import hashlib
 import json
 import logging
 import os
-import secrets
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import steprl
+from steprl.atomic import atomic_path
 from steprl.errors import InputError, ModelFileError
 
 if TYPE_CHECKING:  # pragma: no cover - typing only, keeps torch out of the import
@@ -109,15 +109,6 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def temp_path_for(final: Path) -> Path:
-    """An unused hidden temporary name next to ``final``, to write there and ``os.replace`` onto it.
-
-    Same folder, so the rename is atomic; the file is not created here (unlike mkstemp, whose
-    0600 mode would survive the rename and hide a shared model from other users).
-    """
-    return final.with_name(f".{final.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-
-
 def _umask() -> int:
     """The process umask, read without changing it where Linux allows (os.umask is set-and-get)."""
     with contextlib.suppress(OSError, ValueError):
@@ -133,11 +124,6 @@ def make_shareable(path: Path) -> None:
     """Give a written file the usual ``0666 & ~umask`` mode: safetensors creates files 0600,
     which would hide a model in a shared folder from the other users."""
     os.chmod(path, 0o666 & ~_umask())
-
-
-def _remove_quietly(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        path.unlink()
 
 
 # ------------------------------------------------------------------------------------------ save
@@ -195,24 +181,14 @@ def save_model(path: str | os.PathLike[str], state_dict: dict[str, torch.Tensor]
     except (TypeError, ValueError) as exc:
         raise ValueError(f"model card is not JSON-serialisable: {exc}") from exc
 
-    tmp_weights = temp_path_for(weights_path)
-    tmp_card = temp_path_for(card_path)
-    try:
+    # the inner block is renamed into place first: the weights, then the card that names their sha256
+    with atomic_path(card_path) as tmp_card, atomic_path(weights_path) as tmp_weights:
         save_file(tensors, str(tmp_weights), metadata={"format": "pt", "steprl_method": str(card["method"])})
         make_shareable(tmp_weights)
-        with open(tmp_weights, "rb+") as f:
-            os.fsync(f.fileno())
         full_card["sha256"] = _sha256(tmp_weights)
         with open(tmp_card, "w", encoding="utf-8") as f:
             json.dump(full_card, f, indent=2, sort_keys=True, allow_nan=False)
             f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_weights, weights_path)
-        os.replace(tmp_card, card_path)
-    finally:
-        _remove_quietly(tmp_weights)
-        _remove_quietly(tmp_card)
     logger.debug("Saved %s model (%d parameters) to %s", card["method"], full_card["parameters"], weights_path)
     return weights_path
 

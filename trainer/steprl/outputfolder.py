@@ -40,6 +40,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from steprl.atomic import write_text
 from steprl.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -316,14 +317,9 @@ def publish(staging: Path, out: str | os.PathLike) -> None:
     log.info("Wrote %d files to %s", len(new), out)
 
 
-def _manifest_tmp(real: Path) -> Path:
-    return real / f"{MANIFEST}.{os.getpid()}.tmp"
-
-
 def _write_manifest(real: Path, files: list[str]) -> None:
-    tmp = _manifest_tmp(real)
-    tmp.write_text(json.dumps({"written_by": "steprl", "files": files}, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, real / MANIFEST)
+    """The manifest, atomically (a failed write leaves no temporary file: :func:`steprl.atomic.atomic_path`)."""
+    write_text(real / MANIFEST, json.dumps({"written_by": "steprl", "files": files}, indent=1) + "\n")
 
 
 def _roll_back(real: Path, staging: Path, placed: list[str], moved_aside: list[str], made: list[Path]) -> None:
@@ -332,8 +328,6 @@ def _roll_back(real: Path, staging: Path, placed: list[str], moved_aside: list[s
     A previous file that cannot be put back stays in the staging folder, which is then kept
     (see :func:`_keeps_previous_files`) and named in the log: nothing is lost.
     """
-    with contextlib.suppress(OSError):
-        _manifest_tmp(real).unlink(missing_ok=True)
     for rel in reversed(placed):
         with contextlib.suppress(OSError):
             os.replace(real / rel, staging / rel)

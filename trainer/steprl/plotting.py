@@ -141,9 +141,9 @@ def _image_panel(ax, image: np.ndarray, window: tuple[float, float], title: str,
 
 
 def _save_atomic(fig: Figure, path: str | os.PathLike) -> Path:
-    """Save ``fig`` as PNG to ``path`` atomically (:func:`steprl.io.atomic_path`: the file gets
+    """Save ``fig`` as PNG to ``path`` atomically (:func:`steprl.atomic.atomic_path`: the file gets
     the usual ``0666 & ~umask`` mode, as every other output; mkstemp's 0600 would hide it)."""
-    from steprl.io import atomic_path
+    from steprl.atomic import atomic_path
 
     path = Path(path)
     with atomic_path(path) as tmp:

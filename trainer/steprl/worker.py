@@ -128,8 +128,8 @@ def _write_mask(image, path: Path) -> None:
     import numpy as np
     import SimpleITK as sitk
 
+    from steprl.atomic import atomic_path
     from steprl.geometry import Image
-    from steprl.io import atomic_path
 
     sitk_image = Image(np.asarray(image.array, dtype=np.uint8), image.geometry).to_sitk()
     with atomic_path(path) as tmp:
@@ -141,8 +141,8 @@ def _write_field(result, path: Path) -> None:
     import numpy as np
     import SimpleITK as sitk
 
+    from steprl.atomic import atomic_path
     from steprl.geometry import Image
-    from steprl.io import atomic_path
 
     displacement = result.displacement
     image = Image(np.asarray(displacement.array, dtype=np.float32), displacement.geometry).to_sitk()

@@ -18,6 +18,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from steprl.atomic import atomic_path
 from steprl.io import write_json
 from steprl.modelfile import load_model, model_paths
 
@@ -65,9 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     card["name"] = args.name
     BUNDLED.mkdir(parents=True, exist_ok=True)
     target = BUNDLED / f"{args.name}.safetensors"
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.copyfile(weights, tmp)
-    tmp.replace(target)
+    with atomic_path(target) as tmp:
+        shutil.copyfile(weights, tmp)
     write_json(card, BUNDLED / f"{args.name}.json")
     load_model(target)  # the bundled copy verifies too
     print(f"bundled {target} ({card.get('parameters')} parameters)")

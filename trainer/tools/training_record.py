@@ -21,6 +21,8 @@ import math
 import sys
 from pathlib import Path
 
+from steprl.atomic import write_text
+
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
 
@@ -55,12 +57,6 @@ def read_run(run: Path, label: str | None = None) -> dict:
 def load(name: str) -> dict:
     path = RESULTS / f"training_record_{name}.json"
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"model": name, "runs": []}
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 def render(record: dict) -> str:
@@ -130,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         index = next((i for i, r in enumerate(record["runs"]) if r["run"] == entry["run"]), len(runs))
         runs.insert(index, entry)
         record["runs"] = runs
-        _write(RESULTS / f"training_record_{args.name}.json", json.dumps(record, indent=1) + "\n")
-    _write(RESULTS / f"training_record_{args.name}.md", render(record))
+        write_text(RESULTS / f"training_record_{args.name}.json", json.dumps(record, indent=1) + "\n")
+    write_text(RESULTS / f"training_record_{args.name}.md", render(record))
     plot(record, RESULTS / f"training_record_{args.name}.png")
     print(f"wrote {RESULTS / f'training_record_{args.name}.md'}")
     return 0

@@ -27,7 +27,6 @@ able dict) in their ``state()``; only the global python / numpy / torch RNGs are
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import json
 import logging
@@ -41,8 +40,9 @@ import torch
 from torch import nn
 
 import steprl
+from steprl.atomic import atomic_path
 from steprl.errors import CheckpointError
-from steprl.modelfile import make_shareable, nonfinite_tensors, temp_path_for
+from steprl.modelfile import make_shareable, nonfinite_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -226,16 +226,9 @@ def save_checkpoint(
     }
     text = json.dumps(meta)  # raises TypeError before anything is written
 
-    tmp = temp_path_for(final)
-    try:
+    with atomic_path(final) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt", _META_KEY: text})
         make_shareable(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
     return final
 
 

@@ -45,6 +45,7 @@ from torch import nn
 
 import steprl
 from steprl import modelfile
+from steprl.atomic import write_text
 from steprl.errors import CheckpointError
 from steprl.jsonvalues import finite_json
 from steprl.training import distributed as tdist
@@ -135,18 +136,6 @@ class FitResult:
 def _jsonable(obj: Any) -> Any:
     """``obj`` as it reads back from JSON (tuples -> lists; Paths and other objects -> str)."""
     return json.loads(json.dumps(obj, default=str))
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = modelfile.temp_path_for(path)
-    try:
-        with open(tmp, "x", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _read_history(path: Path, before_epoch: int) -> list[dict[str, Any]]:
@@ -374,7 +363,7 @@ def fit(
     writer = None
     if dist.is_main:
         history = _read_history(history_path, start_epoch)
-        _write_text_atomic(
+        write_text(
             out / "config.json",
             json.dumps(
                 {
@@ -435,7 +424,7 @@ def fit(
                         "seconds": round(time.monotonic() - started, 3),
                     }
                 )
-                _write_text_atomic(history_path, "".join(json.dumps(finite_json(h), allow_nan=False) + "\n"
+                write_text(history_path, "".join(json.dumps(finite_json(h), allow_nan=False) + "\n"
                                                          for h in history))  # a NaN loss is null, not bare NaN
                 # The commit point: written last (see the module docstring).
                 save_checkpoint(last_path, learner.modules, learner.optimizers, ckpt_state, extra,
