@@ -53,6 +53,22 @@ def test_dice_absent_labels_and_inputs():
         M.dice_per_label(pred, ref[:, :2])
 
 
+def test_binary_dice_follows_the_one_empty_rule_for_numpy_and_torch():
+    a = np.zeros((4, 5), np.uint8)
+    a[1:3, 1:4] = 1  # 6 voxels
+    b = np.zeros_like(a)
+    b[2:4, 1:4] = 2  # 6 voxels, 3 shared; any non-zero value is foreground
+    assert M.dice(a, b) == pytest.approx(0.5)
+    assert M.dice(torch.from_numpy(a), torch.from_numpy(b) > 0) == pytest.approx(0.5)
+    assert M.dice(a, b) == M.segmentation_metrics(a, b, (1.0, 1.0))["dice"] == M.dice_per_label(a > 0, b > 0)[1]
+    empty = np.zeros_like(a)
+    assert M.dice(empty, empty) == 1.0 and M.segmentation_metrics(empty, empty, (1.0, 1.0))["dice"] == 1.0
+    assert M.dice(a, empty) == 0.0 and M.dice(empty, a) == 0.0
+    assert M.dice_per_label(empty, empty) == {} and math.isnan(M.mean_dice(empty, empty))  # nothing to score
+    with pytest.raises(InputError):
+        M.dice(a, a[:3])
+
+
 def test_dice_matches_sitk_label_overlap():
     rng = np.random.default_rng(1)
     ref = ndimage.median_filter(rng.integers(0, 5, (12, 14, 16)), size=3).astype(np.int32)

@@ -107,6 +107,15 @@ def _label_counts(labels: np.ndarray) -> dict[int, int]:
     return {int(v): int(c) for v, c in zip(values, counts, strict=True)}
 
 
+def dice(pred_mask: Any, ref_mask: Any) -> float:
+    """Dice ``2|P & R| / (|P| + |R|)`` of two binary masks (non-zero = foreground; numpy or torch,
+    any shape, e.g. a batch of slices pooled). Both empty: 1.0; one empty: 0.0 (the module's rule)."""
+    p, r = _as_numpy(pred_mask) != 0, _as_numpy(ref_mask) != 0
+    _same_shape(p, r, "Dice")
+    total = int(np.count_nonzero(p)) + int(np.count_nonzero(r))
+    return _ratio(2 * int(np.count_nonzero(p & r)), total, both_empty=total == 0)
+
+
 def dice_per_label(pred: Any, ref: Any, labels: Iterable[int] | None = None) -> dict[int, float]:
     """Dice coefficient ``2|P & R| / (|P| + |R|)`` of each label of two label maps.
 
@@ -114,8 +123,9 @@ def dice_per_label(pred: Any, ref: Any, labels: Iterable[int] | None = None) -> 
         pred, ref: integer label maps of the same shape (any dimension); 0 is background.
         labels: labels to score; default: every non-zero label present in either map.
 
-    Returns ``{label: dice}``. A label absent from both maps is skipped; absent from one -> 0.0.
-    Counting is one ``bincount`` pass per map (fast with tens of labels on large volumes).
+    Returns ``{label: dice}``. A label absent from both maps is skipped; absent from one -> 0.0
+    (the module's rule; :func:`dice` scores one binary mask). Counting is one ``bincount`` pass
+    per map (fast with tens of labels on large volumes). Torch tensors on any device are accepted.
     """
     p, r = _as_labels(pred), _as_labels(ref)
     _same_shape(p, r, "Dice")

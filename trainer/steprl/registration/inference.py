@@ -154,16 +154,6 @@ def _labels_on_fixed(labels: Image | None, fixed: Geometry, device) -> torch.Ten
     return spatial.resample(t, labels.geometry, fixed, mode="nearest")
 
 
-def _dice(fixed_labels: torch.Tensor, warped_labels: torch.Tensor, labels: list[int]) -> dict[int, float]:
-    out = {}
-    for lab in labels:
-        a, b = fixed_labels == lab, warped_labels == lab
-        total = int(a.sum() + b.sum())
-        if total:
-            out[lab] = float(2 * (a & b).sum()) / total
-    return out
-
-
 def register(
     fixed: Image,
     moving: Image,
@@ -198,7 +188,7 @@ def register(
         refine_settings: a :class:`steprl.registration.refine.RefineSettings` (default: the card's).
     """
     from steprl.device import resolve_device
-    from steprl.metrics import local_ncc
+    from steprl.metrics import dice_per_label, local_ncc
 
     dev = resolve_device(device)
     spac = model if isinstance(model, LoadedSPAC) else load_spac(model, dev)
@@ -251,7 +241,7 @@ def register(
         if moving_label_t is not None:
             warped_labels = out.warp_moving(moving_label_t, moving_labels.geometry, mode="nearest")
             out._warped_labels = warped_labels
-            per_label = _dice(ctx.fixed_labels, warped_labels, label_ids)
+            per_label = dice_per_label(warped_labels, ctx.fixed_labels, label_ids)
             metrics["dice_per_label"] = per_label
             metrics["dice"] = float(np.mean(list(per_label.values()))) if per_label else float("nan")
         metrics["seconds"] = time.perf_counter() - start

@@ -421,7 +421,8 @@ class SyntheticSliceSource:
 
 
 def pooled_dice(pred: torch.Tensor, ref: torch.Tensor) -> float:
-    """Dice of all slices pooled (``2 sum TP / (sum |P| + sum |G|)``); 1.0 when both are empty."""
-    p, r = pred > 0.5, ref > 0.5
-    denominator = float(p.sum() + r.sum())
-    return 1.0 if denominator == 0 else float(2 * (p & r).sum()) / denominator
+    """Dice of all slices pooled (``2 sum TP / (sum |P| + sum |G|)``, :func:`steprl.metrics.dice`) of
+    masks thresholded at 0.5; 1.0 when both are empty."""
+    from steprl.metrics import dice
+
+    return dice(pred > 0.5, ref > 0.5)

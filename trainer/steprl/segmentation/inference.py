@@ -50,6 +50,7 @@ import torch
 from steprl.errors import InputError
 from steprl.geometry import Image
 from steprl.limits import check_steps
+from steprl.metrics import dice
 from steprl.segmentation.data import CaseSlices, prepare_case
 from steprl.segmentation.model import LoadedSegmenter, load_segmenter
 
@@ -95,11 +96,6 @@ def _check_labels(labels: Image | None, image: Image) -> None:
             f"The label map has shape {tuple(labels.array.shape)}, the image {tuple(image.array.shape)}.",
             "Read the label map with steprl.io.read_labels(path, image.geometry): it resamples it onto the image grid.",
         )
-
-
-def _dice(pred: np.ndarray, ref: np.ndarray) -> float:
-    denominator = int(pred.sum()) + int(ref.sum())
-    return 1.0 if denominator == 0 else 2.0 * int(np.count_nonzero(pred & ref)) / denominator
 
 
 class _Runner:
@@ -205,7 +201,7 @@ def segment(
         metrics = {"seconds": time.perf_counter() - start, "object_fraction": float(mask.mean()),
                    "changed_voxels": int(changed.sum())}
         if reference is not None:
-            metrics["dice"] = _dice(mask.astype(bool), reference)
+            metrics["dice"] = dice(mask, reference)
         return SegmentationStep(step, Image(mask, geometry), Image(changed.astype(np.uint8), geometry), metrics)
 
     previous = np.ones(image.array.shape, dtype=np.uint8)
