@@ -114,6 +114,11 @@ def _add_train(tsub, add_common) -> None:
     r.add_argument("--label-sigma", type=float, default=0.0, metavar="VOXELS",
                    help="blur both label maps by this Gaussian before the loss's Dice (thin structures then overlap, "
                         "and give a gradient, over a wider range of misalignment; default 0)")
+    r.add_argument("--distance-weight", type=float, default=0.0,
+                   help="weight of the labels' truncated signed-distance loss (voxels^2; unbiased by interpolation "
+                        "blur, unlike soft Dice on coarse grids: the 3D recipe uses it instead of --dice-weight)")
+    r.add_argument("--distance-clip", type=float, default=3.0, metavar="VOXELS",
+                   help="truncation of the signed distance maps (default 3 voxels)")
     r.add_argument("--bf16", action="store_true",
                    help="--unroll: run the policy under bfloat16 autocast (faster on GPUs and on CPUs with AMX or "
                         "AVX512-BF16; warps and losses stay float32). Measure first: "

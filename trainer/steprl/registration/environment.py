@@ -65,15 +65,23 @@ class RegistrationEnv:
         max_steps: episode length.
         max_step: per-step clamp in voxels (official SPAC: 1 in training, 3 at test).
         reward_scale: multiplies the Dice improvement (Dice steps are ~0.01, SAC likes O(1)).
+        score: what ``dice`` (and so the reward) measures: ``"soft"`` (the original: linearly
+            warped one-hot labels, soft Dice) or ``"hard"`` (nearest-neighbour labels, as
+            evaluation does; :mod:`steprl.registration.label_distance` says why soft Dice is
+            biased against motion on coarse grids).
     """
 
     def __init__(self, fixed, moving, fixed_labels, moving_labels, num_labels: int, max_steps: int,
-                 max_step: float = 1.0, reward_scale: float = 10.0) -> None:
+                 max_step: float = 1.0, reward_scale: float = 10.0, score: str = "soft") -> None:
+        if score not in ("soft", "hard"):
+            raise ValueError(f"score must be 'soft' or 'hard', got {score!r}")
         self.fixed, self.moving = fixed, moving
+        self.fixed_labels, self.moving_labels = fixed_labels, moving_labels
         self.fixed_onehot = one_hot(fixed_labels, num_labels)
         self.moving_onehot = one_hot(moving_labels, num_labels)
-        self.num_labels = num_labels
+        self.num_labels, self.score = num_labels, score
         self._blurred: tuple[float, torch.Tensor, torch.Tensor] | None = None
+        self._distances: tuple[float, torch.Tensor, torch.Tensor] | None = None
         self.max_steps, self.max_step, self.reward_scale = max_steps, max_step, reward_scale
         self.reset()
 
@@ -82,8 +90,27 @@ class RegistrationEnv:
         b, _, *shape = self.fixed.shape
         self.field = self.fixed.new_zeros(b, len(shape), *shape)
         self.t = 0
-        self.dice = self.dice_of(self.field)
+        self.dice = self.score_of(self.field)
         return self.state()
+
+    def score_of(self, field: torch.Tensor) -> torch.Tensor:
+        """Dice ``(B,)`` as ``score`` says (the rewards' and ``dice``'s measure)."""
+        if self.score == "hard":
+            from steprl.registration.label_distance import hard_dice
+
+            return hard_dice(self.fixed_labels, self.moving_labels, field, self.num_labels)
+        return self.dice_of(field)
+
+    def distance_of(self, field: torch.Tensor, clip: float = 3.0) -> torch.Tensor:
+        """Mean squared difference ``(B,)`` of truncated signed distance maps (:mod:`~.label_distance`), moving
+        maps warped by ``field``; the maps are computed once per environment (and per ``clip``)."""
+        from steprl.registration.label_distance import distance_loss, signed_distance_maps
+
+        if self._distances is None or self._distances[0] != clip:
+            self._distances = (clip, signed_distance_maps(self.fixed_labels, self.num_labels, clip),
+                               signed_distance_maps(self.moving_labels, self.num_labels, clip))
+        _, fixed, moving = self._distances
+        return distance_loss(fixed, moving, field)
 
     def state(self) -> torch.Tensor:
         return torch.cat([self.fixed, self.warped()], dim=1)
@@ -129,7 +156,7 @@ class RegistrationEnv:
         through its steps composes them itself); scores it like :meth:`step`."""
         self.field = field.detach().float()
         self.t += 1
-        dice = self.dice_of(self.field)
+        dice = self.score_of(self.field)
         reward = (dice - self.dice) * self.reward_scale
         self.dice = dice
         return StepOutcome(self.state(), reward, dice, self.t >= self.max_steps)

@@ -84,6 +84,8 @@ class SPACTrainConfig:
     sac_start: int = 0  # iterations (episodes) that fill the replay buffer before SAC updates begin
     grad_clip: float | None = None  # max gradient norm of the registration-loss update (None: no clipping)
     label_sigma: float = 0.0  # > 0: the loss's label Dice compares label maps blurred by this Gaussian (voxels)
+    distance_weight: float = 0.0  # weight of the truncated signed-distance loss of the labels (label_distance)
+    distance_clip: float = 3.0  # truncation of the signed distance maps, voxels
     bf16: bool = False  # rollout training: the policy's forward passes under bfloat16 autocast (warps, losses fp32)
     unroll: int = 0  # > 0: train through the rollout in windows of this many composed steps (module docstring)
     seed: int = 0
@@ -98,7 +100,7 @@ class SPACTrainConfig:
 
 #: settings added after the first release, with the value that reproduces the original behaviour
 _ADDED_LATER = {"field_weight": 0.0, "sac_start": 0, "grad_clip": None, "unroll": 0, "label_sigma": 0.0,
-                "bf16": False}
+                "bf16": False, "distance_weight": 0.0, "distance_clip": 3.0}
 
 
 def kl_to_standard_normal(mu: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
@@ -186,7 +188,8 @@ class SPACLearner:
         if cfg.unroll > 0:
             return self._rollout_iteration(iteration, batch)
         env = RegistrationEnv(batch.fixed, batch.moving, batch.fixed_labels, batch.moving_labels,
-                              self.source.num_labels, cfg.episode_steps, cfg.train_max_step, cfg.reward_scale)
+                              self.source.num_labels, cfg.episode_steps, cfg.train_max_step, cfg.reward_scale,
+                              score="hard" if cfg.distance_weight > 0 else "soft")
         state = env.reset()
         logs: dict[str, list[float]] = {}
         done = False
@@ -212,11 +215,12 @@ class SPACLearner:
             self.seconds += time.perf_counter() - start
 
     def _validate(self) -> dict[str, float]:
+        """Deterministic rollouts with the test clamp: HARD Dice (nearest-neighbour labels) per step, NCC, folding."""
         batch = self.source.validation().to(self.device)
         env = RegistrationEnv(batch.fixed, batch.moving, batch.fixed_labels, batch.moving_labels,
-                              self.source.num_labels, self.cfg.val_steps, self.cfg.test_max_step)
+                              self.source.num_labels, self.cfg.val_steps, self.cfg.test_max_step, score="hard")
         state = env.reset()
-        curve = [env.dice.mean().item()]
+        curve = [env.dice.mean().item()]  # hard Dice, as evaluation measures it (label_distance says why)
         self.policy.eval()
         with torch.no_grad():
             for _ in range(self.cfg.val_steps):
@@ -225,9 +229,10 @@ class SPACLearner:
                 curve.append(env.dice.mean().item())
             ncc = self._ncc(batch.fixed, env.warped(), self.cfg.ncc_window).item()
             folding = (spatial.jacobian_determinant(env.field) <= 0).float().mean().item() * 100
+            soft = env.dice_of(env.field).mean().item()
         self.policy.train()
         out = {"score": curve[-1], "dice_identity": curve[0], "dice_step1": curve[1], "dice_final": curve[-1],
-               "ncc_final": ncc, "folding_percent": folding}
+               "soft_dice_final": soft, "ncc_final": ncc, "folding_percent": folding}
         if len(curve) > 10:
             out["dice_step10"] = curve[10]
         return out
@@ -325,6 +330,10 @@ class SPACLearner:
             dice = env.dice_of(field, cfg.label_sigma).mean()
             loss = loss + cfg.dice_weight * (1 - dice)
             logs["soft_dice"] = dice.item()
+        if cfg.distance_weight > 0:
+            distance = env.distance_of(field, cfg.distance_clip).mean()
+            loss = loss + cfg.distance_weight * distance
+            logs["label_distance"] = distance.item()
         if cfg.field_weight > 0 and true_field is not None and bool(field_known.any()):
             error = (field - true_field).pow(2).sum(1).flatten(1).mean(1)  # (B,) voxels^2
             field_loss = error[field_known].mean()
@@ -347,7 +356,8 @@ class SPACLearner:
         """
         cfg = self.cfg
         env = RegistrationEnv(batch.fixed, batch.moving, batch.fixed_labels, batch.moving_labels,
-                              self.source.num_labels, cfg.episode_steps, cfg.train_max_step, cfg.reward_scale)
+                              self.source.num_labels, cfg.episode_steps, cfg.train_max_step, cfg.reward_scale,
+                              score="hard" if cfg.distance_weight > 0 else "soft")
         state = env.reset()
         logs: dict[str, list[float]] = {}
         done = False

@@ -140,7 +140,8 @@ def train_registration(args) -> None:
         cfg = SPACTrainConfig(batch_pairs=args.batch, episode_steps=args.episode_steps, lr=args.lr, seed=args.seed,
                               replay_batch=args.replay_batch, sac_start=args.sac_start, grad_clip=args.grad_clip,
                               train_max_step=args.train_max_step, smooth_weight=args.smooth_weight,
-                              ncc_window=args.ncc_window, label_sigma=args.label_sigma, bf16=args.bf16, **weights,
+                              ncc_window=args.ncc_window, label_sigma=args.label_sigma, bf16=args.bf16,
+                              distance_weight=args.distance_weight, distance_clip=args.distance_clip, **weights,
                               **_rollout_settings(args))
         learner = SPACLearner(net_cfg, cfg, source, dist)
         if args.init_from:
