@@ -11,7 +11,7 @@ import struct
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from steprl import io
+from steprl import dicom, io
 from steprl.errors import InputError
 from steprl.geometry import Geometry, Image, lps_to_ras
 
@@ -145,7 +145,7 @@ DICOM_GEOMETRY = Geometry((4, 5, 6), (0.7, 0.8, 2.5), (10.0, -20.0, 30.0), rotat
 
 def test_dicom_series_round_trip_float(tmp_path):
     image = random_image(DICOM_GEOMETRY, seed=4)
-    folder = io.write_dicom_series(image, tmp_path / "series", series_description="test")
+    folder = dicom.write_dicom_series(image, tmp_path / "series", series_description="test")
     assert len(list(folder.glob("*.dcm"))) == 4
     assert only_files(tmp_path) == ["series"]  # no temporary folder left
     back = io.read_image(folder)
@@ -156,14 +156,14 @@ def test_dicom_series_round_trip_float(tmp_path):
 
 def test_dicom_series_round_trip_integers_exact(tmp_path):
     values = np.random.default_rng(5).integers(0, 60000, DICOM_GEOMETRY.shape).astype(np.float32)
-    folder = io.write_dicom_series(Image(values, DICOM_GEOMETRY), tmp_path / "ints")
+    folder = dicom.write_dicom_series(Image(values, DICOM_GEOMETRY), tmp_path / "ints")
     np.testing.assert_array_equal(io.read_image(folder).array, values)
 
 
 def test_dicom_series_left_handed_grid_keeps_physical_image(tmp_path):
     geometry = Geometry((4, 5, 6), (0.7, 0.8, 2.5), (10.0, -20.0, 30.0), np.diag([1.0, 1.0, -1.0]))
     values = np.random.default_rng(10).integers(0, 100, geometry.shape).astype(np.float32)
-    back = io.read_image(io.write_dicom_series(Image(values, geometry), tmp_path / "lh"))
+    back = io.read_image(dicom.write_dicom_series(Image(values, geometry), tmp_path / "lh"))
     # Whatever slice order the reader picks, each physical point keeps its value.
     resampled = sitk.Resample(Image(back.array, back.geometry).to_sitk(), geometry.to_sitk_reference(),
                               sitk.Transform(3, sitk.sitkIdentity), sitk.sitkNearestNeighbor, -1.0, sitk.sitkFloat32)
@@ -172,8 +172,8 @@ def test_dicom_series_left_handed_grid_keeps_physical_image(tmp_path):
 
 def test_dicom_folder_with_several_series(tmp_path):
     small = Geometry((2, 3, 4), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), np.eye(3))
-    io.write_dicom_series(random_image(small, 6), tmp_path / "a", series_description="first")
-    io.write_dicom_series(random_image(small, 7), tmp_path / "b", series_description="second")
+    dicom.write_dicom_series(random_image(small, 6), tmp_path / "a", series_description="first")
+    dicom.write_dicom_series(random_image(small, 7), tmp_path / "b", series_description="second")
     mixed = tmp_path / "mixed"
     mixed.mkdir()
     for sub in ("a", "b"):
@@ -188,7 +188,7 @@ def test_dicom_folder_with_several_series(tmp_path):
     chosen = io.read_image(mixed, series_uid=uids[1])
     assert chosen.array.shape == (2, 3, 4)
     with pytest.raises(InputError, match="not an empty folder"):
-        io.write_dicom_series(random_image(small), mixed)
+        dicom.write_dicom_series(random_image(small), mixed)
 
 
 def test_folder_without_dicom(tmp_path):

@@ -27,9 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
-import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -37,42 +34,32 @@ import numpy as np
 import SimpleITK as sitk
 
 from steprl.atomic import atomic_detached, atomic_path, write_text
+from steprl.dicom import read_series
 from steprl.errors import InputError
 from steprl.filecheck import check_file
 from steprl.geometry import Geometry, Image
+from steprl.imageformats import (
+    COMPRESSED,
+    DETACHED,
+    PICTURE_EXTENSIONS,
+    SUPPORTED_READ,
+    WRITE_EXTENSIONS,
+    extension,
+    itk_reason,
+    read_error,
+    write_error,
+)
 
 log = logging.getLogger(__name__)
 
-#: Extensions read as medical images (geometry in the header).
-MEDICAL_EXTENSIONS = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
-#: Extensions read as 2D pictures (RGB(A) is turned into luminance).
-PICTURE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-#: Extensions :func:`write_image` accepts.
-WRITE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".png")
-#: Formats whose header and voxel data live in two files (written through a temporary folder).
-_DETACHED = (".mhd", ".nhdr")
-#: Formats written with compression on.
-_COMPRESSED = (".nii.gz", ".nrrd", ".mha")
 #: Rec. 601 luma weights, used for RGB(A) pictures.
 _LUMA = np.array([0.299, 0.587, 0.114])
 
-SUPPORTED_READ = (
-    "NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd), "
-    "PNG/JPEG/TIFF/BMP pictures (2D), or a folder holding a DICOM series"
-)
 #: Files :func:`expand_files` picks from a folder of images.
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".tif", ".tiff", ".jpg")
 
 
-# ---- file names and JSON --------------------------------------------------------------
-def extension(path: str | os.PathLike) -> str:
-    """Lower-case extension of ``path``, with ``.nii.gz`` (and ``.xxx.gz``) kept whole."""
-    suffixes = [s.lower() for s in Path(path).suffixes]
-    if len(suffixes) >= 2 and suffixes[-1] == ".gz":
-        return suffixes[-2] + suffixes[-1]
-    return suffixes[-1] if suffixes else ""
-
-
+# ---- JSON -------------------------------------------------------------------------------
 def write_json(obj: Any, path: str | os.PathLike) -> Path:
     """Write ``obj`` as strict UTF-8 JSON (indent 2, trailing newline) atomically; returns the path.
 
@@ -88,87 +75,22 @@ def write_json(obj: Any, path: str | os.PathLike) -> Path:
 
 
 # ---- reading --------------------------------------------------------------------------
-def _itk_reason(exc: Exception) -> str:
-    """The useful part of a SimpleITK/ITK exception message (no C++ file and line)."""
-    text = " ".join(str(exc).split())
-    for marker in ("ITK ERROR:", "sitk::ERROR:"):
-        if marker in text:
-            text = text.split(marker, 1)[1]
-    text = re.sub(r"^\s*\w+\(0x[0-9a-fA-F]+\):", "", text)  # "ImageFileReader(0x55..):"
-    text = text.split(" Tried to create one of", 1)[0]
-    return text.strip()[:300] or type(exc).__name__
-
-
-def _read_error(path: Path, name: str, reason: str) -> InputError:
-    return InputError(f"Cannot read the {name} '{path}': {reason}.", f"Give one of: {SUPPORTED_READ}.")
-
-
-def _dicom_series(folder: Path, name: str, series_uid: str | None) -> sitk.Image:
-    """Read the DICOM series in ``folder`` (one series, or the one ``series_uid`` names)."""
-    reader = sitk.ImageSeriesReader()
-    try:
-        uids = list(reader.GetGDCMSeriesIDs(str(folder)))
-    except RuntimeError as exc:
-        raise _read_error(folder, name, _itk_reason(exc)) from exc
-    if not uids:
-        raise InputError(
-            f"The {name} '{folder}' is a folder without a DICOM series in it (subfolders are not searched).",
-            f"Give the folder that holds the DICOM files of one series, or an image file: {SUPPORTED_READ}.",
-        )
-    if series_uid is None and len(uids) > 1:
-        lines = []
-        for uid in uids:
-            files = reader.GetGDCMSeriesFileNames(str(folder), uid)
-            lines.append(f"  {uid}  ({len(files)} files{_series_description(files[0])})")
-        raise InputError(
-            f"The {name} folder '{folder}' holds {len(uids)} DICOM series:\n" + "\n".join(lines) + "\n",
-            "Choose one with series_uid='<one of the UIDs above>' (CLI: --series-uid), "
-            "or put each series in its own folder.",
-        )
-    if series_uid is not None and series_uid not in uids:
-        raise InputError(
-            f"The {name} folder '{folder}' has no DICOM series {series_uid!r}; it has: {', '.join(uids)}.",
-            "Give one of the series UIDs listed.",
-        )
-    uid = series_uid or uids[0]
-    files = reader.GetGDCMSeriesFileNames(str(folder), uid)
-    reader.SetFileNames(files)
-    try:
-        image = reader.Execute()
-    except RuntimeError as exc:
-        raise _read_error(folder, name, _itk_reason(exc)) from exc
-    log.info("Read DICOM series %s (%d files) from %s", uid, len(files), folder)
-    return image
-
-
-def _series_description(file: str) -> str:
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(file)
-    try:
-        reader.ReadImageInformation()
-        if reader.HasMetaDataKey("0008|103e"):
-            return f", '{reader.GetMetaData('0008|103e').strip()}'"
-    except RuntimeError:
-        pass
-    return ""
-
-
 def _read_sitk(path: str | os.PathLike, name: str, series_uid: str | None = None) -> sitk.Image:
     """Read a file or DICOM folder as a 2D/3D SimpleITK image (any pixel type, maybe vector)."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"The {name} '{path}' does not exist.", f"Check the path. Supported: {SUPPORTED_READ}.")
     if path.is_dir():
-        image = _dicom_series(path, name, series_uid)
+        image = read_series(path, name, series_uid)
     else:
         check_file(path, name)  # truncated NIfTI / JPEG and NaN in NIfTI, which ITK lets through
         try:
             image = sitk.ReadImage(str(path))
         except RuntimeError as exc:
-            reason = _itk_reason(exc)
+            reason = itk_reason(exc)
             # MetaImage says "No such file or directory" about a truncated file that does exist
             reason = reason.replace("No such file or directory", "the file is truncated or damaged")
-            raise _read_error(path, name, reason) from exc
+            raise read_error(path, name, reason) from exc
     ndim = image.GetDimension()
     if ndim == 4 and image.GetSize()[3] == 1:
         log.info("%s '%s' is 4D with one volume along the 4th axis: using that volume.", name, path)
@@ -423,11 +345,6 @@ def _to_sitk(image: Image) -> sitk.Image:
     return out
 
 
-def _write_error(path: Path, reason: str) -> InputError:
-    return InputError(f"Cannot write '{path}': {reason}.",
-                      "Check that the folder is writable and has free space, and the file is not open elsewhere.")
-
-
 def write_image(image: Image, path: str | os.PathLike) -> Path:
     """Write ``image`` (scalar or vector) with its geometry; the format follows the extension.
 
@@ -454,14 +371,14 @@ def write_image(image: Image, path: str | os.PathLike) -> Path:
             "Rescale and cast it to uint8 or uint16 first, or write .nii.gz / .nrrd to keep the values.",
         )
     sitk_image = _to_sitk(image)
-    writer = atomic_detached if ext in _DETACHED else atomic_path
+    writer = atomic_detached if ext in DETACHED else atomic_path
     try:
         with writer(path) as tmp:
-            sitk.WriteImage(sitk_image, str(tmp), useCompression=ext in _COMPRESSED)
+            sitk.WriteImage(sitk_image, str(tmp), useCompression=ext in COMPRESSED)
     except RuntimeError as exc:
-        raise _write_error(path, _itk_reason(exc)) from exc
+        raise write_error(path, itk_reason(exc)) from exc
     except OSError as exc:
-        raise _write_error(path, str(exc)) from exc
+        raise write_error(path, str(exc)) from exc
     log.debug("Wrote %s", path)
     return path
 
@@ -509,116 +426,3 @@ def read_displacement_field(path: str | os.PathLike, *, name: str = "displacemen
             "Give a displacement-field (vector) image, e.g. one written by steprl or ITK/ANTs.",
         )
     return Image.from_sitk(sitk.Cast(image, sitk.sitkVectorFloat64))
-
-
-# ---- DICOM export ---------------------------------------------------------------------
-def _new_uid() -> str:
-    """A DICOM UID from a random UUID (the '2.25.' root of DICOM PS3.5 B.2)."""
-    return f"2.25.{uuid.uuid4().int}"
-
-
-def _ds(value: float) -> str:
-    """A DICOM decimal string (at most 16 characters) for ``value``."""
-    for digits in range(12, 3, -1):
-        text = f"{value:.{digits}g}"
-        if len(text) <= 16:
-            return text
-    return f"{value:.3e}"
-
-
-def _int16_mapping(array: np.ndarray) -> tuple[float, float]:
-    """``(slope, intercept)`` such that ``array ~ slope * q + intercept`` with q in int16.
-
-    Whole numbers spanning at most 65534 are kept exactly (slope 1); other data are quantised
-    to 65001 levels, an error of at most half a slope.
-    """
-    lo, hi = float(array.min()), float(array.max())
-    if np.array_equal(array, np.round(array)) and hi - lo <= 65534:
-        intercept = 0.0 if lo >= -32767 and hi <= 32767 else float(np.floor((lo + hi) / 2))
-        return 1.0, intercept
-    slope = float(_ds((hi - lo) / 65000.0)) if hi > lo else 1.0
-    return slope, float(_ds((hi + lo) / 2.0))
-
-
-def write_dicom_series(
-    image: Image,
-    folder: str | os.PathLike,
-    *,
-    series_description: str = "StepRL",
-    tags: dict[str, str] | None = None,
-) -> Path:
-    """Write a 3D scalar image as a DICOM series, one file per slice, geometry kept.
-
-    Voxels are stored as int16 with Rescale Slope/Intercept (exact for whole numbers spanning
-    at most 65534, else quantised to 65001 levels). Every slice carries ImagePositionPatient,
-    ImageOrientationPatient (from the direction's first two columns), PixelSpacing and
-    SliceThickness; new Study/Series/FrameOfReference/SOP instance UIDs are made. The series
-    is Secondary Capture ("OT", DERIVED). ``tags`` (``{"0010|0010": "Doe^Jane"}``) adds or
-    overrides tags. The files are written to a temporary folder beside ``folder`` and renamed
-    into place; ``folder`` must not exist yet or be empty.
-
-    A left-handed grid (third direction column opposite to row x column) is written as it
-    is; readers sort slices by position along row x column, so they may return the slices in
-    the other order with the direction flipped to match: the same physical image.
-    """
-    folder = Path(folder)
-    if image.ndim != 3 or image.is_vector:
-        raise InputError(f"A DICOM series needs a 3D scalar volume, got a {image.ndim}D "
-                         f"{'vector ' if image.is_vector else ''}image.", "Write .nii.gz or .nrrd instead.")
-    direction = image.geometry.direction
-    if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-4):
-        raise InputError("The image direction is not orthonormal (sheared): DICOM cannot store it.",
-                         "Resample the image onto an orthogonal grid, or write .nii.gz / .nrrd.")
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
-        raise InputError(f"Cannot write a DICOM series into '{folder}': it exists and is not an empty folder.",
-                         "Give a new folder name (series are never mixed with other files).")
-    array = np.asarray(image.array, dtype=np.float64)
-    if not np.all(np.isfinite(array)):
-        raise InputError("The image has NaN or infinite voxels; DICOM cannot store them.",
-                         "Replace them with the background value first.")
-    slope, intercept = _int16_mapping(array)
-    quantised = np.clip(np.round((array - intercept) / slope), -32767, 32767) * slope + intercept
-    volume = sitk.GetImageFromArray(quantised)
-    image.geometry.apply_to_sitk(volume)
-
-    now = time.localtime()
-    date, clock = time.strftime("%Y%m%d", now), time.strftime("%H%M%S", now)
-    d = direction
-    common = {
-        "0008|0008": "DERIVED\\SECONDARY",
-        "0008|0060": "OT",
-        "0008|0020": date, "0008|0030": clock, "0008|0021": date, "0008|0031": clock,
-        "0008|0023": date, "0008|0033": clock,
-        "0008|103e": series_description[:64],
-        "0010|0010": "Anonymous", "0010|0020": "StepRL",
-        "0020|000d": _new_uid(), "0020|000e": _new_uid(), "0020|0052": _new_uid(),
-        "0020|0010": "1", "0020|0011": "1",
-        "0020|0037": "\\".join(_ds(v) for v in (*d[:, 0], *d[:, 1])),
-        "0018|0050": _ds(image.geometry.spacing[2]),
-        "0018|0088": _ds(image.geometry.spacing[2]),
-        "0028|1052": _ds(intercept), "0028|1053": _ds(slope), "0028|1054": "US",
-        "0028|0100": "16", "0028|0101": "16", "0028|0102": "15", "0028|0103": "1",
-    }
-    common.update(tags or {})
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()  # keep the UIDs set here instead of GDCM's own
-    try:
-        with atomic_path(folder) as tmp:
-            tmp.mkdir()
-            for k in range(volume.GetDepth()):
-                slice_ = volume[:, :, k]
-                for key, value in common.items():
-                    slice_.SetMetaData(key, value)
-                position = volume.TransformIndexToPhysicalPoint((0, 0, k))
-                slice_.SetMetaData("0020|0032", "\\".join(_ds(v) for v in position))
-                slice_.SetMetaData("0020|0013", str(k + 1))
-                slice_.SetMetaData("0008|0018", _new_uid())
-                writer.SetFileName(str(tmp / f"IM{k + 1:05d}.dcm"))
-                writer.Execute(slice_)
-    except RuntimeError as exc:
-        raise _write_error(folder, _itk_reason(exc)) from exc
-    except OSError as exc:
-        raise _write_error(folder, str(exc)) from exc
-    log.info("Wrote DICOM series (%d slices, slope %s, intercept %s) to %s",
-             volume.GetDepth(), _ds(slope), _ds(intercept), folder)
-    return folder
