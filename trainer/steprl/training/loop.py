@@ -36,7 +36,7 @@ import sys
 import time
 import zlib
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -258,6 +258,153 @@ def _export(learner: Learner, path: Path, epoch: int, step: int, metrics: dict[s
 
 
 # ------------------------------------------------------------------------------------------- fit
+@dataclass
+class _Run:
+    """What :func:`fit` carries from epoch to epoch (the counters are those of the last committed epoch)."""
+
+    out: Path
+    epochs: int
+    iterations_per_epoch: int
+    config: dict[str, Any]
+    dist: DistInfo
+    start_epoch: int = 1
+    step: int = 0
+    best_score: float = -math.inf
+    best_epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    writer: Any = None
+
+    @property
+    def last_path(self) -> Path:
+        return self.out / "checkpoints" / "last.safetensors"
+
+    @property
+    def best_path(self) -> Path:
+        return self.out / "checkpoints" / "best.safetensors"
+
+    @property
+    def history_path(self) -> Path:
+        return self.out / "history.jsonl"
+
+
+def _resume(learner: Learner, run: _Run, resume: bool, volatile: frozenset[str]) -> FitResult | None:
+    """Restore ``run`` and ``learner`` from ``checkpoints/last.safetensors`` when asked and present;
+    a :class:`FitResult` when that checkpoint already holds every epoch asked for."""
+    last_path, dist = run.last_path, run.dist
+    exists = last_path.is_file()
+    if resume and not tdist.all_agree(int(exists)):
+        raise CheckpointError(
+            f"Some processes see {last_path} and others do not.",
+            "Put the output folder on a file system that every process can read, or use a new --out folder.",
+        )
+    if not (exists and resume):
+        if exists and dist.is_main:
+            logger.warning("Starting afresh in %s (resume off): the previous run's files will be overwritten.",
+                           run.out)
+        return None
+    saved = read_checkpoint_state(last_path)
+    differences = _config_differences(saved.get("config", {}), run.config, volatile)
+    if saved.get("iterations_per_epoch") != run.iterations_per_epoch:
+        differences.append(f"iterations_per_epoch: {saved.get('iterations_per_epoch')} -> {run.iterations_per_epoch}")
+    if differences:
+        raise CheckpointError(
+            f"Cannot resume from {last_path}: the settings differ ({'; '.join(differences)}).",
+            "This checkpoint was made with another configuration: use a new --out folder or the same settings.",
+        )
+    done = int(saved["epoch"])
+    if done >= run.epochs:
+        if dist.is_main:
+            logger.info("%s already holds a finished run of %d epoch(s) (asked for %d): nothing to do. "
+                        "Ask for more epochs to continue training it.", run.out, done, run.epochs)
+        return FitResult(float(saved["best_score"]), int(saved["best_epoch"]), done, run.out)
+    if saved.get("world_size", 1) != dist.world_size and dist.is_main:
+        logger.warning("Resuming with %d process(es), the checkpoint was made with %d: training continues, "
+                       "but not bit-identically.", dist.world_size, saved.get("world_size", 1))
+    state = load_checkpoint(last_path, learner.modules, learner.optimizers, dist.device, rank=dist.rank)
+    loader = getattr(learner, "load_state", None)
+    if callable(loader):
+        loader(state.get("learner", {}))
+    tensor_loader = getattr(learner, "load_state_tensors", None)
+    if callable(tensor_loader):
+        tensor_loader(state["extra_tensors"])
+    run.start_epoch, run.step = done + 1, int(state["global_step"])
+    run.best_score, run.best_epoch = float(state["best_score"]), int(state["best_epoch"])
+    if dist.is_main:
+        logger.info("Resuming %s at epoch %d/%d (best score %.6g at epoch %d)", run.out, run.start_epoch,
+                    run.epochs, run.best_score, run.best_epoch)
+    return None
+
+
+def _open_outputs(run: _Run, tensorboard: bool) -> None:
+    """Rank 0: the history so far, ``config.json`` and the TensorBoard writer."""
+    run.history = _read_history(run.history_path, run.start_epoch)
+    fit_settings = {"epochs": run.epochs, "iterations_per_epoch": run.iterations_per_epoch,
+                    "world_size": run.dist.world_size}
+    write_text(run.out / "config.json", json.dumps({"config": run.config, "fit": fit_settings,
+                                                    "steprl_version": steprl.__version__},
+                                                   indent=2, sort_keys=True) + "\n")
+    if tensorboard:
+        run.writer = _open_tensorboard(run.out / "tensorboard",
+                                       purge_step=run.step + 1 if run.start_epoch > 1 else None)
+
+
+def _run_epoch(learner: Learner, run: _Run, epoch: int, progress: bool) -> tuple[dict[str, float], dict[str, float]]:
+    """Train one epoch and validate it: ``(train means, validation metrics averaged over ranks)``."""
+    train_means = _train_epoch(learner, epoch, run.epochs, run.iterations_per_epoch, run.dist, run.writer, progress)
+    run.step += run.iterations_per_epoch
+    metrics = _reduce_validation(learner.validate(), run.dist)
+    learner.end_epoch(epoch)
+    return train_means, metrics
+
+
+def _commit_epoch(learner: Learner, run: _Run, epoch: int, train_means: dict[str, float],
+                  metrics: dict[str, float], is_best: bool, rng_states: list[dict[str, Any]], seconds: float) -> None:
+    """Rank 0: best checkpoint and models, history, then ``last.safetensors``, the commit point."""
+    ckpt_state = {
+        "epoch": epoch,
+        "global_step": run.step,
+        "best_score": run.best_score,
+        "best_epoch": run.best_epoch,
+        "epochs": run.epochs,
+        "iterations_per_epoch": run.iterations_per_epoch,
+        "world_size": run.dist.world_size,
+        "config": run.config,
+        "validation": metrics,
+        "learner": _learner_state(learner),
+    }
+    extra = _learner_tensors(learner)
+    if is_best:
+        save_checkpoint(run.best_path, learner.modules, learner.optimizers, ckpt_state, extra, rng_states=rng_states)
+        _export(learner, run.out / "model_best", epoch, run.step, metrics)
+    _export(learner, run.out / "model_last", epoch, run.step, metrics)
+    run.history.append({"epoch": epoch, "global_step": run.step, "train": train_means, "validation": metrics,
+                        "best": is_best, "seconds": round(seconds, 3)})
+    write_text(run.history_path, "".join(json.dumps(finite_json(h), allow_nan=False) + "\n"
+                                         for h in run.history))  # a NaN loss is null, not bare NaN
+    # The commit point: written last (see the module docstring).
+    save_checkpoint(run.last_path, learner.modules, learner.optimizers, ckpt_state, extra, rng_states=rng_states)
+
+
+def _log_epoch(run: _Run, epoch: int, train_means: dict[str, float], metrics: dict[str, float]) -> None:
+    """Rank 0: validation scalars to TensorBoard and one log line."""
+    if run.writer is not None:
+        for k, v in metrics.items():
+            run.writer.add_scalar(f"val/{k}", v, run.step)
+        run.writer.flush()
+    shown = " ".join(f"{k}={v:.4g}" for k, v in train_means.items())
+    logger.info("epoch %d/%d  train %s | val %s | best %.6g (epoch %d)", epoch, run.epochs, shown or "-",
+                " ".join(f"{k}={v:.4g}" for k, v in metrics.items()), run.best_score, run.best_epoch)
+
+
+def _log_interrupt(run: _Run, epoch: int) -> None:
+    if epoch > 1:
+        logger.warning("Interrupted during epoch %d: nothing of it was saved; %s holds epoch %d. "
+                       "Run the same command again (with resume) to continue from there.",
+                       epoch, run.last_path, epoch - 1)
+    else:
+        logger.warning("Interrupted during epoch 1: no epoch had finished, nothing was saved.")
+
+
 def fit(
     learner: Learner,
     out_dir: str | os.PathLike[str],
@@ -297,166 +444,39 @@ def fit(
     if dist is None:
         device = next((p.device for m in learner.modules.values() for p in m.parameters()), torch.device("cpu"))
         dist = DistInfo(rank=0, world_size=1, local_rank=0, device=device, is_main=True)
-    out = Path(out_dir)
-    ckpt_dir = out / "checkpoints"
-    last_path, best_path = ckpt_dir / "last.safetensors", ckpt_dir / "best.safetensors"
-    history_path = out / "history.jsonl"
-    config = _jsonable(config)
-    volatile = frozenset(volatile_keys)
+    run = _Run(Path(out_dir), epochs, iterations_per_epoch, _jsonable(config), dist)
     if dist.is_main:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        run.last_path.parent.mkdir(parents=True, exist_ok=True)
     tdist.barrier()
-
-    start_epoch, step = 1, 0
-    best_score, best_epoch = -math.inf, 0
-    exists = last_path.is_file()
-    if resume and not tdist.all_agree(int(exists)):
-        raise CheckpointError(
-            f"Some processes see {last_path} and others do not.",
-            "Put the output folder on a file system that every process can read, or use a new --out folder.",
-        )
-    if exists and resume:
-        saved = read_checkpoint_state(last_path)
-        differences = _config_differences(saved.get("config", {}), config, volatile)
-        if saved.get("iterations_per_epoch") != iterations_per_epoch:
-            differences.append(f"iterations_per_epoch: {saved.get('iterations_per_epoch')} -> {iterations_per_epoch}")
-        if differences:
-            raise CheckpointError(
-                f"Cannot resume from {last_path}: the settings differ ({'; '.join(differences)}).",
-                "This checkpoint was made with another configuration: use a new --out folder or the same settings.",
-            )
-        done = int(saved["epoch"])
-        if done >= epochs:
-            if dist.is_main:
-                logger.info(
-                    "%s already holds a finished run of %d epoch(s) (asked for %d): nothing to do. "
-                    "Ask for more epochs to continue training it.",
-                    out,
-                    done,
-                    epochs,
-                )
-            return FitResult(float(saved["best_score"]), int(saved["best_epoch"]), done, out)
-        if saved.get("world_size", 1) != dist.world_size and dist.is_main:
-            logger.warning(
-                "Resuming with %d process(es), the checkpoint was made with %d: training continues, "
-                "but not bit-identically.",
-                dist.world_size,
-                saved.get("world_size", 1),
-            )
-        state = load_checkpoint(last_path, learner.modules, learner.optimizers, dist.device, rank=dist.rank)
-        loader = getattr(learner, "load_state", None)
-        if callable(loader):
-            loader(state.get("learner", {}))
-        tensor_loader = getattr(learner, "load_state_tensors", None)
-        if callable(tensor_loader):
-            tensor_loader(state["extra_tensors"])
-        start_epoch, step = done + 1, int(state["global_step"])
-        best_score, best_epoch = float(state["best_score"]), int(state["best_epoch"])
-        if dist.is_main:
-            logger.info("Resuming %s at epoch %d/%d (best score %.6g at epoch %d)", out, start_epoch, epochs,
-                        best_score, best_epoch)
-    elif exists and dist.is_main:
-        logger.warning("Starting afresh in %s (resume off): the previous run's files will be overwritten.", out)
+    finished = _resume(learner, run, resume, frozenset(volatile_keys))
+    if finished is not None:
+        return finished
     tdist.broadcast_parameters(learner.modules)  # all ranks start identical (a no-op alone)
-
-    history: list[dict[str, Any]] = []
-    writer = None
     if dist.is_main:
-        history = _read_history(history_path, start_epoch)
-        write_text(
-            out / "config.json",
-            json.dumps(
-                {
-                    "config": config,
-                    "fit": {"epochs": epochs, "iterations_per_epoch": iterations_per_epoch,
-                            "world_size": dist.world_size},
-                    "steprl_version": steprl.__version__,
-                },
-                indent=2,
-                sort_keys=True,
-            )
-            + "\n",
-        )
-        if tensorboard:
-            writer = _open_tensorboard(out / "tensorboard", purge_step=step + 1 if start_epoch > 1 else None)
+        _open_outputs(run, tensorboard)
 
-    epoch = start_epoch
+    epoch = run.start_epoch
     try:
-        for epoch in range(start_epoch, epochs + 1):
+        for epoch in range(run.start_epoch, epochs + 1):
             started = time.monotonic()
-            train_means = _train_epoch(learner, epoch, epochs, iterations_per_epoch, dist, writer, progress)
-            step += iterations_per_epoch
-            metrics = _reduce_validation(learner.validate(), dist)
-            learner.end_epoch(epoch)
+            train_means, metrics = _run_epoch(learner, run, epoch, progress)
             score = metrics["score"]
-            is_best = math.isfinite(score) and score > best_score
+            is_best = math.isfinite(score) and score > run.best_score
             if not math.isfinite(score) and dist.is_main:
                 logger.warning("Epoch %d: validation score is %s, not a candidate for best.", epoch, score)
             if is_best:
-                best_score, best_epoch = score, epoch
+                run.best_score, run.best_epoch = score, epoch
             rng_states = _gather_rng(dist)  # collective: before the rank-0-only block
             if dist.is_main:
-                ckpt_state = {
-                    "epoch": epoch,
-                    "global_step": step,
-                    "best_score": best_score,
-                    "best_epoch": best_epoch,
-                    "epochs": epochs,
-                    "iterations_per_epoch": iterations_per_epoch,
-                    "world_size": dist.world_size,
-                    "config": config,
-                    "validation": metrics,
-                    "learner": _learner_state(learner),
-                }
-                extra = _learner_tensors(learner)
-                if is_best:
-                    save_checkpoint(best_path, learner.modules, learner.optimizers, ckpt_state, extra,
-                                    rng_states=rng_states)
-                    _export(learner, out / "model_best", epoch, step, metrics)
-                _export(learner, out / "model_last", epoch, step, metrics)
-                history.append(
-                    {
-                        "epoch": epoch,
-                        "global_step": step,
-                        "train": train_means,
-                        "validation": metrics,
-                        "best": is_best,
-                        "seconds": round(time.monotonic() - started, 3),
-                    }
-                )
-                write_text(history_path, "".join(json.dumps(finite_json(h), allow_nan=False) + "\n"
-                                                         for h in history))  # a NaN loss is null, not bare NaN
-                # The commit point: written last (see the module docstring).
-                save_checkpoint(last_path, learner.modules, learner.optimizers, ckpt_state, extra,
-                                rng_states=rng_states)
-                if writer is not None:
-                    for k, v in metrics.items():
-                        writer.add_scalar(f"val/{k}", v, step)
-                    writer.flush()
-                shown = " ".join(f"{k}={v:.4g}" for k, v in train_means.items())
-                logger.info(
-                    "epoch %d/%d  train %s | val %s | best %.6g (epoch %d)",
-                    epoch,
-                    epochs,
-                    shown or "-",
-                    " ".join(f"{k}={v:.4g}" for k, v in metrics.items()),
-                    best_score,
-                    best_epoch,
-                )
+                _commit_epoch(learner, run, epoch, train_means, metrics, is_best, rng_states,
+                              time.monotonic() - started)
+                _log_epoch(run, epoch, train_means, metrics)
             tdist.barrier()
     except KeyboardInterrupt:
-        if dist.is_main and epoch > 1:
-            logger.warning(
-                "Interrupted during epoch %d: nothing of it was saved; %s holds epoch %d. "
-                "Run the same command again (with resume) to continue from there.",
-                epoch,
-                last_path,
-                epoch - 1,
-            )
-        elif dist.is_main:
-            logger.warning("Interrupted during epoch 1: no epoch had finished, nothing was saved.")
+        if dist.is_main:
+            _log_interrupt(run, epoch)
         raise
     finally:
-        if writer is not None:
-            writer.close()
-    return FitResult(best_score, best_epoch, max(epochs, start_epoch - 1), out)
+        if run.writer is not None:
+            run.writer.close()
+    return FitResult(run.best_score, run.best_epoch, max(epochs, run.start_epoch - 1), run.out)
