@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 from steprl import spatial
+from steprl.losses import one_hot, soft_dice
 from steprl.registration.data import PairBatch
-from steprl.registration.environment import one_hot, soft_dice
 from steprl.registration.learner import SPACLearner, SPACTrainConfig
 from steprl.registration.networks import SPACConfig, SPACPolicy
 from steprl.synthesis import SpatialAugment, known_pair, pick_labels, pool_image, random_field, scaled_augment

@@ -144,7 +144,7 @@ def test_synthseg_training_smoke_gives_an_lps_model_that_registers_oblique_input
 @pytest.mark.parametrize("supersample", [1, 2])
 def test_synthseg_known_pairs_carry_the_field_that_registers_them(shared_data, supersample):
     """Known pairs from real SynthSeg subjects: the field raises their Dice; mixed batches flag which items have one."""
-    from steprl.registration.environment import one_hot, soft_dice
+    from steprl.losses import one_hot, soft_dice
     from steprl.registration.synth_source import PAIR_AUGMENT, SynthSegPairSource
     from steprl.synthesis import scaled_augment
 

@@ -162,11 +162,3 @@ def jacobian_determinant(displacement: torch.Tensor) -> torch.Tensor:
         + jac[0][2] * (jac[1][0] * jac[2][1] - jac[1][1] * jac[2][0])
     )
 
-
-def gradient_penalty(displacement: torch.Tensor) -> torch.Tensor:
-    """Mean squared forward difference of a field ``(B, ndim, *S)``: the ``|grad u|^2`` smoothness loss."""
-    nd = displacement.shape[1]
-    total = displacement.new_zeros(())
-    for axis in range(2, 2 + nd):
-        total = total + displacement.diff(dim=axis).pow(2).mean()
-    return total / nd

@@ -23,26 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from steprl import spatial
-
-
-def soft_dice(fixed_onehot: torch.Tensor, moving_onehot: torch.Tensor) -> torch.Tensor:
-    """Mean Dice over the label channels present in either map, per batch item.
-
-    Shapes: ``(B, K, *S)`` one-hot (or soft) maps, background excluded by the caller -> ``(B,)``.
-    A label absent from both maps does not count.
-    """
-    dims = tuple(range(2, fixed_onehot.ndim))
-    inter = (fixed_onehot * moving_onehot).sum(dims)
-    total = fixed_onehot.sum(dims) + moving_onehot.sum(dims)
-    present = (total > 0).to(inter.dtype)
-    dice = 2 * inter / total.clamp(min=1e-6)
-    return (dice * present).sum(1) / present.sum(1).clamp(min=1)
-
-
-def one_hot(labels: torch.Tensor, num_labels: int) -> torch.Tensor:
-    """Integer labels ``(B, 1, *S)`` in ``0..num_labels`` -> one-hot WITHOUT background ``(B, num_labels, *S)``."""
-    classes = torch.arange(1, num_labels + 1, device=labels.device).view(1, -1, *([1] * (labels.ndim - 2)))
-    return (labels == classes).float()
+from steprl.losses import one_hot, soft_dice
 
 
 @dataclass

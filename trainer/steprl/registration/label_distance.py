@@ -61,7 +61,7 @@ def hard_dice(fixed_labels: torch.Tensor, moving_labels: torch.Tensor, field: to
     What evaluation measures (``steprl register`` warps labels by nearest neighbour): not
     differentiable, free of the interpolation blur that biases a soft Dice against motion.
     """
-    from steprl.registration.environment import one_hot, soft_dice
+    from steprl.losses import one_hot, soft_dice
 
     warped = spatial.warp(moving_labels.float(), field, "nearest").round().long()
     return soft_dice(one_hot(fixed_labels, num_labels), one_hot(warped, num_labels))

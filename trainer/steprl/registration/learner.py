@@ -46,9 +46,10 @@ import torch
 import torch.nn.functional as F
 
 from steprl import spatial
+from steprl.losses import field_mse, gradient_penalty, kl_to_standard_normal, ncc_loss
 from steprl.registration.data import PairSource
 from steprl.registration.environment import RegistrationEnv
-from steprl.registration.networks import Critic, SPACConfig, SPACPolicy, count_parameters, squash
+from steprl.registration.networks import LAYOUT_FIELDS, Critic, SPACConfig, SPACPolicy, count_parameters, squash
 from steprl.registration.replay import ReplayBuffer
 from steprl.training.distributed import DistInfo, average_gradients
 
@@ -103,21 +104,12 @@ _ADDED_LATER = {"field_weight": 0.0, "sac_start": 0, "grad_clip": None, "unroll"
                 "bf16": False, "distance_weight": 0.0, "distance_clip": 3.0}
 
 
-def kl_to_standard_normal(mu: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
-    """Mean KL(N(mu, std) || N(0, I)) over batch and plan dimensions."""
-    var = (2 * log_std).exp()
-    return 0.5 * (var + mu**2 - 1 - 2 * log_std).mean()
-
-
 class SPACLearner:
     """Implements :class:`steprl.training.loop.Learner` for SPAC."""
 
     method = "spac"
 
     def __init__(self, net_cfg: SPACConfig, cfg: SPACTrainConfig, source: PairSource, dist: DistInfo) -> None:
-        from steprl.metrics import local_ncc
-
-        self._ncc = local_ncc
         self.net_cfg, self.cfg, self.source, self.dist = net_cfg, cfg, source, dist
         self.device = dist.device
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
@@ -151,7 +143,8 @@ class SPACLearner:
     def init_from(self, model) -> None:
         """Start from the policy weights of a model file or bundled model (``--init-from``).
 
-        The network layout must match (the grid may differ: the weights do not depend on it);
+        The network layout must match (:data:`~steprl.registration.networks.LAYOUT_FIELDS`; the
+        grid, the step bound and ``zero_mean`` may differ: the weights do not depend on them);
         the model's training record is carried into this run's card, so a model trained over
         many runs keeps the whole history of its commands, updates and CPU-hours.
         """
@@ -160,8 +153,8 @@ class SPACLearner:
 
         path = resolve_model_path(model)
         state, card = load_model(path, method="spac", ndim=self.net_cfg.ndim, device="cpu")
-        theirs = {k: v for k, v in SPACConfig.from_dict(card.get("config", {})).to_dict().items() if k != "grid"}
-        ours = {k: v for k, v in self.net_cfg.to_dict().items() if k != "grid"}
+        theirs = {k: v for k, v in SPACConfig.from_dict(card.get("config", {})).to_dict().items() if k in LAYOUT_FIELDS}
+        ours = {k: v for k, v in self.net_cfg.to_dict().items() if k in LAYOUT_FIELDS}
         if theirs != ours:
             diff = ", ".join(f"{k}: {theirs.get(k)!r} there, {ours[k]!r} here"
                              for k in ours if theirs.get(k) != ours[k])
@@ -227,7 +220,7 @@ class SPACLearner:
                 _, step = self.policy.act(state, deterministic=True)
                 state = env.step(step).state
                 curve.append(env.dice.mean().item())
-            ncc = self._ncc(batch.fixed, env.warped(), self.cfg.ncc_window).item()
+            ncc = -ncc_loss(batch.fixed, env.warped(), self.cfg.ncc_window).item()
             folding = (spatial.jacobian_determinant(env.field) <= 0).float().mean().item() * 100
             soft = env.dice_of(env.field).mean().item()
         self.policy.train()
@@ -319,11 +312,11 @@ class SPACLearner:
         paper's per-step update penalises the step).
         """
         cfg = self.cfg
-        smooth = spatial.gradient_penalty(field if smooth_of is None else smooth_of)
+        smooth = gradient_penalty(field if smooth_of is None else smooth_of)
         loss = cfg.smooth_weight * smooth
         logs = {"smooth": smooth.item()}
         if cfg.ncc_weight > 0:
-            ncc = self._ncc(env.fixed, env.warped(field), cfg.ncc_window)
+            ncc = -ncc_loss(env.fixed, env.warped(field), cfg.ncc_window)
             loss = loss - cfg.ncc_weight * ncc
             logs["ncc"] = ncc.item()
         if cfg.dice_weight > 0:
@@ -335,7 +328,7 @@ class SPACLearner:
             loss = loss + cfg.distance_weight * distance
             logs["label_distance"] = distance.item()
         if cfg.field_weight > 0 and true_field is not None and bool(field_known.any()):
-            error = (field - true_field).pow(2).sum(1).flatten(1).mean(1)  # (B,) voxels^2
+            error = field_mse(field, true_field)  # (B,) voxels^2
             field_loss = error[field_known].mean()
             loss = loss + cfg.field_weight * field_loss
             logs["field_mse"] = field_loss.item()

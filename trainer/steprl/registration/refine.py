@@ -73,7 +73,7 @@ def refine(fixed: torch.Tensor, moving: torch.Tensor, start: torch.Tensor, steps
     mode = "bilinear" if ndim == 2 else "trilinear"
     full = tuple(start.shape[2:])
     coarse_shape = tuple(max(2, (n + 1) // 2) for n in full)
-    from steprl.metrics import local_ncc
+    from steprl.losses import gradient_penalty, ncc_loss
 
     with torch.no_grad():
         base = F.interpolate(start.float(), size=coarse_shape, mode=mode, align_corners=True)
@@ -83,8 +83,8 @@ def refine(fixed: torch.Tensor, moving: torch.Tensor, start: torch.Tensor, steps
     with torch.enable_grad():
         for _ in range(steps):
             field = F.interpolate(params, size=full, mode=mode, align_corners=True) + residual0
-            loss = -local_ncc(fixed, spatial.warp(moving, field), settings.window)
-            loss = loss + settings.smooth * spatial.gradient_penalty(field)
+            loss = ncc_loss(fixed, spatial.warp(moving, field), settings.window)
+            loss = loss + settings.smooth * gradient_penalty(field)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
