@@ -166,3 +166,21 @@ def test_rollout_with_sac_fills_the_replay_and_updates_the_critics():
     assert len(learner.replay) == 4
     assert {"reward", "critic_loss", "dice_final"} <= set(logs)
     assert any(not torch.equal(a, b) for a, b in zip(critic, learner.critic1.parameters()))
+
+
+def test_zero_mean_steps_have_no_global_shift_and_warm_start_from_a_model_without_it(tmp_path):
+    torch.manual_seed(5)
+    drifting = SPACConfig(**{**RECIPE_NET.__dict__, "step_bound": 0.0})
+    policy = SPACPolicy(drifting)
+    torch.nn.init.constant_(policy.actor.out.bias, 0.3)  # a constant step, the drift zero_mean removes
+    state = torch.rand(2, 2, 32, 32)
+    _, step = policy.act(state)
+    assert step.mean((2, 3)).abs().min() > 0.1
+    card = {"method": "spac", "ndim": 2, "config": drifting.to_dict()}
+    path = modelfile.save_model(tmp_path / "drifting", policy.state_dict(), card)
+
+    centred = SPACConfig(**{**RECIPE_NET.__dict__, "step_bound": 0.0, "zero_mean": True})
+    learner = SPACLearner(centred, _recipe(), OnePair(), single_process("cpu"))
+    learner.init_from(path)  # zero_mean changes no weight: the warm start is allowed
+    _, step = learner.policy.act(state)
+    assert step.mean((2, 3)).abs().max() < 1e-5

@@ -106,6 +106,9 @@ def _add_train(tsub, add_common) -> None:
     r.add_argument("--step-bound", type=float, default=0.0, metavar="VOXELS",
                    help="bound each step inside the network, b * tanh(a / b) (default 0: unbounded, the "
                         "environment's clamp alone)")
+    r.add_argument("--zero-mean-step", action="store_true",
+                   help="remove each step's mean displacement (no global shift per step: the affine pre-alignment "
+                        "handles it; stops a normalised policy's constant drift)")
     r.add_argument("--unroll", type=int, default=0, metavar="W",
                    help="train through the policy's own rollout, backpropagating through windows of W composed "
                         "steps (the 3D recipe; default 0: the paper's one-step update)")

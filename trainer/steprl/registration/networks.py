@@ -59,6 +59,12 @@ class SPACConfig:
             ``"demons"`` (+ fixed - warped and its product with each component of grad(warped)).
         step_bound: if > 0, the actor's step is ``step_bound * tanh(a / step_bound)`` voxels per
             component (of the network grid); 0 leaves it unbounded (the environment still clamps).
+        zero_mean: subtract the step's mean over the grid (no global translation per step). Why:
+            after instance normalisation the network cannot tell pairs apart by a global shift,
+            so its mean output is a learned constant; Adam's noise walks it (measured: the same
+            ~0.03-voxel step for every pair and step, 0.6 voxel of drift after 20 steps, hard
+            Dice below the identity) while the affine pre-alignment already removed the global
+            shift. Deformation, rotation and scaling stay free.
     """
 
     ndim: int = 2
@@ -72,6 +78,7 @@ class SPACConfig:
     stem: int = 0
     features: str = "pair"
     step_bound: float = 0.0
+    zero_mean: bool = False
 
     def __post_init__(self) -> None:
         if self.ndim not in (2, 3):
@@ -104,6 +111,9 @@ class SPACConfig:
         fields = cls.__dataclass_fields__
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in fields})
 
+
+#: the SPACConfig fields that decide the shapes of the policy's weights (``--init-from`` needs them equal)
+LAYOUT_FIELDS = ("ndim", "channels", "plan_dim", "field_level", "norm", "stem", "features")
 
 #: the planner's input channels per ``SPACConfig.features`` (``"demons"`` adds one per axis)
 FEATURE_CHANNELS = {"pair": 2, "diff": 3, "demons": 3}
@@ -205,7 +215,7 @@ class Actor(nn.Module):
         # Start near the identity: small initial steps keep early rollouts sane.
         nn.init.normal_(self.out.weight, std=1e-3)
         nn.init.zeros_(self.out.bias)
-        self.step_bound = cfg.step_bound
+        self.step_bound, self.zero_mean = cfg.step_bound, cfg.zero_mean
 
     def forward(self, plan: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
         bottom = skips[-1]
@@ -219,6 +229,8 @@ class Actor(nn.Module):
         coarse = self.out(x)  # displacement in voxels of the coarse grid
         factor = 2**self.field_level
         full = factor * F.interpolate(coarse.float(), scale_factor=factor, mode=mode, align_corners=False)
+        if self.zero_mean:
+            full = full - full.mean(dim=tuple(range(2, full.ndim)), keepdim=True)
         if self.step_bound > 0:  # coarse-grid voxels -> full-grid voxels, bounded inside the network
             full = self.step_bound * torch.tanh(full / self.step_bound)
         return full
