@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from PIL import Image
-from steprl import plotting, synthetic
+from steprl import plotting
+from steprl.synth import toy
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -23,7 +24,7 @@ def _check_png(path, min_width: int) -> None:
 
 
 def test_registration_steps_figure(tmp_path):
-    pair = synthetic.synthetic_pair((40, 48), np.random.default_rng(0))
+    pair = toy.synthetic_pair((40, 48), np.random.default_rng(0))
     steps = plotting.select_steps(10, 4)
     moving = [pair["moving"] * (1 - s / 10) + pair["fixed"] * (s / 10) for s in steps]
     curves = {"NCC": list(np.linspace(0.5, 0.9, 11)), "Dice": list(np.linspace(0.6, 0.8, 11))}
@@ -42,7 +43,7 @@ def test_registration_figure_replaces_an_existing_file(tmp_path):
 
 
 def test_segmentation_steps_figure(tmp_path):
-    image, mask = synthetic.noisy_ellipse((48, 48), np.random.default_rng(0))
+    image, mask = toy.noisy_ellipse((48, 48), np.random.default_rng(0))
     masks = [image > 0.5, mask, mask]
     changed = [np.zeros_like(mask), masks[0] != masks[1], np.zeros_like(mask)]
     out = plotting.segmentation_steps_figure(image, masks, [0, 5, 10], {"Dice": [0.5 + 0.04 * i for i in range(11)]},

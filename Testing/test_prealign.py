@@ -7,7 +7,7 @@ import torch
 from steprl import spatial
 from steprl.geometry import Geometry, Image
 from steprl.registration.prealign import affine_matrix, affine_prealign
-from steprl.synthetic import blob_image
+from steprl.synth.toy import blob_image
 
 
 def _known_affine(angle_deg: float, shift: tuple[float, float], center: np.ndarray) -> np.ndarray:

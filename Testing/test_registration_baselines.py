@@ -24,7 +24,7 @@ from steprl.errors import InputError
 from steprl.geometry import Geometry, Image
 from steprl.metrics import mean_dice
 from steprl.registration import baselines
-from steprl.synthetic import blob_image, smooth_random_field
+from steprl.synth.toy import blob_image, smooth_random_field
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -157,7 +157,7 @@ def test_labels_follow_the_returned_field_and_no_files_are_left(method, tmp_path
 # ---- evaluate CLI -------------------------------------------------------------------------------
 def _write_images(folder, n: int, size: int = 40) -> dict[str, list]:
     """``n`` deformations of one blob image (2D, anisotropic spacing): images and label maps."""
-    from steprl.synthetic import write_registration_dataset
+    from steprl.synth.toy import write_registration_dataset
 
     write_registration_dataset(folder, n, (size, size), seed=7, spacing=(1.2, 0.9), max_displacement=5.0)
     return {kind: sorted(str(p) for p in (folder / kind).iterdir()) for kind in ("images", "labels")}

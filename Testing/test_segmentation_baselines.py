@@ -264,8 +264,8 @@ def test_kmeans_on_a_held_out_synthetic_t1_inside_its_exact_brain(shared_data):
     """A held-out SynthSeg subject, T1-like, whole head: K-means inside the exact brain finds the
     white matter (0.91 at this 2.5 mm size; 0.875 at 1.5 mm in the report); on the whole head
     (the nonzero voxels) it finds much less (0.59)."""
-    from steprl.segmentation.synth_source import synth_case
-    from steprl.synthseg import BRAIN_STRUCTURES
+    from steprl.synth.segmentation_slices import synth_case
+    from steprl.synth.synthseg import BRAIN_STRUCTURES
 
     folder = shared_data / "synthseg"
     path = folder / "training_seg_18.nii.gz"

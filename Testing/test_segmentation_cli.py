@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from steprl.cli import main
-from steprl.synthetic import write_segmentation_dataset
+from steprl.synth.toy import write_segmentation_dataset
 
 TINY = ["--widths", "4", "8", "16", "32"]
 

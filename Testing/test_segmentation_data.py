@@ -68,7 +68,7 @@ def test_object_mask_and_constant_slices():
 
 
 def _volume(shape=(8, 32, 28), seed=0):
-    from steprl.synthetic import noisy_ellipse
+    from steprl.synth.toy import noisy_ellipse
 
     rng = np.random.default_rng(seed)
     pairs = [noisy_ellipse(shape[1:], rng) for _ in range(shape[0])]

@@ -13,7 +13,7 @@ from steprl.segmentation.data import SyntheticSliceSource
 from steprl.segmentation.inference import segment
 from steprl.segmentation.model import load_segmenter
 from steprl.segmentation.training import build_learner
-from steprl.synthetic import noisy_ellipse
+from steprl.synth.toy import noisy_ellipse
 from steprl.training.distributed import single_process
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

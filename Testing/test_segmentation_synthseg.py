@@ -27,7 +27,7 @@ def synthseg(repo_root):
 
 @pytest.fixture(scope="module")
 def source(synthseg):
-    from steprl.segmentation.synth_source import SynthSegSliceSource
+    from steprl.synth.segmentation_slices import SynthSegSliceSource
 
     return SynthSegSliceSource(synthseg, (32, 32), seed=0, val_slices=6, max_train_subjects=1, validation=1)
 
@@ -50,8 +50,8 @@ def test_source_gives_normalised_slices_with_white_matter_and_holds_test_subject
 
 
 def test_skull_strip_keeps_only_brain_labels():
-    from steprl.segmentation.synth_source import skull_strip
-    from steprl.synthseg import BRAIN_STRUCTURES
+    from steprl.synth.segmentation_slices import skull_strip
+    from steprl.synth.synthseg import BRAIN_STRUCTURES
 
     labels = torch.tensor([0, 2, 41, 24, 165, 258, 3]).view(1, 1, 1, 1, 7)
     stripped = skull_strip(labels).flatten().tolist()

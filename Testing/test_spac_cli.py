@@ -31,7 +31,7 @@ from steprl import modelfile
 from steprl.cli import main
 from steprl.registration.model import load_spac
 from steprl.registration.networks import SPACConfig, SPACPolicy
-from steprl.synthetic import write_registration_dataset
+from steprl.synth.toy import write_registration_dataset
 
 STEPS = 3  # the tiny models' default number of steps (their card's "inference.steps")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

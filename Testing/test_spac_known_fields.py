@@ -16,7 +16,7 @@ from steprl.losses import one_hot, soft_dice
 from steprl.registration.data import PairBatch
 from steprl.registration.learner import SPACLearner, SPACTrainConfig
 from steprl.registration.networks import SPACConfig, SPACPolicy
-from steprl.synthesis import SpatialAugment, known_pair, pick_labels, pool_image, random_field, scaled_augment
+from steprl.synth.from_labels import SpatialAugment, known_pair, pick_labels, pool_image, random_field, scaled_augment
 from steprl.training.distributed import single_process
 
 

@@ -17,7 +17,7 @@ from steprl.registration.inference import register
 from steprl.registration.learner import SPACLearner, SPACTrainConfig
 from steprl.registration.model import load_spac
 from steprl.registration.networks import SPACConfig
-from steprl.synthetic import synthetic_pair
+from steprl.synth.toy import synthetic_pair
 from steprl.training.distributed import single_process
 from steprl.training.loop import fit
 

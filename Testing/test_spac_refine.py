@@ -18,7 +18,7 @@ from steprl.metrics import local_ncc
 from steprl.registration.inference import register
 from steprl.registration.networks import SPACConfig, SPACPolicy
 from steprl.registration.refine import RefineSettings, field_on, refine, refine_grid
-from steprl.synthetic import gaussian_blur
+from steprl.synth.toy import gaussian_blur
 
 GRID = (32, 32)
 

@@ -25,7 +25,7 @@ from steprl.registration.learner import SPACLearner, SPACTrainConfig
 from steprl.registration.model import load_spac
 from steprl.registration.networks import Critic, SPACConfig, SPACPolicy, count_parameters, squash
 from steprl.registration.replay import ReplayBuffer
-from steprl.synthetic import synthetic_pair
+from steprl.synth.toy import synthetic_pair
 from steprl.training.distributed import single_process
 from torch.distributions import Normal, TransformedDistribution
 from torch.distributions.transforms import TanhTransform

@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from steprl import spatial, synthseg
+from steprl import spatial
 from steprl.errors import InputError
 from steprl.geometry import Geometry
-from steprl.synthesis import IntensityModel, SpatialAugment, draw_contrast, random_resample, synthesize
+from steprl.synth import synthseg
+from steprl.synth.from_labels import IntensityModel, SpatialAugment, draw_contrast, random_resample, synthesize
 
 
 def _toy_labels(shape=(24, 28, 20)) -> torch.Tensor:
@@ -145,8 +146,8 @@ def test_synthseg_training_smoke_gives_an_lps_model_that_registers_oblique_input
 def test_synthseg_known_pairs_carry_the_field_that_registers_them(shared_data, supersample):
     """Known pairs from real SynthSeg subjects: the field raises their Dice; mixed batches flag which items have one."""
     from steprl.losses import one_hot, soft_dice
-    from steprl.registration.synth_source import PAIR_AUGMENT, SynthSegPairSource
-    from steprl.synthesis import scaled_augment
+    from steprl.synth.from_labels import scaled_augment
+    from steprl.synth.registration_pairs import PAIR_AUGMENT, SynthSegPairSource
 
     folder = shared_data / "synthseg"
     if not folder.is_dir():

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from steprl import spatial, synthetic
+from steprl import spatial
+from steprl.synth import toy
 
 
 def _mean_dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -23,9 +24,9 @@ def _min_jacobian(field: np.ndarray) -> float:
 
 
 def test_pair_is_reproducible_and_seed_dependent():
-    a = synthetic.synthetic_pair((48, 40), np.random.default_rng(3))
-    b = synthetic.synthetic_pair((48, 40), np.random.default_rng(3))
-    c = synthetic.synthetic_pair((48, 40), np.random.default_rng(4))
+    a = toy.synthetic_pair((48, 40), np.random.default_rng(3))
+    b = toy.synthetic_pair((48, 40), np.random.default_rng(3))
+    c = toy.synthetic_pair((48, 40), np.random.default_rng(4))
     assert set(a) == {"fixed", "moving", "fixed_labels", "moving_labels"}
     for key in a:
         np.testing.assert_array_equal(a[key], b[key])
@@ -34,7 +35,7 @@ def test_pair_is_reproducible_and_seed_dependent():
 
 @pytest.mark.parametrize("shape", [(64, 56), (24, 28, 20)])
 def test_pair_shapes_dtypes_and_labels(shape):
-    pair = synthetic.synthetic_pair(shape, np.random.default_rng(0), max_displacement=3.0)
+    pair = toy.synthetic_pair(shape, np.random.default_rng(0), max_displacement=3.0)
     for key in ("fixed", "moving"):
         assert pair[key].shape == shape and pair[key].dtype == np.float32
         assert 0.0 <= pair[key].min() and pair[key].max() <= 1.0
@@ -42,19 +43,19 @@ def test_pair_shapes_dtypes_and_labels(shape):
         assert pair[key].shape == shape and pair[key].dtype == np.int16
     fixed_set, moving_set = set(np.unique(pair["fixed_labels"])), set(np.unique(pair["moving_labels"]))
     assert fixed_set == moving_set
-    assert 0 in fixed_set and 2 <= len(fixed_set) <= synthetic.MAX_CLASSES + 1
+    assert 0 in fixed_set and 2 <= len(fixed_set) <= toy.MAX_CLASSES + 1
     dice = _mean_dice(pair["fixed_labels"], pair["moving_labels"])
     assert 0.3 < dice < 0.97  # related by a deformation of a few voxels: overlapping but not equal
 
 
 def test_labels_follow_the_image_deformation():
-    pair = synthetic.synthetic_pair((64, 64), np.random.default_rng(1), max_displacement=4.0, return_fields=True)
+    pair = toy.synthetic_pair((64, 64), np.random.default_rng(1), max_displacement=4.0, return_fields=True)
     for name in ("fixed", "moving"):
         field = pair[f"{name}_field"]
         assert field.shape == (2, 64, 64)
         assert _magnitude(field).max() <= 1.5 * 4.0 + 1e-3
         assert _min_jacobian(field) > 0  # no folding
-        image, labels = synthetic.deform(pair["base"], pair["base_labels"], field)
+        image, labels = toy.deform(pair["base"], pair["base_labels"], field)
         np.testing.assert_array_equal(labels, pair[f"{name}_labels"])
         np.testing.assert_allclose(image, pair[name], atol=1e-6)
     # the labels sit where the image has its blobs: bright inside, dark outside
@@ -65,7 +66,7 @@ def test_labels_follow_the_image_deformation():
 
 @pytest.mark.parametrize("shape", [(40, 48), (16, 20, 24)])
 def test_smooth_field_peak_and_smoothness(shape):
-    field = synthetic.smooth_random_field(shape, 3.0, 10.0, np.random.default_rng(0))
+    field = toy.smooth_random_field(shape, 3.0, 10.0, np.random.default_rng(0))
     assert field.shape == (len(shape), *shape) and field.dtype == np.float32
     assert _magnitude(field).max() == pytest.approx(3.0, rel=1e-4)
     assert np.abs(np.diff(field, axis=1)).max() < 1.0  # smooth: no jumps between neighbours
@@ -73,7 +74,7 @@ def test_smooth_field_peak_and_smoothness(shape):
 
 
 def test_affine_field_is_affine_about_the_centre():
-    field = synthetic.random_affine_field((33, 41), np.random.default_rng(2), translation=0.0)
+    field = toy.random_affine_field((33, 41), np.random.default_rng(2), translation=0.0)
     # second differences of an affine field vanish
     assert np.abs(np.diff(field, n=2, axis=1)).max() < 1e-4
     assert np.abs(np.diff(field, n=2, axis=2)).max() < 1e-4
@@ -83,7 +84,7 @@ def test_affine_field_is_affine_about_the_centre():
 
 
 def test_blob_image_classes():
-    image, labels = synthetic.blob_image((48, 48), np.random.default_rng(5), n_blobs=(5, 5))
+    image, labels = toy.blob_image((48, 48), np.random.default_rng(5), n_blobs=(5, 5))
     assert image.dtype == np.float32 and labels.dtype == np.int16
     assert sorted(np.unique(labels)) == [0, 1, 2, 3, 4]
 
@@ -91,7 +92,7 @@ def test_blob_image_classes():
 def test_noisy_ellipse_defeats_a_global_threshold():
     scores = []
     for seed in range(6):
-        image, mask = synthetic.noisy_ellipse((64, 64), np.random.default_rng(seed))
+        image, mask = toy.noisy_ellipse((64, 64), np.random.default_rng(seed))
         assert image.dtype == np.float32 and mask.dtype == np.uint8
         assert 0.02 < mask.mean() < 0.5
         best = 0.0
@@ -103,7 +104,7 @@ def test_noisy_ellipse_defeats_a_global_threshold():
 
 
 def test_registration_dataset_round_trip(tmp_path):
-    folder = synthetic.write_registration_dataset(tmp_path / "reg", 3, (20, 24, 16), seed=0, spacing=(1.5, 1.0, 2.0))
+    folder = toy.write_registration_dataset(tmp_path / "reg", 3, (20, 24, 16), seed=0, spacing=(1.5, 1.0, 2.0))
     images = sorted((folder / "images").glob("case_*.nii.gz"))
     labels = sorted((folder / "labels").glob("case_*.nii.gz"))
     assert [p.name for p in images] == ["case_000.nii.gz", "case_001.nii.gz", "case_002.nii.gz"]
@@ -123,7 +124,7 @@ def test_registration_dataset_round_trip(tmp_path):
 
 
 def test_segmentation_dataset_round_trip(tmp_path):
-    folder = synthetic.write_segmentation_dataset(tmp_path / "seg", 2, (32, 32), seed=1)
+    folder = toy.write_segmentation_dataset(tmp_path / "seg", 2, (32, 32), seed=1)
     image = sitk.ReadImage(str(folder / "images" / "case_001.nii.gz"))
     mask = sitk.ReadImage(str(folder / "labels" / "case_001.nii.gz"))
     assert image.GetSize() == mask.GetSize() == (32, 32)

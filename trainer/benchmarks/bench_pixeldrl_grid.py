@@ -52,7 +52,7 @@ def make_source(kind: str, grid: int, synthseg: Path):
         from steprl.segmentation.data import SyntheticSliceSource
 
         return SyntheticSliceSource((grid, grid), seed=0, val_count=2)
-    from steprl.segmentation.synth_source import SynthSegSliceSource
+    from steprl.synth.segmentation_slices import SynthSegSliceSource
 
     return SynthSegSliceSource(synthseg, (grid, grid), seed=0, val_slices=2)
 

@@ -72,7 +72,7 @@ TARGETS = {("vol240", "cpu"): 60.0, ("vol240", "cuda"): 2.0}
 # ------------------------------------------------------------------------------ preparation
 def prepare(folder: Path) -> None:
     """Write the cases (``.npy``) and the default-width models (one per grid and fusion) into ``folder``."""
-    from steprl.synthetic import noisy_ellipse
+    from steprl.synth.toy import noisy_ellipse
 
     rng = np.random.default_rng(0)
     np.save(folder / "slice256.npy", noisy_ellipse((256, 256), rng)[0])

@@ -9,7 +9,7 @@ peak RSS belongs to that row alone):
 
 - a randomly initialised SPAC policy of the default 2D/3D sizes, saved as a model file in a
   temporary folder and loaded once (loading is not timed);
-- a synthetic pair (``steprl.synthetic.synthetic_pair``) on exactly the network grid, prepared
+- a synthetic pair (``steprl.synth.toy.synthetic_pair``) on exactly the network grid, prepared
   by the parent and read from ``.npy`` files so its generation does not count in the peak RSS;
 - one short warm-up run of ``register()``, then one timed run of ``--steps`` steps: per-step
   time (median over steps 2..N: step 1 still pays first-call costs), the total from calling
@@ -83,7 +83,7 @@ def prepare(name: str, folder: Path, seed: int = 0) -> None:
     import torch
     from steprl.modelfile import save_model
     from steprl.registration.networks import SPACPolicy
-    from steprl.synthetic import synthetic_pair
+    from steprl.synth.toy import synthetic_pair
 
     cfg = spac_config(name)
     torch.manual_seed(seed)

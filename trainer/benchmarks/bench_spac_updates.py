@@ -61,8 +61,8 @@ def _learner(grid: int, batches, source, bf16: bool, channels_last: bool, seed: 
 
 
 def measure(grid: int, updates: int, synthseg: Path, seed: int) -> list[dict]:
-    from steprl import synthseg as ss
-    from steprl.registration.synth_source import SynthSegPairSource
+    from steprl.synth import synthseg as ss
+    from steprl.synth.registration_pairs import SynthSegPairSource
 
     split = ss.split_subjects(ss.list_label_maps(synthseg), 2, 3)
     source = SynthSegPairSource(split.train[:4], split.validation, (grid,) * 3, spacing=211.0 / grid,

@@ -10,10 +10,10 @@ Cases:
 (a) ``synth``: synthetic 3D pairs of the HELD-OUT SynthSeg subjects (``split_subjects(...).test``,
     never seen in training or validation), cyclic pairs (subject k+1 onto subject k). Each label
     map is resampled (nearest) onto a 2 mm isotropic cube of ``--size`` voxels centred on its brain
-    (:func:`steprl.synthseg.load_canonical`); the cube is then placed at the same physical spot
+    (:func:`steprl.synth.synthseg.load_canonical`); the cube is then placed at the same physical spot
     for every subject (centre at 0), so "identity" means "brain centres aligned". The image is
     synthesised from the labels with a T1-like contrast (SynthSeg T1 priors, bias field, noise,
-    blur: :func:`steprl.synthesis.synthesize` with ``t1_probability=1``). Dice and HD95 over the
+    blur: :func:`steprl.synth.from_labels.synthesize` with ``t1_probability=1``). Dice and HD95 over the
     32 SynthSeg brain structures, exact labels. The 2 mm grid is what makes SyN affordable here
     (~30-60 s per pair on one thread); 106 voxels x 2 mm = 212 mm spans a head and matches the
     64^3 x 3.3 mm field of view the 3D model was trained on.
@@ -93,9 +93,9 @@ class Case:
 # ---- (a) synthetic 3D pairs from held-out SynthSeg subjects ------------------------------------
 def synth_cases(args, model) -> list[Case]:
     import torch
-    from steprl import synthseg
     from steprl.geometry import Geometry, Image
-    from steprl.synthesis import IntensityModel, synthesize
+    from steprl.synth import synthseg
+    from steprl.synth.from_labels import IntensityModel, synthesize
 
     folder = args.synthseg
     split = synthseg.split_subjects(synthseg.list_label_maps(folder))
@@ -277,7 +277,7 @@ def warm_up_tools(threads: int) -> None:
     wrapped templates lazily, on first use) is not timed as part of the first real case."""
     from steprl.geometry import Geometry, Image
     from steprl.registration.baselines import run_baseline
-    from steprl.synthetic import synthetic_pair
+    from steprl.synth.toy import synthetic_pair
 
     rng = np.random.default_rng(0)
     for shape in ((32, 32), (16, 16, 16)):
@@ -508,7 +508,7 @@ def model_notes(model) -> str:
 
 def report(results: dict, args, argv: list[str], started: str, load_start: tuple, wall: float, models: dict,
            load_end: float | None = None) -> str:
-    from steprl.synthseg import BRAIN_STRUCTURES
+    from steprl.synth.synthseg import BRAIN_STRUCTURES
 
     final = f"spac@{max(args.report_steps)}"
     lines = ["# Registration: SPAC against ANTs SyN and Elastix (CPU)", "",

@@ -31,7 +31,7 @@ Cases (``Case.notes`` says how each reference and brain mask was made; the repor
   favour the intensity baselines (a K-means reference, as ``compare_registration`` uses for
   tissue, would); it inherits the registration's errors and the population map's smoothness,
   which caps every method's Dice below 1 alike.
-- **Held-out synthetic subjects**: the 3 SynthSeg subjects :func:`steprl.synthseg.split_subjects`
+- **Held-out synthetic subjects**: the 3 SynthSeg subjects :func:`steprl.synth.synthseg.split_subjects`
   keeps for testing (never seen in training or validation), each synthesised twice (T1-like and
   a random contrast, fixed seeds) on a 1.5 mm whole-head grid. Reference: EXACT (labels 2, 41).
   Brain mask: EXACT, the subject's 32 SynthSeg brain structures (CSF included) of the same
@@ -159,8 +159,8 @@ def colin_cases(cache: Path, download: bool) -> list[Case]:
 
 def synthetic_cases(folder: Path) -> list[Case]:
     """Held-out synthetic subjects: one T1-like and one random-contrast volume each, exact labels and brain."""
-    from steprl.segmentation.synth_source import synth_case
-    from steprl.synthseg import BRAIN_STRUCTURES, list_label_maps, split_subjects
+    from steprl.synth.segmentation_slices import synth_case
+    from steprl.synth.synthseg import BRAIN_STRUCTURES, list_label_maps, split_subjects
 
     split = split_subjects(list_label_maps(folder))
     cases = []

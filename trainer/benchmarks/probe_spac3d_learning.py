@@ -5,7 +5,7 @@ stayed at the identity's validation Dice. This probe measures the learning signa
 minutes, so a run on a GPU (or a new idea on a CPU) can be judged before it spends hours:
 
 - ``field``: on 8 held-out KNOWN pairs (one subject, two views, exact field between them,
-  :func:`steprl.synthesis.known_pair`), the mean squared error (voxels^2) of the policy's
+  :func:`steprl.synth.from_labels.known_pair`), the mean squared error (voxels^2) of the policy's
   first step to the true field, as a ratio to predicting zero. Below 1 = the policy predicts
   some of the deformation; this is the densest signal training has.
 - ``dice``: the validation Dice of inter-subject pairs from held-out subjects (32 structures)
@@ -41,11 +41,11 @@ HEAD_MM = 211.0  # the field of view of the synthesised pairs: 64 voxels of 3.3 
 
 def build(args):
     """The pair source, learner and held-out known pairs for ``args``."""
-    from steprl import synthseg
     from steprl.registration.learner import SPACLearner, SPACTrainConfig
     from steprl.registration.networks import SPACConfig
-    from steprl.registration.synth_source import PAIR_AUGMENT, SynthSegPairSource
-    from steprl.synthesis import SpatialAugment
+    from steprl.synth import synthseg
+    from steprl.synth.from_labels import SpatialAugment
+    from steprl.synth.registration_pairs import PAIR_AUGMENT, SynthSegPairSource
     from steprl.training.distributed import single_process
 
     pair_augment = PAIR_AUGMENT

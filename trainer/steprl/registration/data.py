@@ -160,7 +160,7 @@ class SyntheticPairSource:
         self._val = self._make(val_pairs, np.random.default_rng(seed + 104729))
 
     def _make(self, n: int, rng: np.random.Generator) -> PairBatch:
-        from steprl.synthetic import synthetic_pair
+        from steprl.synth.toy import synthetic_pair
 
         pairs = [synthetic_pair(self.shape, rng, max_displacement=self.max_displacement) for _ in range(n)]
         def col(key, dtype):

@@ -114,7 +114,7 @@ class RegistrationEnv:
         if sigma <= 0:
             return soft_dice(self.fixed_onehot, spatial.warp(self.moving_onehot, field))
         if self._blurred is None or self._blurred[0] != sigma:
-            from steprl.synthetic import gaussian_blur
+            from steprl.synth.toy import gaussian_blur
 
             self._blurred = (sigma, gaussian_blur(self.fixed_onehot, sigma), gaussian_blur(self.moving_onehot, sigma))
         _, fixed, moving = self._blurred

@@ -48,9 +48,9 @@ def build_source(args, ndim_hint: int | None = None):
 
 def _synthseg_source(args):
     """Pairs synthesised from SynthSeg label maps (held-out subjects validate), 3D only."""
-    from steprl import synthseg
-    from steprl.registration.synth_source import PAIR_AUGMENT, SynthSegPairSource
-    from steprl.synthesis import scaled_augment
+    from steprl.synth import synthseg
+    from steprl.synth.from_labels import scaled_augment
+    from steprl.synth.registration_pairs import PAIR_AUGMENT, SynthSegPairSource
 
     grid = tuple(args.grid) if args.grid else (64, 64, 64)
     if not 0.0 <= args.known_pairs <= 1.0:

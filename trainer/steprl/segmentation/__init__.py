@@ -13,8 +13,8 @@ Modules (torch is imported by them, not by this package, so importing
   (:class:`~steprl.segmentation.networks.PixelDRLNet`).
 - ``environment``: the batched pixel environment (state, actions, per-pixel reward).
 - ``pa3c``: the learner's maths (reward-map convolution, n-step returns, PA3C loss, episodes).
-- ``data``: 2D slices (with labels brought onto the image grid physically) and a synthetic source.
-- ``synth_source``: slices of brains synthesised from SynthSeg label maps (``--synthseg``).
+- ``data``: 2D slices (with labels brought onto the image grid physically) and a synthetic source
+  (slices synthesised from SynthSeg label maps: :mod:`steprl.synth.segmentation_slices`).
 - ``learner`` / ``unet`` / ``training``: the PA3C learner, the MONAI U-Net baseline, ``steprl train segmentation``.
 - ``model`` / ``inference`` / ``outputs`` / ``evaluation``: model files, the ``segment()`` generator,
   ``steprl segment`` outputs, ``steprl evaluate segmentation``.

@@ -388,7 +388,7 @@ def _object_description(label_values: Sequence[int] | None) -> str:
 
 
 class SyntheticSliceSource:
-    """Endless :func:`steprl.synthetic.noisy_ellipse` slices of ``shape`` (new ones every batch).
+    """Endless :func:`steprl.synth.toy.noisy_ellipse` slices of ``shape`` (new ones every batch).
 
     Validation: ``val_count`` fixed slices from another seed. The synthetic shape is the
     network grid (no resampling); each slice is normalised by its percentiles, as inference
@@ -405,7 +405,7 @@ class SyntheticSliceSource:
 
     def make(self, n: int, rng: np.random.Generator) -> SliceBatch:
         """``n`` new cases drawn with ``rng``."""
-        from steprl.synthetic import noisy_ellipse
+        from steprl.synth.toy import noisy_ellipse
 
         pairs = [noisy_ellipse(self.size, rng) for _ in range(n)]
         images = torch.from_numpy(np.stack([normalise_percentile(p[0]) for p in pairs])[:, None]).float()

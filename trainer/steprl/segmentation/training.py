@@ -32,7 +32,7 @@ def build_source(args):
     from steprl.segmentation.data import SliceSet, SyntheticSliceSource
 
     if getattr(args, "synthseg", None):
-        from steprl.segmentation.synth_source import SynthSegSliceSource
+        from steprl.synth.segmentation_slices import SynthSegSliceSource
 
         return SynthSegSliceSource(args.synthseg, tuple(args.size), label_values=args.label_values, seed=args.seed,
                                    val_slices=args.val_slices, empty_fraction=args.empty_fraction,

@@ -3,7 +3,7 @@
 Why: the bundled PixelDRL-MG starter model must work on real brain MRI of any contrast, but no
 labelled real scans may be used for training (the BraTS data forbid redistribution of weights,
 oasis2d has no labels). The 20 SynthSeg whole-head label maps (Apache-2.0) give exact labels;
-:mod:`steprl.synthesis` paints them with random intensities (or T1-like priors), bias field,
+:mod:`steprl.synth.from_labels` paints them with random intensities (or T1-like priors), bias field,
 blur, gamma and noise, and deforms them at random (affine + elastic), so every batch shows new
 "scans" of known anatomy. Both methods (PixelDRL-MG and the U-Net baseline) draw from this
 source, so they see the same distribution for the same budget.
@@ -11,15 +11,15 @@ source, so they see the same distribution for the same budget.
 How a batch is made (:meth:`SynthSegSliceSource.sample`):
 
 1. pick a training subject (its label map is on a canonical head grid, read once,
-   :func:`steprl.synthseg.load_canonical`);
+   :func:`steprl.synth.synthseg.load_canonical`);
 2. draw a network pixel size ``fov / size`` with the field of view ``fov`` uniform in
    ``fov_mm`` (210-256 mm: what axial brain scans cover; the inference fits a slice's
    physical extent into the grid, see :class:`steprl.segmentation.data.SliceGrid`), and
    resample the label map onto a ``(Dz, *size)`` grid of that spacing through a random affine
-   and elastic transform (:func:`steprl.synthesis.random_resample`, rotations up to
+   and elastic transform (:func:`steprl.synth.from_labels.random_resample`, rotations up to
    ``rotation_deg``: real scans are not pre-aligned);
 3. with probability ``strip_probability`` remove everything but the brain (:func:`skull_strip`),
-   synthesise the intensity volume (:func:`steprl.synthesis.synthesize`) and normalise the
+   synthesise the intensity volume (:func:`steprl.synth.from_labels.synthesize`) and normalise the
    WHOLE volume by its 0.5 / 99.5 percentiles, exactly as inference does
    (:func:`steprl.preprocess.normalise_percentile`);
 4. take axial slices (array axis 0 of the canonical, axis-aligned LPS grid): a slice with
@@ -30,9 +30,9 @@ How a batch is made (:meth:`SynthSegSliceSource.sample`):
 ``volumes_per_batch`` volumes are synthesised per batch and the batch's slices spread over
 them: one volume costs about as much as a small network update on a CPU, so slices share it.
 
-The object is the union of ``label_values`` (default :data:`steprl.synthseg.WHITE_MATTER`,
+The object is the union of ``label_values`` (default :data:`steprl.synth.synthseg.WHITE_MATTER`,
 cerebral white matter, FreeSurfer 2 and 41). Subjects are split by
-:func:`steprl.synthseg.split_subjects` (last 3 held out for tests, 3 before for validation);
+:func:`steprl.synth.synthseg.split_subjects` (last 3 held out for tests, 3 before for validation);
 validation slices are synthesised once from the validation subjects with a fixed seed.
 :func:`synth_case` makes whole 3D test cases (image + labels with geometry) for the
 comparison benchmark.
@@ -63,13 +63,13 @@ SLAB_MM = 200.0
 """Extent (mm) of the synthesised volume along the slicing axis: the whole brain with margin."""
 
 SYNTHSEG_LICENCE = ("SynthSeg label maps (B. Billot et al., SynthSeg, github.com/BBillot/SynthSeg), "
-                    "Apache-2.0; images synthesised from them by steprl.synthesis")
+                    "Apache-2.0; images synthesised from them by steprl.synth.from_labels")
 
 
 def spatial_augment(rotation_deg: float = 12.0):
     """The random spatial transform of training: larger rotations and shifts than registration's
     default (which assumes an affine pre-alignment), since segmentation inputs are not aligned."""
-    from steprl.synthesis import SpatialAugment
+    from steprl.synth.from_labels import SpatialAugment
 
     return SpatialAugment(rotation_deg=rotation_deg, scaling=0.08, shear=0.03, shift_mm=8.0, elastic_mm=3.0)
 
@@ -80,7 +80,7 @@ def skull_strip(labels: torch.Tensor) -> torch.Tensor:
     Why: many scans users segment are skull-stripped (as the MNI152 template nilearn ships is),
     so a share of the training volumes shows a brain on a dark background.
     """
-    from steprl.synthseg import BRAIN_STRUCTURES
+    from steprl.synth.synthseg import BRAIN_STRUCTURES
 
     keep = torch.zeros(1024, dtype=torch.bool)
     keep[list(BRAIN_STRUCTURES)] = True
@@ -89,9 +89,9 @@ def skull_strip(labels: torch.Tensor) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=32)
 def _canonical_labels(path: Path, spacing: float, size: int) -> torch.Tensor:
-    """:func:`steprl.synthseg.load_canonical`'s label tensor, cached per process (read-only use):
+    """:func:`steprl.synth.synthseg.load_canonical`'s label tensor, cached per process (read-only use):
     reading and resampling a 256^3 label map takes seconds, and tests build several sources."""
-    from steprl.synthseg import load_canonical
+    from steprl.synth.synthseg import load_canonical
 
     return load_canonical(path, spacing, size)[0]
 
@@ -116,7 +116,7 @@ class SynthSegSliceSource:
             random contrasts alone make white matter invisible in part of the volumes (equal class
             means), which a small model on a short CPU budget learns slowly from.
         max_train_subjects: use only the first N training subjects (CI smoke tests).
-        validation, test: held-out subject counts (:func:`steprl.synthseg.split_subjects`).
+        validation, test: held-out subject counts (:func:`steprl.synth.synthseg.split_subjects`).
         fov_mm: range of the in-plane field of view of a training slice.
         rotation_deg: random rotation range of the spatial augmentation.
         strip_probability: share of volumes synthesised skull-stripped (:func:`skull_strip`).
@@ -128,8 +128,8 @@ class SynthSegSliceSource:
                  max_train_subjects: int | None = None, validation: int = 3, test: int = 3,
                  fov_mm: Sequence[float] = FOV_MM, rotation_deg: float = 12.0,
                  strip_probability: float = 0.3) -> None:
-        from steprl.synthesis import IntensityModel
-        from steprl.synthseg import WHITE_MATTER, list_label_maps, split_subjects
+        from steprl.synth.from_labels import IntensityModel
+        from steprl.synth.synthseg import WHITE_MATTER, list_label_maps, split_subjects
 
         self.size = (int(size[0]), int(size[1]))
         if min(self.size) < 8:
@@ -176,7 +176,7 @@ class SynthSegSliceSource:
         ``spacing``: the network pixel size (None: drawn from ``fov_mm``); ``t1``: force a
         T1-like (True) or random (False) contrast, None draws with ``t1_probability``.
         """
-        from steprl.synthesis import random_resample, synthesize
+        from steprl.synth.from_labels import random_resample, synthesize
 
         if spacing is None:
             spacing = float(rng.uniform(*self.fov_mm)) / max(self.size)
@@ -252,8 +252,8 @@ def synth_case(path: str | Path, folder: str | Path, seed: int, *, t1: bool, spa
     a random contrast; the mask is uint8 (1 = ``label_values``, default cerebral white matter).
     Deterministic in ``seed``.
     """
-    from steprl.synthesis import IntensityModel, random_resample, synthesize
-    from steprl.synthseg import WHITE_MATTER
+    from steprl.synth.from_labels import IntensityModel, random_resample, synthesize
+    from steprl.synth.synthseg import WHITE_MATTER
 
     rng = np.random.default_rng(seed)
     labels = _canonical_labels(Path(path), 1.0, 240)

@@ -1,15 +1,15 @@
 """Endless inter-subject training pairs synthesised from SynthSeg label maps (contrast-agnostic SPAC).
 
 Every training pair is two DIFFERENT subjects, each with its own random affine + elastic
-augmentation, bias field, blur and noise (:mod:`steprl.synthesis`); the contrast is random per
+augmentation, bias field, blur and noise (:mod:`steprl.synth.from_labels`); the contrast is random per
 pair (by default shared by both images: mono-modal pairs of any contrast), so the policy must
 align anatomy whatever the contrast. Labels for the Dice reward and loss are the 32 SynthSeg brain
-structures, re-indexed ``1..32`` (:func:`steprl.synthseg.structure_index`). Validation pairs
+structures, re-indexed ``1..32`` (:func:`steprl.synth.synthseg.structure_index`). Validation pairs
 come from held-out subjects and are drawn once (fixed seed), so scores compare across epochs.
 
 With ``known_fraction > 0``, that share of the training pairs are instead two views of ONE
 subject related by a random affine + elastic field that is known exactly
-(:func:`steprl.synthesis.known_pair`, SynthMorph-style). The learner then also regresses that
+(:func:`steprl.synth.from_labels.known_pair`, SynthMorph-style). The learner then also regresses that
 field: a dense target at every voxel, where the label Dice only speaks at structure
 boundaries (how fast a policy learns from it: ``trainer/benchmarks/probe_spac3d_learning.py``).
 """
@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from steprl import synthseg
 from steprl.registration.data import PairBatch
-from steprl.synthesis import (
+from steprl.synth import synthseg
+from steprl.synth.from_labels import (
     IntensityModel,
     SpatialAugment,
     draw_contrast,

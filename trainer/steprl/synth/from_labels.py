@@ -12,7 +12,7 @@ exact. Two steps, both on torch tensors so they cost milliseconds per 64^3 volum
    smooth bias field, applies a gamma, adds noise and normalises to ``0..1``.
 
 Shapes: label maps ``(1, 1, D, H, W)`` holding label VALUES (FreeSurfer); all grids isotropic
-and axis-aligned (the canonical grids of :mod:`steprl.synthseg`); lengths in mm.
+and axis-aligned (the canonical grids of :mod:`steprl.synth.synthseg`); lengths in mm.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from steprl import spatial
-from steprl.synthetic import gaussian_blur, random_rotation
+from steprl.synth.toy import gaussian_blur, random_rotation
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,14 @@
 """SynthSeg-style whole-head label maps: the label tables, the subject split, and a canonical grid.
 
 Why: the contrast-agnostic starter models are trained on images SYNTHESISED from label maps
-(:mod:`steprl.synthesis`), never on real intensities, so they work on any MRI contrast and the
+(:mod:`steprl.synth.from_labels`), never on real intensities, so they work on any MRI contrast and the
 training labels are exact. This module knows the FreeSurfer label values of the SynthSeg
 label maps (``training_seg_XX.nii.gz``, 53 values of which 32 are brain structures scored by
 Dice), which ones are white matter, and how to hold subjects out for validation and testing.
 
 Label maps are read once and resampled (nearest neighbour) onto a canonical grid: axis-aligned
 LPS (identity direction), isotropic, centred on the head. Random affine and elastic
-augmentation then samples from that grid (:func:`steprl.synthesis.random_resample`).
+augmentation then samples from that grid (:func:`steprl.synth.from_labels.random_resample`).
 """
 
 from __future__ import annotations
