@@ -131,6 +131,39 @@ class _Runner:
         return out
 
 
+    def run_slices(self, case: CaseSlices, active: np.ndarray, steps: int, batch_slices: int,
+                   progress: Callable[[int, int], None] | None) -> torch.Tensor:
+        """Every step's network-grid masks ``(steps, N, 1, h, w)`` of the ``active`` slices (others stay 0)."""
+        net_masks = torch.zeros((steps, case.images.shape[0], 1, *self.model.size), dtype=torch.uint8)
+        for first in range(0, len(active), batch_slices):
+            index = torch.from_numpy(active[first : first + batch_slices])
+            net_masks[:, index] = self.run(case.images[index], steps)
+            if progress is not None:
+                progress(min(first + batch_slices, len(active)), len(active))
+        return net_masks
+
+
+def _step_count(loaded: LoadedSegmenter, steps: int | None) -> int:
+    """The steps to run: the card's default for None, checked; a U-Net takes one."""
+    n_steps = loaded.default_steps if steps is None else int(steps)
+    check_steps(n_steps, "steps")  # at most MAX_STEPS: the masks of every step are kept in memory
+    if not loaded.is_rl and n_steps > 1:
+        log.info("A U-Net segments in one step: running 1 step instead of %d.", n_steps)
+        n_steps = 1
+    return n_steps
+
+
+def _step_mask(net_masks: torch.Tensor, case: CaseSlices, active: np.ndarray, batch_slices: int,
+               ndim: int) -> np.ndarray:
+    """One step's network-grid masks ``(N, 1, h, w)`` brought back onto the image's grid, as a volume."""
+    slices = np.zeros((net_masks.shape[0], *case.grid.shape), dtype=np.uint8)
+    for first in range(0, len(active), batch_slices):
+        index = active[first : first + batch_slices]
+        back = case.grid.mask_from_network(net_masks[torch.from_numpy(index)])
+        slices[index] = back[:, 0].numpy().astype(np.uint8)
+    return _to_volume(slices, case, ndim)
+
+
 def _to_volume(per_slice: np.ndarray, case: CaseSlices, ndim: int) -> np.ndarray:
     """``(N, h, w)`` slices back into the input's array order."""
     if ndim == 2:
@@ -181,11 +214,7 @@ def segment(
     if image.ndim not in (2, 3):
         raise InputError(f"Segmentation takes 2D images or 3D volumes, got {image.ndim}D.", "Give a 2D or 3D image.")
     _check_labels(labels, image)
-    n_steps = loaded.default_steps if steps is None else int(steps)
-    check_steps(n_steps, "steps")  # at most MAX_STEPS: the masks of every step are kept in memory
-    if not loaded.is_rl and n_steps > 1:
-        log.info("A U-Net segments in one step: running 1 step instead of %d.", n_steps)
-        n_steps = 1
+    n_steps = _step_count(loaded, steps)
     if batch_slices < 1:
         raise InputError(f"batch_slices must be >= 1, got {batch_slices}.", "Use e.g. --batch-slices 16.")
     use_bf16 = default_bf16(dev) if bf16 is None else bool(bf16)
@@ -215,21 +244,9 @@ def segment(
     if skipped:
         log.info("%d of %d slices are constant: background, not segmented.", skipped, n_slices)
     runner = _Runner(loaded, dev, use_bf16, use_cl)
-    net_masks = torch.zeros((n_steps, n_slices, 1, *loaded.size), dtype=torch.uint8)
-    for first in range(0, len(active), batch_slices):
-        index = torch.from_numpy(active[first : first + batch_slices])
-        net_masks[:, index] = runner.run(case.images[index], n_steps)
-        if progress is not None:
-            progress(min(first + batch_slices, len(active)), len(active))
-
-    grid = case.grid
+    net_masks = runner.run_slices(case, active, n_steps, batch_slices, progress)
     for t in range(n_steps):
-        slices = np.zeros((n_slices, *grid.shape), dtype=np.uint8)
-        for first in range(0, len(active), batch_slices):
-            index = active[first : first + batch_slices]
-            back = grid.mask_from_network(net_masks[t, torch.from_numpy(index)])
-            slices[index] = back[:, 0].numpy().astype(np.uint8)
-        mask = _to_volume(slices, case, image.ndim)
+        mask = _step_mask(net_masks[t], case, active, batch_slices, image.ndim)
         changed = mask != previous
         yield result(t + 1, mask, changed)
         previous = mask

@@ -80,7 +80,7 @@ def run_and_write(image: Image, model, out, *, steps: int | None = None, device=
 
     from steprl import io, metrics
     from steprl.device import resolve_device
-    from steprl.plotting import segmentation_steps_figure, select_steps, slice_aspect
+    from steprl.plotting import select_steps
     from steprl.segmentation.data import CONSTANT_SLICE_RULE, resolve_axis
     from steprl.segmentation.inference import segment
     from steprl.segmentation.model import load_segmenter
@@ -139,14 +139,23 @@ def run_and_write(image: Image, model, out, *, steps: int | None = None, device=
             summary["final"] = {"step": last.step,
                                 **metrics.segmentation_metrics(final_mask, reference, image.geometry.spacing)}
         io.write_json(summary, staging / "metrics.json")
-        index = picture_slice(image.array, array_axis, final_mask if final_mask.any() else reference)
-        shown = sorted(kept)
-        curves = {"object fraction": [r["object_fraction"] for r in records]}
-        if reference is not None:
-            curves = {"Dice": [r["dice"] for r in records], **curves}
-        segmentation_steps_figure(
-            take(image.array, index, array_axis), [take(kept[s][0], index, array_axis) for s in shown], shown, curves,
-            staging / "steps.png", changed=[take(kept[s][1], index, array_axis) for s in shown],
-            title=picture_title(loaded.method, loaded.path.stem, axis, index, image.ndim),
-            aspect=slice_aspect(image.geometry.spacing, array_axis))
+        _write_picture(image, loaded, axis, array_axis, records, kept, final_mask, reference, staging / "steps.png")
     return summary
+
+
+def _write_picture(image: Image, loaded, axis: str | int, array_axis: int, records: list[dict],
+                   kept: dict[int, tuple[np.ndarray, np.ndarray]], final_mask: np.ndarray, reference: np.ndarray | None,
+                   path: Path) -> None:
+    """``steps.png``: the kept steps' masks and changes on one slice through the object, with the curves."""
+    from steprl.plotting import segmentation_steps_figure, slice_aspect
+
+    index = picture_slice(image.array, array_axis, final_mask if final_mask.any() else reference)
+    shown = sorted(kept)
+    curves = {"object fraction": [r["object_fraction"] for r in records]}
+    if reference is not None:
+        curves = {"Dice": [r["dice"] for r in records], **curves}
+    segmentation_steps_figure(
+        take(image.array, index, array_axis), [take(kept[s][0], index, array_axis) for s in shown], shown, curves,
+        path, changed=[take(kept[s][1], index, array_axis) for s in shown],
+        title=picture_title(loaded.method, loaded.path.stem, axis, index, image.ndim),
+        aspect=slice_aspect(image.geometry.spacing, array_axis))
