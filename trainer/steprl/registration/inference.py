@@ -154,6 +154,101 @@ def _labels_on_fixed(labels: Image | None, fixed: Geometry, device) -> torch.Ten
     return spatial.resample(t, labels.geometry, fixed, mode="nearest")
 
 
+def _step_settings(spac: LoadedSPAC, steps: int | None, max_step: float | None, early_stop: int | None,
+                   refine_steps: int | None) -> tuple[int, float, int]:
+    """``(steps, max_step, refine_steps)`` with the model card's defaults, after checking what was asked."""
+    from steprl.limits import check_steps
+
+    check_steps(steps)
+    steps = spac.default_steps if steps is None else int(steps)
+    max_step = spac.max_step if max_step is None else float(max_step)
+    if not max_step > 0:
+        raise InputError(f"max_step must be a positive number of voxels, got {max_step}.", "Use e.g. --max-step 3.")
+    if early_stop is not None and early_stop < 1:
+        raise InputError(f"early_stop must be at least 1 step, got {early_stop}.", "Use e.g. --early-stop 3.")
+    check_steps(refine_steps, "--refine")
+    refine_steps = spac.default_refine_steps if refine_steps is None else int(refine_steps)
+    return steps, max_step, refine_steps
+
+
+def _label_ids(fixed_labels: Image | None, moving_labels: Image | None) -> list[int]:
+    """The non-zero labels present in either map (none without labels)."""
+    if fixed_labels is None:
+        return []
+    present = set(np.unique(fixed_labels.array).tolist()) | set(np.unique(moving_labels.array).tolist())
+    return sorted(int(v) for v in present if v != 0)
+
+
+@dataclass
+class _Scorer:
+    """Step ``t``'s metrics: NCC on the network grid, folding of the field, Dice with labels."""
+
+    ctx: _Context
+    f_net: torch.Tensor
+    window: int
+    moving_labels: torch.Tensor | None  # on the moving grid
+    start: float
+
+    def __call__(self, t: int, u: torch.Tensor, warped: torch.Tensor, kind: str,
+                 grid: Geometry | None = None) -> StepResult:
+        from steprl.metrics import dice_per_label, local_ncc
+
+        with torch.no_grad():
+            ncc = float(local_ncc(self.f_net, warped, self.window))
+            folding = float((spatial.jacobian_determinant(u) <= 0).float().mean() * 100)
+        metrics: dict = {"ncc": ncc, "folding_percent": folding}
+        out = StepResult(t, u, metrics, self.ctx, grid=grid, kind=kind)
+        if self.moving_labels is not None:
+            warped_labels = out.warp_moving(self.moving_labels, self.ctx.moving_labels.geometry, mode="nearest")
+            out._warped_labels = warped_labels
+            per_label = dice_per_label(warped_labels, self.ctx.fixed_labels, self.ctx.labels)
+            metrics["dice_per_label"] = per_label
+            metrics["dice"] = float(np.mean(list(per_label.values()))) if per_label else float("nan")
+        metrics["seconds"] = time.perf_counter() - self.start
+        return out
+
+
+class _EarlyStop:
+    """Stop after ``patience`` policy steps without a local-NCC gain of 1e-4 (None: never)."""
+
+    def __init__(self, patience: int | None) -> None:
+        self.patience, self.best, self.since_best = patience, -np.inf, 0
+
+    def stop(self, t: int, ncc: float) -> bool:
+        if t == 0:
+            self.best = ncc
+            return False
+        if self.patience is None:
+            return False
+        if ncc > self.best + 1e-4:
+            self.best, self.since_best = ncc, 0
+            return False
+        self.since_best += 1
+        if self.since_best >= self.patience:
+            log.info("early stop at step %d: no NCC improvement for %d steps", t, self.patience)
+            return True
+        return False
+
+
+def _refined(result: _Scorer, t: int, u: torch.Tensor, images: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+             refine_steps: int, settings) -> Iterator[StepResult]:
+    """The refinement steps after policy step ``t`` (field ``u`` on the network grid), on the finer grid.
+
+    ``images``: the normalised fixed and moving images on their own grids, the moving on the network grid.
+    """
+    from steprl.registration.refine import field_on, refine, refine_grid
+
+    ctx, (f_norm, m_norm, m_net) = result.ctx, images
+    fine = refine_grid(ctx.net, settings.factor)
+    f_fine = spatial.resample(f_norm, ctx.fixed.geometry, fine)
+    m_fine = spatial.resample(m_norm, ctx.moving.geometry, fine, affine=ctx.affine)
+    fields = refine(f_fine, m_fine, field_on(u, ctx.net, fine), refine_steps, settings)
+    for k, refined in enumerate(fields, start=1):
+        with torch.no_grad():
+            warped = spatial.warp(m_net, field_on(refined, fine, ctx.net))
+        yield result(t + k, refined, warped, "refine", fine)
+
+
 def register(
     fixed: Image,
     moving: Image,
@@ -188,7 +283,6 @@ def register(
         refine_settings: a :class:`steprl.registration.refine.RefineSettings` (default: the card's).
     """
     from steprl.device import resolve_device
-    from steprl.metrics import dice_per_label, local_ncc
 
     dev = resolve_device(device)
     spac = model if isinstance(model, LoadedSPAC) else load_spac(model, dev)
@@ -196,22 +290,10 @@ def register(
     _check_inputs(fixed, moving, spac)
     if (fixed_labels is None) != (moving_labels is None):
         raise InputError("Only one label map was given.", "Give both fixed and moving labels, or neither.")
-    from steprl.limits import check_steps
-
-    check_steps(steps)
-    steps = spac.default_steps if steps is None else int(steps)
-    max_step = spac.max_step if max_step is None else float(max_step)
-    if not max_step > 0:
-        raise InputError(f"max_step must be a positive number of voxels, got {max_step}.", "Use e.g. --max-step 3.")
-    if early_stop is not None and early_stop < 1:
-        raise InputError(f"early_stop must be at least 1 step, got {early_stop}.", "Use e.g. --early-stop 3.")
-    check_steps(refine_steps, "--refine")
-    refine_steps = spac.default_refine_steps if refine_steps is None else int(refine_steps)
+    steps, max_step, refine_steps = _step_settings(spac, steps, max_step, early_stop, refine_steps)
     if refine_settings is None:
         refine_settings = spac.refine_settings()
     use_bf16 = (dev.type == "cuda") if bf16 is None else bf16
-    from steprl.registration.refine import field_on, refine, refine_grid
-
     start = time.perf_counter()
 
     from steprl.registration.prealign import affine_prealign
@@ -222,34 +304,15 @@ def register(
     f_net = spatial.resample(f_norm, fixed.geometry, net)
     m_norm = _tensor(normalise_percentile(moving.array), dev)
     m_net = spatial.resample(m_norm, moving.geometry, net, affine=affine)
-    label_ids: list[int] = []
-    if fixed_labels is not None:
-        present = set(np.unique(fixed_labels.array).tolist()) | set(np.unique(moving_labels.array).tolist())
-        label_ids = sorted(int(v) for v in present if v != 0)
+    label_ids = _label_ids(fixed_labels, moving_labels)
     ctx = _Context(fixed, moving, net, affine, _tensor(moving.array, dev),
                    _labels_on_fixed(fixed_labels, fixed.geometry, dev), moving_labels, label_ids)
     moving_label_t = None if moving_labels is None else _tensor(moving_labels.array, dev)
-    window = int(spac.card.get("inference", {}).get("ncc_window", 9))
-
-    def result(t: int, u: torch.Tensor, warped: torch.Tensor, kind: str, grid: Geometry | None = None) -> StepResult:
-        """Step ``t``'s metrics: NCC on the network grid, folding of the field, Dice with labels."""
-        with torch.no_grad():
-            ncc = float(local_ncc(f_net, warped, window))
-            folding = float((spatial.jacobian_determinant(u) <= 0).float().mean() * 100)
-        metrics: dict = {"ncc": ncc, "folding_percent": folding}
-        out = StepResult(t, u, metrics, ctx, grid=grid, kind=kind)
-        if moving_label_t is not None:
-            warped_labels = out.warp_moving(moving_label_t, moving_labels.geometry, mode="nearest")
-            out._warped_labels = warped_labels
-            per_label = dice_per_label(warped_labels, ctx.fixed_labels, label_ids)
-            metrics["dice_per_label"] = per_label
-            metrics["dice"] = float(np.mean(list(per_label.values()))) if per_label else float("nan")
-        metrics["seconds"] = time.perf_counter() - start
-        return out
+    result = _Scorer(ctx, f_net, int(spac.card.get("inference", {}).get("ncc_window", 9)), moving_label_t, start)
 
     u = f_net.new_zeros(1, net.ndim, *net.shape)
     warped = m_net
-    best, since_best = -np.inf, 0
+    stopper = _EarlyStop(early_stop)
     t = 0
     for t in range(steps + 1):
         if t > 0:
@@ -259,23 +322,7 @@ def register(
             warped = spatial.warp(m_net, u)
         current = result(t, u, warped, "policy" if t else "input")
         yield current
-        ncc = current.metrics["ncc"]
-        if early_stop is not None and t > 0:
-            if ncc > best + 1e-4:
-                best, since_best = ncc, 0
-            else:
-                since_best += 1
-                if since_best >= early_stop:
-                    log.info("early stop at step %d: no NCC improvement for %d steps", t, early_stop)
-                    break
-        elif t == 0:
-            best = ncc
+        if stopper.stop(t, current.metrics["ncc"]):
+            break
     if refine_steps:
-        fine = refine_grid(net, refine_settings.factor)
-        f_fine = spatial.resample(f_norm, fixed.geometry, fine)
-        m_fine = spatial.resample(m_norm, moving.geometry, fine, affine=affine)
-        fields = refine(f_fine, m_fine, field_on(u, net, fine), refine_steps, refine_settings)
-        for k, refined in enumerate(fields, start=1):
-            with torch.no_grad():
-                warped = spatial.warp(m_net, field_on(refined, fine, net))
-            yield result(t + k, refined, warped, "refine", fine)
+        yield from _refined(result, t, u, (f_norm, m_norm, m_net), refine_steps, refine_settings)
