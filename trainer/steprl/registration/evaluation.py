@@ -266,10 +266,7 @@ def compare_case(fixed, moving, spac, *, name: str, fixed_labels=None, moving_la
     n_steps = chosen[-1] if steps is None else int(steps)
     has_labels = fixed_labels is not None and moving_labels is not None
     fixed_lab = _resample_to_fixed(fixed_labels, fixed.geometry, "nearest") if has_labels else None
-    if has_labels and labels is None:
-        present = set(np.unique(fixed_lab).tolist()) | set(np.unique(moving_labels.array).tolist())
-        labels = sorted(int(v) for v in present if v != 0)
-    labels = list(labels or [])
+    labels = _label_values(fixed_lab, moving_labels, labels) if has_labels else list(labels or [])
 
     def row(method, warped, field, seconds, warped_labels):
         return _method_row(name, method, fixed, warped, field, seconds, warped_labels, fixed_lab, labels, window)
@@ -305,12 +302,25 @@ def compare_case(fixed, moving, spac, *, name: str, fixed_labels=None, moving_la
         for step, r in spac_rows.items():
             r["seconds"] = seconds[step]
     rows.extend(spac_rows[s] for s in sorted(spac_rows))  # the refined row's step is past every policy step
+    _tag_spac_rows(rows, refine)
+    return rows, curve
+
+
+def _label_values(fixed_lab: np.ndarray, moving_labels, labels: Sequence[int] | None) -> list[int]:
+    """The labels to score: as given, else every non-zero value in either map."""
+    if labels is None:
+        present = set(np.unique(fixed_lab).tolist()) | set(np.unique(moving_labels.array).tolist())
+        labels = sorted(int(v) for v in present if v != 0)
+    return list(labels or [])
+
+
+def _tag_spac_rows(rows: list[dict], refine: int) -> None:
+    """Give each ``spac@N[+refineM]`` row its ``steps`` (and ``refine_steps``)."""
     for r in rows:
         if r["method"].startswith("spac@"):
             r["steps"] = int(r["method"][5:].split("+")[0])
             if "+refine" in r["method"]:
                 r["refine_steps"] = refine
-    return rows, curve
 
 
 def method_means(rows: list[dict]) -> list[dict]:
