@@ -45,6 +45,16 @@ def _add_register(sub, add_common) -> None:
 def _add_train(tsub, add_common) -> None:
     r = tsub.add_parser("registration", help="train a SPAC registration model",
                         description="Pairs are drawn at random among the images. Runs unchanged under torchrun.")
+    _add_train_data(r)
+    _add_train_loss(r)
+    _add_train_network(r)
+    _add_train_recipe(r)
+    r.set_defaults(handler="steprl.registration.commands:train_command")
+    add_common(r)
+
+
+def _add_train_data(r) -> None:
+    """The training data, the run folder and the schedule."""
     src = r.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", nargs="+", type=Path, help="image files, or one folder of images")
     src.add_argument("--synthetic", nargs="+", type=int, metavar="N",
@@ -70,6 +80,10 @@ def _add_train(tsub, add_common) -> None:
     r.add_argument("--cross-contrast", action="store_true",
                    help="--synthseg: give each image of a pair its own contrast (multi-modal; loss from labels "
                         "only) instead of one random contrast per pair")
+
+
+def _add_train_loss(r) -> None:
+    """The registration loss's weights, SAC's start, and the known-field pairs."""
     r.add_argument("--ncc-weight", type=float, default=None,
                    help="weight of -LNCC in the registration loss (default 1; 0 with --cross-contrast)")
     r.add_argument("--dice-weight", type=float, default=None,
@@ -91,6 +105,10 @@ def _add_train(tsub, add_common) -> None:
                         "sub-voxel shifts stay visible; default 1; costs F^3 in synthesis)")
     r.add_argument("--field-weight", type=float, default=1.0,
                    help="weight of the squared error to the known field (voxels^2) with --known-pairs (default 1)")
+
+
+def _add_train_network(r) -> None:
+    """The planner and actor's layout, and the one-step or unrolled update."""
     r.add_argument("--channels", nargs="+", type=int, default=None, help="encoder widths (default 16 32 32 32)")
     r.add_argument("--field-level", type=int, default=1, metavar="K",
                    help="the actor predicts each step on a grid 2**K times coarser than the network grid "
@@ -112,6 +130,10 @@ def _add_train(tsub, add_common) -> None:
     r.add_argument("--unroll", type=int, default=0, metavar="W",
                    help="train through the policy's own rollout, backpropagating through windows of W composed "
                         "steps (the 3D recipe; default 0: the paper's one-step update)")
+
+
+def _add_train_recipe(r) -> None:
+    """Smoothness and label losses, precision, validation, contrasts, warm start, the run's options."""
     r.add_argument("--smooth-weight", type=float, default=1.0,
                    help="weight of the |grad u|^2 smoothness loss (of the step; of the composed field with --unroll)")
     r.add_argument("--label-sigma", type=float, default=0.0, metavar="VOXELS",
@@ -151,8 +173,6 @@ def _add_train(tsub, add_common) -> None:
     r.add_argument("--no-resume", action="store_true",
                    help="start afresh even if --out holds an interrupted run (its files are overwritten)")
     r.add_argument("--no-tensorboard", action="store_true")
-    r.set_defaults(handler="steprl.registration.commands:train_command")
-    add_common(r)
 
 
 def _add_evaluate(esub, add_common) -> None:
