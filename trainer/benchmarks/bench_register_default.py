@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from steprl.atomic import write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPE = (144, 192, 160)  # array order (z, y, x) = 160 x 192 x 144 voxels in ITK's (x, y, z)
@@ -135,9 +136,7 @@ def main(argv: list[str] | None = None) -> int:
               f"({default['refine_steps']} steps) <= 5 s: **{default['refine']:.2f} s**; peak RSS <= 3 GiB: "
               f"**{default['rss']:.2f} GiB**.", ""]
     text = "\n".join(lines)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(args.out)
+    write_text(args.out, text)
     print(text)
     return 0
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from steprl.atomic import write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONFIGS = {"fp32": (False, False), "bf16": (True, False), "fp32 channels_last_3d": (False, True),
@@ -117,9 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     rows = [row for grid in args.grids for row in measure(grid, args.updates, args.synthseg, args.seed)]
     text = report(rows, args, torch.get_num_threads())
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(args.out)
+    write_text(args.out, text)
     print(text)
     return 0
 

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from steprl.atomic import write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
 HEAD_MM = 211.0  # the field of view of the synthesised pairs: 64 voxels of 3.3 mm
@@ -134,10 +135,7 @@ def write_report(args, device: torch.device, rows: list[dict]) -> None:
              "|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['iteration']} | {r['seconds']:.0f} | {r['field']:.3f} | {r['dice0']:.3f} | {r['dice1']:.3f} | "
               f"{r['dice10']:.3f} |" for r in rows]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(out)
+    write_text(out, "\n".join(lines) + "\n")
     print(f"report: {out}")
 
 
