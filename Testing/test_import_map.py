@@ -1,9 +1,11 @@
-"""The package's import map: layers that do not lean on each other (read from the source with ``ast``).
+"""The package's shape, read from the source with ``ast``: its import map and its sizes.
 
 Every ``import`` counts, also those inside functions (they run when the function does): a
 circle between modules, or ``steprl.segmentation`` and ``steprl.registration`` importing each
 other, means a change in one pulls the other along. Shared helpers belong in the top-level
-modules (``io``, ``modelfile``, ``metrics``, ``commands``...).
+modules (``io``, ``modelfile``, ``metrics``, ``commands``...). Files stay under
+:data:`MAX_FILE_LINES` and functions under :data:`MAX_FUNCTION_LINES`, so that each reads in
+one sitting.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "trainer" / "steprl"
+MAX_FILE_LINES = 500
+MAX_FUNCTION_LINES = 80
 
 
 def _module_name(path: Path) -> str:
@@ -102,3 +106,18 @@ def test_segmentation_and_registration_do_not_import_each_other():
                  for a, b in (("segmentation", "registration"), ("registration", "segmentation"))
                  if module.startswith(f"steprl.{a}") and target.startswith(f"steprl.{b}")]
     assert crossings == []
+
+
+def test_no_file_or_function_too_long_to_read_in_one_sitting():
+    too_long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        name = path.relative_to(PACKAGE.parent)
+        if len(text.splitlines()) > MAX_FILE_LINES:
+            too_long.append(f"{name}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    too_long.append(f"{name}:{node.lineno} {node.name}(): {length} lines")
+    assert too_long == []
