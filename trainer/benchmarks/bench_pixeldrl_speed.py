@@ -47,7 +47,6 @@ import argparse
 import datetime as _dt
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -55,6 +54,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import _common
 import numpy as np
 
 DEFAULT_ROWS = (
@@ -101,10 +101,6 @@ def _model(folder: Path, size: int, fusion: str) -> Path:
     return path
 
 
-def _peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB  # Linux: KiB
-
-
 def _cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -119,13 +115,6 @@ def _best_of(fn, reps: int) -> float:
         fn()
         best = min(best, time.perf_counter() - start)
     return best
-
-
-def _sync(dev) -> None:
-    import torch
-
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
 
 
 # ------------------------------------------------------------------------------------ a row
@@ -146,7 +135,7 @@ def run_one(row: str, device: str, workdir: Path) -> dict:
     spacing = (1.0,) * array.ndim
     image = Image(array, Geometry(array.shape, spacing, (0.0,) * array.ndim, np.eye(array.ndim)))
     loaded = load_segmenter(_model(workdir, size, fusion))
-    start_rss = _peak_rss_gib()
+    start_rss = _common.peak_rss_gib()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
 
@@ -154,13 +143,13 @@ def run_one(row: str, device: str, workdir: Path) -> dict:
     warm = Image(middle, Geometry(middle.shape, spacing, (0.0,) * array.ndim, np.eye(array.ndim)))
     for _ in segment(warm, loaded, 2, dev, bf16=bf16):
         pass
-    _sync(dev)
+    _common.sync(dev)
     t0, c0 = time.perf_counter(), _cpu()
     first = None
     for _ in segment(image, loaded, STEPS, dev, bf16=bf16):
         if first is None:
             first = time.perf_counter() - t0
-    _sync(dev)
+    _common.sync(dev)
     total, cpu_total = time.perf_counter() - t0, _cpu() - c0
     n_slices = 1 if array.ndim == 2 else array.shape[0]
     segmented = n_slices - int(sum(np.ptp(s) == 0 for s in (array[None] if array.ndim == 2 else array)))
@@ -178,7 +167,7 @@ def run_one(row: str, device: str, workdir: Path) -> dict:
             encoded = net.encode(x, with_value=False)
             for _ in range(STEPS):
                 net.decide(encoded, mask, with_value=False)
-        _sync(dev)
+        _common.sync(dev)
 
     net_per_slice = _best_of(network_work, 3) / batch
 
@@ -189,7 +178,7 @@ def run_one(row: str, device: str, workdir: Path) -> dict:
     def paper_forward():
         with torch.no_grad(), autocast(dev, bf16):
             paper(state, with_value=False)
-        _sync(dev)
+        _common.sync(dev)
 
     paper_fwd = _best_of(paper_forward, 3)
     out = {
@@ -198,7 +187,7 @@ def run_one(row: str, device: str, workdir: Path) -> dict:
         "total_s": total, "first_yield_s": first, "cpu_s": cpu_total,
         "net_s": net_per_slice * segmented, "overhead": total / max(net_per_slice * segmented, 1e-9),
         "paper_fwd_s": paper_fwd, "speedup_vs_paper": n_slices * STEPS * paper_fwd / total,
-        "peak_rss_gib": _peak_rss_gib(), "start_rss_gib": start_rss,
+        "peak_rss_gib": _common.peak_rss_gib(), "start_rss_gib": start_rss,
         "parameters": sum(p.numel() for p in net.parameters()),
     }
     if dev.type == "cuda":
@@ -213,7 +202,7 @@ def header() -> list[str]:
 
     lines = [f"date {_dt.datetime.now().isoformat(timespec='seconds')}  torch {torch.__version__}  "
              f"threads {torch.get_num_threads()}  CPU bf16 native: {cpu_has_fast_bf16()}"]
-    lines.append(f"machine {platform.processor() or platform.machine()}  load average "
+    lines.append(f"machine {_common.cpu_model()}  load average "
                  f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}  cores {os.cpu_count()}")
     if torch.cuda.is_available():
         lines.append(f"cuda {torch.cuda.get_device_name(0)}")

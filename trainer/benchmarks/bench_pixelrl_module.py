@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -42,6 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import _common
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
@@ -148,7 +148,7 @@ def main() -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     header = (f"date {when}  load {tuple(round(v, 1) for v in os.getloadavg())}  cpus {os.cpu_count()}  "
-              f"python {sys.version.split()[0]}  {platform.processor() or platform.machine()}")
+              f"python {sys.version.split()[0]}  {_common.cpu_model()}")
     print(header)
     with tempfile.TemporaryDirectory(prefix="bench_pixelrl_module_") as tmp:
         workdir = Path(tmp)

@@ -53,6 +53,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+import _common
 import numpy as np
 
 #: name -> network grid (array order). The 2D policy uses plan_dim 32, the 3D one 64.
@@ -109,19 +110,6 @@ def _rss_now_gib() -> float:
         return 0.0
 
 
-def _peak_rss_gib() -> float:
-    """Peak RSS of this process so far (``ru_maxrss`` is KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / GIB if sys.platform == "darwin" else peak * 1024 / GIB
-
-
-def _sync(dev) -> None:
-    import torch
-
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
 def _median_time(fn: Callable[[], object], dev, reps: int, warmup: bool = True) -> tuple[float, float]:
     """Median ``(wall, cpu)`` seconds of ``fn`` over ``reps`` calls (after one warm-up call).
 
@@ -130,12 +118,12 @@ def _median_time(fn: Callable[[], object], dev, reps: int, warmup: bool = True) 
     """
     if warmup:
         fn()
-        _sync(dev)
+        _common.sync(dev)
     walls, cpus = [], []
     for _ in range(reps):
         c0, t0 = time.process_time(), time.perf_counter()
         fn()
-        _sync(dev)
+        _common.sync(dev)
         walls.append(time.perf_counter() - t0)
         cpus.append(time.process_time() - c0)
     return statistics.median(walls), statistics.median(cpus)
@@ -146,12 +134,12 @@ def _timed_register(spac, fixed, moving, dev, bf16: bool, steps: int) -> dict:
     from steprl.registration.inference import register
 
     walls, cpus = [], []
-    _sync(dev)
+    _common.sync(dev)
     faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     c0, t0 = time.process_time(), time.perf_counter()
     result = None
     for res in register(fixed, moving, spac, steps=steps, device=dev, bf16=bf16):
-        _sync(dev)  # the metrics already call float() (a sync); this makes CUDA stamps exact
+        _common.sync(dev)  # the metrics already call float() (a sync); this makes CUDA stamps exact
         walls.append(time.perf_counter())
         cpus.append(time.process_time())
         result = res  # only the latest is kept (each holds its own full field), as a viewer would
@@ -161,7 +149,7 @@ def _timed_register(spac, fixed, moving, dev, bf16: bool, steps: int) -> dict:
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
     t1 = time.perf_counter()
     _ = result.warped
-    _sync(dev)
+    _common.sync(dev)
     warp_s = time.perf_counter() - t1
     return {
         "total_s": walls[-1] - t0,
@@ -282,7 +270,7 @@ def run_one(name: str, device: str, precision: str, steps: int, warmup_steps: in
     row["forward_cpu_s"] = statistics.median(c for _, c in before + after)
     row["overhead"] = row["step_s"] / row["forward_s"]
     row["overhead_cpu"] = row["step_cpu_s"] / row["forward_cpu_s"]
-    row["peak_rss_gib"] = _peak_rss_gib()
+    row["peak_rss_gib"] = _common.peak_rss_gib()
     if dev.type == "cuda":
         row["peak_cuda_gib"] = torch.cuda.max_memory_allocated(dev) / GIB
 
@@ -299,18 +287,6 @@ def run_one(name: str, device: str, precision: str, steps: int, warmup_steps: in
 
 
 # ------------------------------------------------------------------------------- reporting
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return platform.processor() or "unknown"
-    model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "unknown")
-    flags = set(next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), []))
-    bf = [f for f in ("avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
-    return f"{model} ({os.cpu_count()} logical CPUs; bf16 flags: {', '.join(bf) or 'none'})"
-
-
 def header() -> list[str]:
     import torch
 
@@ -318,7 +294,7 @@ def header() -> list[str]:
     lines = [
         f"date: {_dt.datetime.now().astimezone().isoformat(timespec='seconds')}",
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, python {platform.python_version()}",
-        f"CPU: {_cpu_model()}",
+        f"CPU: {_common.cpu_summary()}",
         f"load average at start (1/5/15 min): {load}",
     ]
     if torch.cuda.is_available():

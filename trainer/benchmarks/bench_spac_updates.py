@@ -19,6 +19,7 @@ import copy
 import time
 from pathlib import Path
 
+import _common
 import numpy as np
 import torch
 from steprl.atomic import write_text
@@ -92,11 +93,10 @@ def measure(grid: int, updates: int, synthseg: Path, seed: int) -> list[dict]:
 
 
 def report(rows: list[dict], args, threads: int) -> str:
-    import platform
 
     lines = ["# SPAC 3D recipe: updates per second by grid and precision", "",
              f"`python trainer/benchmarks/bench_spac_updates.py --grids {' '.join(map(str, args.grids))} "
-             f"--updates {args.updates}`; {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+             f"--updates {args.updates}`; {_common.cpu_model()}, torch {torch.__version__}, "
              f"{threads} threads. One update = one optimiser step through a window of 5 composed policy steps, "
              "batch 4, 32 SynthSeg structures (synthesis not timed). Medians over the timed updates; ratios "
              "against float32 in the same process, on the same batches and initial weights.", "",

@@ -60,6 +60,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import _common
 import numpy as np
 from steprl.atomic import atomic_path, write_text
 
@@ -296,13 +297,6 @@ def _per_step(curves: list[dict]) -> float:
     return float((seconds[-1] - seconds[0]) / (len(seconds) - 1)) if len(seconds) > 1 else float("nan")
 
 
-def _md(headers: list[str], rows: list[list[str]], left: int = 1) -> list[str]:
-    rule = "|" + "|".join("---" if i < left else "---:" for i in range(len(headers))) + "|"
-    lines = ["| " + " | ".join(headers) + " |", rule]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return lines
-
-
 def _f(value, fmt: str) -> str:
     return "-" if value is None or (isinstance(value, float) and not np.isfinite(value)) else fmt.format(value)
 
@@ -335,7 +329,7 @@ def group_table(rows: list[dict], has_labels: bool) -> list[str]:
             _f(m.get("ncc"), "{:.3f}"), _f(m.get("folding_percent"), "{:.3f}"),
             _f(m.get("std_log_jacobian"), "{:.3f}"), _s(m.get("seconds")),
             "-" if method == "identity" else _f(speed, "{:.1f}")])
-    return _md(headers, body)
+    return _common.markdown_table(headers, body)
 
 
 def case_table(rows: list[dict], has_labels: bool) -> list[str]:
@@ -345,7 +339,7 @@ def case_table(rows: list[dict], has_labels: bool) -> list[str]:
                                        else []) +
             [_f(r["ncc"], "{:.3f}"), _f(r["folding_percent"], "{:.3f}"), _f(r["std_log_jacobian"], "{:.3f}"),
              _s(r["seconds"])] for r in rows]
-    return _md(headers, body, left=2)
+    return _common.markdown_table(headers, body, left=2)
 
 
 def structure_table(rows: list[dict], names: dict[int, str]) -> list[str]:
@@ -355,7 +349,7 @@ def structure_table(rows: list[dict], names: dict[int, str]) -> list[str]:
     for value in sorted(names):
         cells = [_f(means[m].get("dice_per_label", {}).get(str(value)), "{:.3f}") for m in methods]
         body.append([f"{names[value]} ({value})", *cells])
-    return _md(["structure"] + methods, body)
+    return _common.markdown_table(["structure"] + methods, body)
 
 
 def default_method(means: dict, final: str) -> str:
@@ -469,16 +463,6 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def _version(module: str) -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -518,7 +502,7 @@ def report(results: dict, args, argv: list[str], started: str, load_start: tuple
              "## Command", "", "```", "python " + " ".join(shlex.quote(a) for a in argv), "```", "",
              "## Machine and run", "",
              f"- Date: {started}; wall time of the whole run {wall / 60:.1f} min.",
-             f"- CPU: {_cpu_model()}, {os.cpu_count()} cores, SHARED with a training run and other jobs "
+             f"- CPU: {_common.cpu_model()}, {os.cpu_count()} cores, SHARED with a training run and other jobs "
              f"(load average at start {load_start[0]:.2f} / {load_start[1]:.2f} / {load_start[2]:.2f}, at the end "
              f"{os.getloadavg()[0] if load_end is None else load_end:.2f}): absolute seconds measure the "
              "neighbours too; the RATIOS between methods, "
