@@ -195,20 +195,15 @@ def training_seconds(run: Path | None, card: dict) -> float | None:
     return float(value) if value is not None else None
 
 
-def _dice(pred: np.ndarray, ref: np.ndarray) -> float:
-    denominator = int(pred.sum()) + int(ref.sum())
-    return 1.0 if denominator == 0 else 2.0 * int(np.count_nonzero(pred & ref)) / denominator
-
-
 def score(case: Case, masks: list[np.ndarray], seconds: float) -> dict:
     """The metrics of the last of ``masks`` (bool, the image's shape) and the Dice of each (the
     per-step curve), inside the case's region when it has one."""
-    from steprl.metrics import segmentation_metrics
+    from steprl.metrics import dice, segmentation_metrics
 
     ref = case.reference if case.roi is None else case.reference & case.roi
     masks = masks if case.roi is None else [m & case.roi for m in masks]
     row = segmentation_metrics(masks[-1], ref, case.image.geometry.spacing)
-    row.update(dice_per_step=[round(_dice(m, ref), 4) for m in masks], seconds=seconds)
+    row.update(dice_per_step=[round(dice(m, ref), 4) for m in masks], seconds=seconds)
     return row
 
 
