@@ -53,7 +53,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import tempfile
 import time
@@ -287,9 +286,10 @@ def plot_mni(path: Path) -> None:
 
 
 def _save(fig, path: Path, dpi: int) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=dpi)
-    os.replace(tmp, path)
+    from steprl.atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
 
 
 def mean_over(rows: list[dict], key: str) -> float:
