@@ -36,11 +36,16 @@ class RefineSettings:
         lr: Adam learning rate, in voxels of the refinement grid per step.
         smooth: weight of the mean squared gradient of the field (voxels of the refinement grid).
         window: local NCC window in voxels of the refinement grid.
+
+    The defaults were chosen on MNI152 <-> Colin27 (brain-extracted T1) and held-out synthetic whole
+    heads, 30 steps from the affine alone: smoothness 1 gave the best Dice on the real pair (GM/WM
+    0.783 / 0.795) but folded 0.3-1.7 % of the voxels of the synthetic whole heads (noisy air and
+    skull); 4 folded <= 0.04 % for ~0.01 less Dice; 1.5 with lr 0.15 sits between.
     """
 
     factor: int = 2
-    lr: float = 0.1
-    smooth: float = 1.0
+    lr: float = 0.15
+    smooth: float = 1.5
     window: int = 5
 
     def __post_init__(self) -> None:
