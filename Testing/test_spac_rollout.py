@@ -184,3 +184,39 @@ def test_zero_mean_steps_have_no_global_shift_and_warm_start_from_a_model_withou
     learner.init_from(path)  # zero_mean changes no weight: the warm start is allowed
     _, step = learner.policy.act(state)
     assert step.mean((2, 3)).abs().max() < 1e-5
+
+
+def test_field_input_widens_a_warm_start_without_changing_what_it_computes(tmp_path):
+    torch.manual_seed(6)
+    plain = SPACConfig(**{**RECIPE_NET.__dict__})
+    policy = SPACPolicy(plain)
+    card = {"method": "spac", "ndim": 2, "config": plain.to_dict()}
+    path = modelfile.save_model(tmp_path / "plain", policy.state_dict(), card)
+
+    aware = SPACConfig(**{**RECIPE_NET.__dict__, "field_input": True})
+    assert aware.observation_channels == 4 and aware.state_channels == plain.state_channels + 2
+    learner = SPACLearner(aware, _recipe(), OnePair(), single_process("cpu"))
+    learner.init_from(path)
+    images = torch.rand(2, 2, 32, 32)
+    field = torch.randn(2, 2, 32, 32)
+    _, before = policy.act(images)
+    _, after = learner.policy.act(torch.cat([images, field], dim=1))
+    torch.testing.assert_close(after, before)  # zero weights for the new channels: the same function
+    logs = learner.train_iteration(0)  # the rollout feeds (fixed, warped, field) states
+    assert np.isfinite(logs["soft_dice"])
+    assert learner.validate()["dice_final"] >= 0.0
+
+
+def test_register_runs_a_field_input_policy(tmp_path):
+    from steprl.geometry import Geometry, Image
+    from steprl.registration.inference import register
+
+    cfg = SPACConfig(**{**RECIPE_NET.__dict__, "field_input": True})
+    torch.manual_seed(7)
+    card = {"method": "spac", "ndim": 2, "config": cfg.to_dict(), "inference": {"steps": 3, "max_step": 1.0}}
+    path = modelfile.save_model(tmp_path / "aware", SPACPolicy(cfg).state_dict(), card)
+    b = SyntheticPairSource((24, 28), val_pairs=1).validation()
+    geometry = Geometry((24, 28), (1.0, 1.0), (0.0, 0.0), np.eye(2))
+    results = list(register(Image(b.fixed[0, 0].numpy(), geometry), Image(b.moving[0, 0].numpy(), geometry), path,
+                            device="cpu", refine_steps=0))
+    assert [r.step for r in results] == [0, 1, 2, 3]

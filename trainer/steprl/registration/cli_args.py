@@ -124,6 +124,9 @@ def _add_train_network(r) -> None:
     r.add_argument("--step-bound", type=float, default=0.0, metavar="VOXELS",
                    help="bound each step inside the network, b * tanh(a / b) (default 0: unbounded, the "
                         "environment's clamp alone)")
+    r.add_argument("--field-input", action="store_true",
+                   help="the state also holds the accumulated field, so the policy knows how far it has moved "
+                        "(--init-from a model without it widens its input layer with zero weights)")
     r.add_argument("--zero-mean-step", action="store_true",
                    help="remove each step's mean displacement (no global shift per step: the affine pre-alignment "
                         "handles it; stops a normalised policy's constant drift)")

@@ -50,13 +50,16 @@ class RegistrationEnv:
             warped one-hot labels, soft Dice) or ``"hard"`` (nearest-neighbour labels, as
             evaluation does; :mod:`steprl.registration.label_distance` says why soft Dice is
             biased against motion on coarse grids).
+        field_in_state: the state also holds the accumulated field (``SPACConfig.field_input``).
     """
 
     def __init__(self, fixed, moving, fixed_labels, moving_labels, num_labels: int, max_steps: int,
-                 max_step: float = 1.0, reward_scale: float = 10.0, score: str = "soft") -> None:
+                 max_step: float = 1.0, reward_scale: float = 10.0, score: str = "soft",
+                 field_in_state: bool = False) -> None:
         if score not in ("soft", "hard"):
             raise ValueError(f"score must be 'soft' or 'hard', got {score!r}")
         self.fixed, self.moving = fixed, moving
+        self.field_in_state = field_in_state
         self.fixed_labels, self.moving_labels = fixed_labels, moving_labels
         self.fixed_onehot = one_hot(fixed_labels, num_labels)
         self.moving_onehot = one_hot(moving_labels, num_labels)
@@ -94,7 +97,13 @@ class RegistrationEnv:
         return distance_loss(fixed, moving, field)
 
     def state(self) -> torch.Tensor:
-        return torch.cat([self.fixed, self.warped()], dim=1)
+        return self.state_of(self.field)
+
+    def state_of(self, field: torch.Tensor) -> torch.Tensor:
+        """The state for an accumulated field: ``(fixed, moving warped by field)`` ``(B, 2, *S)``, plus the
+        field itself ``(B, 2 + ndim, *S)`` when the environment was made with ``field_in_state``."""
+        parts = [self.fixed, self.warped(field)]
+        return torch.cat(parts + [field.detach()] if self.field_in_state else parts, dim=1)
 
     def warped(self, field: torch.Tensor | None = None) -> torch.Tensor:
         """The ORIGINAL moving image warped by ``field`` (default: the accumulated one)."""

@@ -317,7 +317,8 @@ def register(
     for t in range(steps + 1):
         if t > 0:
             with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
-                _, step = spac.policy.act(torch.cat([f_net, warped], dim=1), deterministic=True)
+                state = torch.cat([f_net, warped, u] if spac.config.field_input else [f_net, warped], dim=1)
+                _, step = spac.policy.act(state, deterministic=True)
             u = spatial.compose(u, step.float().clamp(-max_step, max_step))
             warped = spatial.warp(m_net, u)
         current = result(t, u, warped, "policy" if t else "input")

@@ -155,6 +155,9 @@ class SPACLearner:
         state, card = load_model(path, method="spac", ndim=self.net_cfg.ndim, device="cpu")
         theirs = {k: v for k, v in SPACConfig.from_dict(card.get("config", {})).to_dict().items() if k in LAYOUT_FIELDS}
         ours = {k: v for k, v in self.net_cfg.to_dict().items() if k in LAYOUT_FIELDS}
+        if not theirs.get("field_input") and ours["field_input"]:  # grow the input layer, same function
+            state = _with_field_input(state, self.policy)
+            theirs["field_input"] = True
         if theirs != ours:
             diff = ", ".join(f"{k}: {theirs.get(k)!r} there, {ours[k]!r} here"
                              for k in ours if theirs.get(k) != ours[k])
@@ -182,7 +185,8 @@ class SPACLearner:
             return self._rollout_iteration(iteration, batch)
         env = RegistrationEnv(batch.fixed, batch.moving, batch.fixed_labels, batch.moving_labels,
                               self.source.num_labels, cfg.episode_steps, cfg.train_max_step, cfg.reward_scale,
-                              score="hard" if cfg.distance_weight > 0 else "soft")
+                              score="hard" if cfg.distance_weight > 0 else "soft",
+                              field_in_state=self.net_cfg.field_input)
         state = env.reset()
         logs: dict[str, list[float]] = {}
         done = False
@@ -211,7 +215,8 @@ class SPACLearner:
         """Deterministic rollouts with the test clamp: HARD Dice (nearest-neighbour labels) per step, NCC, folding."""
         batch = self.source.validation().to(self.device)
         env = RegistrationEnv(batch.fixed, batch.moving, batch.fixed_labels, batch.moving_labels,
-                              self.source.num_labels, self.cfg.val_steps, self.cfg.test_max_step, score="hard")
+                              self.source.num_labels, self.cfg.val_steps, self.cfg.test_max_step, score="hard",
+                              field_in_state=self.net_cfg.field_input)
         state = env.reset()
         curve = [env.dice.mean().item()]  # hard Dice, as evaluation measures it (label_distance says why)
         self.policy.eval()
@@ -350,7 +355,8 @@ class SPACLearner:
         cfg = self.cfg
         env = RegistrationEnv(batch.fixed, batch.moving, batch.fixed_labels, batch.moving_labels,
                               self.source.num_labels, cfg.episode_steps, cfg.train_max_step, cfg.reward_scale,
-                              score="hard" if cfg.distance_weight > 0 else "soft")
+                              score="hard" if cfg.distance_weight > 0 else "soft",
+                              field_in_state=self.net_cfg.field_input)
         state = env.reset()
         logs: dict[str, list[float]] = {}
         done = False
@@ -369,7 +375,7 @@ class SPACLearner:
                 states.append(state)
                 plans.append(plan.detach())
                 fields.append(field.detach())
-                state = torch.cat([env.fixed, env.warped(field)], dim=1)
+                state = env.state_of(field)
             norm = self._step_optimizer("policy", torch.stack(losses).mean(), self.policy.parameters(), cfg.grad_clip)
             if norm is not None:
                 _append(logs, {"grad_norm": norm})
@@ -381,7 +387,7 @@ class SPACLearner:
                     state, done = out.state, out.done
             else:  # no rewards needed (their 32-label warps cost a third of an update), nor replay memory
                 env.jump(fields[-1], len(fields))
-                state, done = torch.cat([env.fixed, env.warped(field.detach())], dim=1), env.t >= env.max_steps
+                state, done = env.state_of(field.detach()), env.t >= env.max_steps
             if sac and len(self.replay) >= cfg.replay_batch:
                 _append(logs, self._sac_update())
         result = {k: float(np.mean(v)) for k, v in logs.items()}
@@ -421,6 +427,21 @@ class SPACLearner:
                     tp.lerp_(p, cfg.tau)
         return {"critic_loss": critic_loss.item(), "planner_loss": planner_loss.item(),
                 "alpha": self.log_alpha.exp().item(), "q": q1.mean().item()}
+
+
+def _with_field_input(state: dict[str, torch.Tensor], policy: SPACPolicy) -> dict[str, torch.Tensor]:
+    """A policy's weights without ``field_input``, widened for it: the planner's first conv gets zero
+    weights for the field channels (appended last by ``planner_input``), so the warm-started policy
+    computes exactly what the model did until training gives the field a say."""
+    ours = policy.state_dict()
+    out = dict(state)
+    for name, tensor in state.items():
+        wanted = ours.get(name)
+        if (name.startswith("planner.") and wanted is not None and tensor.ndim > 2 and wanted.shape[1] > tensor.shape[1]
+                and wanted.shape[0] == tensor.shape[0] and wanted.shape[2:] == tensor.shape[2:]):
+            pad = tensor.new_zeros(tensor.shape[0], wanted.shape[1] - tensor.shape[1], *tensor.shape[2:])
+            out[name] = torch.cat([tensor, pad], dim=1)
+    return out
 
 
 def _run_summary(training: dict) -> dict:

@@ -123,7 +123,8 @@ def train_registration(args) -> None:
             net_cfg = SPACConfig(ndim=ndim, grid=grid, channels=tuple(args.channels or (16, 32, 32, 32)),
                                  plan_dim=args.plan_dim or (32 if ndim == 2 else 64), field_level=args.field_level,
                                  norm=args.norm, stem=args.stem, features=args.features,
-                                 step_bound=args.step_bound, zero_mean=args.zero_mean_step)
+                                 step_bound=args.step_bound, zero_mean=args.zero_mean_step,
+                                 field_input=args.field_input)
         except ValueError as err:
             problem = f"Invalid network settings: {str(err).rstrip('.')}."
             raise InputError(problem, "Choose a --grid divisible by 2**len(--channels), a --field-level "
