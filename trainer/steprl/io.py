@@ -384,8 +384,11 @@ def write_image(image: Image, path: str | os.PathLike) -> Path:
 
 
 # ---- displacement fields --------------------------------------------------------------
-def write_displacement_field(field: Image, path: str | os.PathLike) -> Path:
+def write_displacement_field(field: Image, path: str | os.PathLike, dtype=np.float64) -> Path:
     """Write a physical displacement field as a float64 vector image ITK and Slicer read as a transform.
+
+    ``dtype=np.float32`` halves the bytes to compress and write (the per-step fields: one per step,
+    the writing cost most of a refinement step); readers cast on reading, as below.
 
     ``field.array`` is ``(*S, ndim)``: displacement in mm, LPS, components in ITK ``(x, y[, z])``
     order, pull-back convention (the fixed point ``x`` maps to the moving point ``x + u(x)``).
@@ -407,7 +410,7 @@ def write_displacement_field(field: Image, path: str | os.PathLike) -> Path:
     if not np.all(np.isfinite(field.array)):
         raise InputError("The displacement field has NaN or infinite values.",
                          "Check the model output; this is usually a diverged network.")
-    return write_image(Image(np.asarray(field.array, dtype=np.float64), field.geometry), path)
+    return write_image(Image(np.asarray(field.array, dtype=dtype), field.geometry), path)
 
 
 def read_displacement_field(path: str | os.PathLike, *, name: str = "displacement field") -> Image:

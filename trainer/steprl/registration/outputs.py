@@ -104,7 +104,7 @@ def run_and_write(fixed: Image, moving: Image, model, out, *, steps: int | None 
                                    moving_labels=moving_labels, prealign=prealign, max_step=max_step,
                                    early_stop=early_stop, refine_steps=n_refine):
                 if step_fields and result.step > 0:
-                    io.write_displacement_field(result.displacement, staging / step_file(result.step))
+                    io.write_displacement_field(result.displacement, staging / step_file(result.step), np.float32)
                 records.append({"step": result.step, "kind": result.kind, **result.metrics})
                 if result.step in wanted:
                     pictures[result.step] = result.warped_slice(axis=0)
