@@ -429,6 +429,11 @@ def plot(results: dict, path: Path) -> None:
         seconds = _mean_curve(data["curves"], "seconds")
         ax.plot(range(len(curve)), curve, "-o", ms=3, color=colours["spac"],
                 label=f"SPAC step 0..{len(curve) - 1} ({_s(seconds[-1])} s at {len(curve) - 1})")
+        refined = [r.get("refine_steps", 0) for r in data["rows"] if "+refine" in r["method"]]
+        if refined:  # the policy's steps end here; the refinement steps follow
+            policy_steps = len(curve) - 1 - refined[0]
+            ax.axvline(policy_steps + 0.5, color="0.3", ls=":", lw=1.2,
+                       label=f"policy steps 1..{policy_steps} | refinement steps after")
         for method in METHOD_ORDER:
             if method in means and key in means[method]:
                 extra = "" if method == "identity" else f" ({_s(means[method]['seconds'])} s)"
