@@ -178,15 +178,20 @@ class SPACLearner:
         finally:
             self.seconds += time.perf_counter() - start
 
+    def _training_env(self, batch) -> RegistrationEnv:
+        """An episode's environment: the training clamp; hard-Dice rewards with the distance loss."""
+        cfg = self.cfg
+        return RegistrationEnv(batch.fixed, batch.moving, batch.fixed_labels, batch.moving_labels,
+                               self.source.num_labels, cfg.episode_steps, cfg.train_max_step, cfg.reward_scale,
+                               score="hard" if cfg.distance_weight > 0 else "soft",
+                               field_in_state=self.net_cfg.field_input)
+
     def _train_iteration(self, iteration: int) -> dict[str, float]:
         cfg = self.cfg
         batch = self.source.sample(cfg.batch_pairs, self.rng).to(self.device)
         if cfg.unroll > 0:
             return self._rollout_iteration(iteration, batch)
-        env = RegistrationEnv(batch.fixed, batch.moving, batch.fixed_labels, batch.moving_labels,
-                              self.source.num_labels, cfg.episode_steps, cfg.train_max_step, cfg.reward_scale,
-                              score="hard" if cfg.distance_weight > 0 else "soft",
-                              field_in_state=self.net_cfg.field_input)
+        env = self._training_env(batch)
         state = env.reset()
         logs: dict[str, list[float]] = {}
         done = False
@@ -347,16 +352,13 @@ class SPACLearner:
         KL; one optimiser update. The transitions go to the replay buffer for SAC.
 
         Before SAC starts the rollout uses the plan MEAN, as at test time: a sampled plan is
-        broadcast over the whole grid, so its noise is a random global shift at every step,
-        which the actor learnt to average out into a constant drift of the deterministic policy
-        (measured: the same ~0.03-voxel step for every pair and step, validation Dice falling
-        over the 20 steps). Exploration noise is for SAC, which starts after ``sac_start``.
+        broadcast over the whole grid, so its noise only adds a random global component to every
+        step, and nothing yet needs exploring. (It was not the cause of the constant drift the
+        first runs showed: that persisted with mean plans; ``SPACConfig.zero_mean`` says what was.)
+        Exploration noise is for SAC, which starts after ``sac_start``.
         """
         cfg = self.cfg
-        env = RegistrationEnv(batch.fixed, batch.moving, batch.fixed_labels, batch.moving_labels,
-                              self.source.num_labels, cfg.episode_steps, cfg.train_max_step, cfg.reward_scale,
-                              score="hard" if cfg.distance_weight > 0 else "soft",
-                              field_in_state=self.net_cfg.field_input)
+        env = self._training_env(batch)
         state = env.reset()
         logs: dict[str, list[float]] = {}
         done = False
