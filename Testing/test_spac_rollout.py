@@ -220,3 +220,15 @@ def test_register_runs_a_field_input_policy(tmp_path):
     results = list(register(Image(b.fixed[0, 0].numpy(), geometry), Image(b.moving[0, 0].numpy(), geometry), path,
                             device="cpu", refine_steps=0))
     assert [r.step for r in results] == [0, 1, 2, 3]
+
+
+def test_committed_warm_start_snapshots_load_and_carry_their_training_record(repo_root):
+    """The next session's run starts from these (trainer/snapshots/README.md): they must load with this code."""
+    from steprl.registration.model import load_spac
+
+    for path in sorted((repo_root / "trainer" / "snapshots").glob("*.safetensors")):
+        spac = load_spac(path)
+        training = spac.card["training"]
+        assert training["command"].startswith("steprl train registration"), path.name
+        assert training["earlier_runs"], path.name  # the runs before the one that wrote it
+        assert spac.config.ndim == 3
