@@ -51,7 +51,7 @@ def test_the_recipe_policy_fits_one_pair_within_40_updates_and_dice_rises_with_t
         learner.train_iteration(i)
     v = learner.validate()
     assert v["dice_identity"] < 0.75
-    assert v["dice_final"] >= 0.9, v  # measured 0.963 (plain network without norm and bound: 0.889)
+    assert v["dice_final"] >= 0.9, v  # measured 0.966 (plain network without norm, stem and bound: 0.884)
     assert v["dice_identity"] < v["dice_step1"] < v["dice_final"]
     assert v["folding_percent"] < 0.5
 

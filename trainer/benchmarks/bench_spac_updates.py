@@ -5,7 +5,8 @@ CPU (it has AMX-BF16), and whether the loss curve then still matches float32. Fo
 every configuration trains from the SAME initial weights on the SAME pre-synthesised batches
 (synthesis excluded from the timing), interleaved round by round so a busy machine slows all of
 them alike; the report gives updates per second and the ratio to float32 in the same process,
-and the soft Dice after each update of the bf16 run next to the float32 one.
+and the soft Dice after each update of the bf16 run next to the float32 one. The loss is stage 1's
+(blurred soft Dice over the 32 labels); the later stages' distance loss warps as many channels.
 
     OMP_NUM_THREADS=2 python trainer/benchmarks/bench_spac_updates.py --grids 32 64 --updates 6
 
@@ -98,7 +99,8 @@ def report(rows: list[dict], args, threads: int) -> str:
              f"`python trainer/benchmarks/bench_spac_updates.py --grids {' '.join(map(str, args.grids))} "
              f"--updates {args.updates}`; {_common.cpu_model()}, torch {torch.__version__}, "
              f"{threads} threads. One update = one optimiser step through a window of 5 composed policy steps, "
-             "batch 4, 32 SynthSeg structures (synthesis not timed). Medians over the timed updates; ratios "
+             "batch 4, 32 SynthSeg structures, stage 1's blurred soft-Dice loss "
+             "(synthesis not timed). Medians over the timed updates; ratios "
              "against float32 in the same process, on the same batches and initial weights.", "",
              "| grid | configuration | s / update | updates / s | speed vs fp32 | max |soft Dice - fp32's| |",
              "|---|---|---|---|---|---|"]
