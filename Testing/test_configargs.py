@@ -1,8 +1,12 @@
-"""Command-line options from config dataclasses (steprl.configargs)."""
+"""Command-line options from config dataclasses (steprl.configargs), and the segmentation settings built with them."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import subprocess
+import sys
+import textwrap
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -183,3 +187,63 @@ def test_the_registration_network_config_fits_too():
     _, args = _parse(options, ["--ndim", "3", "--grid", "64", "64", "64", "--zero-mean-step"])
     assert options.build(args, plan_dim=64) == SPACConfig(ndim=3, grid=(64, 64, 64), plan_dim=64, zero_mean=True)
 
+
+# ---- the segmentation settings -------------------------------------------------------------------
+
+
+def test_every_segmentation_hyper_parameter_is_an_option_with_its_one_default():
+    from steprl.cli import build_parser
+    from steprl.segmentation.cli_args import configs_from_args
+    from steprl.segmentation.config import PA3CConfig, PixelDRLConfig, SegTrainConfig
+
+    parser = build_parser()
+    args = parser.parse_args(["train", "segmentation", "--synthetic", "32", "32", "--out", "x"])
+    assert configs_from_args(args) == (SegTrainConfig(), PA3CConfig(), PixelDRLConfig())
+    args = parser.parse_args(["train", "segmentation", "--synthetic", "32", "32", "--out", "x", "--iterations", "7",
+                              "--gamma", "0.9", "--no-revival", "--class-balance-anneal", "200", "--widths", "4", "8",
+                              "16", "32", "--fusion", "input", "--grad-clip", "1.5", "--bf16"])
+    train, pa3c, network = configs_from_args(args)
+    assert (train.iterations_per_epoch, train.grad_clip, train.bf16) == (7, 1.5, True)
+    assert (pa3c.gamma, pa3c.allow_revival, pa3c.class_balance, pa3c.class_balance_anneal) == (0.9, False, True, 200)
+    assert network == PixelDRLConfig(widths=(4, 8, 16, 32), fusion="input")
+
+
+def test_segmentation_settings_by_name():
+    from steprl.segmentation.config import PA3CConfig, PixelDRLConfig, SegTrainConfig, segmentation_configs
+
+    train, pa3c, network = segmentation_configs(batch=2, t_max=3, widths=(4, 8, 16, 32))
+    assert (train, pa3c, network) == (SegTrainConfig(batch=2), PA3CConfig(t_max=3),
+                                      PixelDRLConfig(widths=(4, 8, 16, 32)))
+    with pytest.raises(TypeError, match="gama"):
+        segmentation_configs(gama=0.9)
+
+
+def test_the_network_config_round_trips_through_the_card():
+    from steprl.segmentation.config import PixelDRLConfig
+
+    cfg = PixelDRLConfig(widths=(8, 16, 32, 64), fusion_width=16)
+    assert cfg.head_widths == (16, 32, 64)  # twice the first three widths
+    card = cfg.to_dict()
+    assert card["widths"] == [8, 16, 32, 64] and PixelDRLConfig.from_dict(card) == cfg
+    old_input_card = {k: v for k, v in card.items() if k not in ("fusion_width", "fusion_depth")} | {"fusion": "input"}
+    assert PixelDRLConfig.from_dict(old_input_card).fusion == "input"
+    for bad in ({"widths": [1, 2, 3]}, {"fusion": "middle"}, {"norm": "batch"}, {"in_channels": 1}):
+        with pytest.raises(ValueError):
+            PixelDRLConfig.from_dict({**card, **bad})
+    with pytest.raises(TypeError):
+        PixelDRLConfig.from_dict({**card, "width": 4})
+    assert [f.name for f in dataclasses.fields(PixelDRLConfig)] == list(card)
+
+
+def test_the_command_line_does_not_import_torch():
+    code = textwrap.dedent(
+        """
+        import sys
+        from steprl.cli import build_parser
+        build_parser().parse_args(["train", "segmentation", "--synthetic", "8", "8", "--out", "x"])
+        from steprl.segmentation.cli_args import configs_from_args
+        assert "torch" not in sys.modules, "torch was imported"
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr

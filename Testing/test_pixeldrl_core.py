@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 from steprl.errors import InputError
+from steprl.segmentation.config import PA3CConfig, PixelDRLConfig, SegTrainConfig
 from steprl.segmentation.environment import KEEP, ZERO, SegmentationEnv, reward_map
 from steprl.segmentation.networks import PixelDRLNet, count_parameters, format_parameter_summary
 from steprl.segmentation.pa3c import (
-    PA3CConfig,
     RewardMapConv,
     collect_episode,
     discounted_returns,
@@ -80,7 +80,7 @@ def test_return_is_minus_a_positive_weighted_sum_of_the_step_errors():
 
 
 def test_class_weights_balance_object_and_background():
-    from steprl.segmentation.pa3c import Episode, PA3CConfig, class_weights, episode_loss
+    from steprl.segmentation.pa3c import Episode, class_weights, episode_loss
 
     gt = torch.zeros(1, 1, 10, 10)
     gt[..., :2, :5] = 1  # 10% object
@@ -103,7 +103,7 @@ def test_class_weights_balance_object_and_background():
 
 
 def test_class_balance_anneals_to_the_plain_rewards():
-    from steprl.segmentation.pa3c import PA3CConfig, balance_strength
+    from steprl.segmentation.pa3c import balance_strength
 
     assert balance_strength(PA3CConfig(), 0) == 0.0
     assert balance_strength(PA3CConfig(class_balance=True), 10_000) == 1.0
@@ -267,7 +267,7 @@ def test_environment_rejects_bad_inputs():
 
 
 def test_network_outputs_at_input_resolution_for_odd_sizes():
-    net = PixelDRLNet()
+    net = PixelDRLNet(PixelDRLConfig(fusion="input"))
     state = torch.randn(3, 2, 37, 41)
     with torch.no_grad():
         logits, value = net(state)
@@ -279,7 +279,7 @@ def test_network_outputs_at_input_resolution_for_odd_sizes():
 
 
 def test_network_is_2d_only():
-    net = PixelDRLNet(widths=(8, 16, 32, 64))
+    net = PixelDRLNet(PixelDRLConfig(widths=(8, 16, 32, 64), fusion="input"))
     with pytest.raises(InputError):
         net(torch.randn(1, 2, 16, 16, 16))
     with pytest.raises(InputError):
@@ -289,7 +289,7 @@ def test_network_is_2d_only():
 
 
 def test_parameter_count_close_to_paper():
-    net = PixelDRLNet()
+    net = PixelDRLNet(PixelDRLConfig(fusion="input"))  # the paper's network
     print(f"PixelDRL-MG network: {format_parameter_summary(net)}")
     count = count_parameters(net)
     assert abs(count - PAPER_PARAMETERS) / PAPER_PARAMETERS < 0.05
@@ -309,9 +309,9 @@ def test_overfit_one_image():
     torch.manual_seed(3)
     image, gt = _disk_in_noise(seed=4)
     config = PA3CConfig()
-    net = PixelDRLNet(widths=(8, 16, 32, 64))
+    net = PixelDRLNet(PixelDRLConfig(widths=(8, 16, 32, 64), fusion="input"))
     reward_conv = RewardMapConv(config.reward_conv_size)
-    optimizer = make_optimizer([net, reward_conv], config)
+    optimizer = make_optimizer([net, reward_conv], SegTrainConfig().lr)
     env = SegmentationEnv(config.t_max, config.allow_revival)
     generator = torch.Generator().manual_seed(5)
     history = []

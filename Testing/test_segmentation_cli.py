@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -138,3 +139,35 @@ def test_cli_errors_are_one_line_with_a_fix(trained_run, dataset, tmp_path, caps
     assert main(["train", "segmentation", "--images", str(dataset / "images"), "--out", str(tmp_path / "t"),
                  "--quiet"]) != 0
     assert "--labels" in capsys.readouterr().err
+
+
+def test_a_run_from_before_the_config_classes_converts_once_and_resumes(trained_run, dataset, tmp_path, capsys):
+    """trainer/tools/convert_segmentation_run.py: the one-off conversion of the stored settings."""
+    import importlib.util
+    import shutil
+
+    path = Path(__file__).resolve().parent.parent / "trainer" / "tools" / "convert_segmentation_run.py"
+    spec = importlib.util.spec_from_file_location("convert_segmentation_run", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+
+    def the_old_form(config: dict) -> dict:  # as steprl wrote it before: shims and the unused lr keys
+        pa3c = {k: v for k, v in config["pa3c"].items() if v or not k.startswith("class_balance")}
+        training = {k: v for k, v in config["training"].items() if k != "grad_clip" or v is not None}
+        return {**config, "pa3c": {**pa3c, "lr": 1e-3, "lr_decay": 0.9, "lr_decay_every": 25}, "training": training}
+
+    run = tmp_path / "old_run"
+    shutil.copytree(trained_run, run)
+    for checkpoint in (run / "checkpoints").glob("*.safetensors"):
+        assert tool.rewrite_checkpoint_config(checkpoint, the_old_form)
+    done = len((run / "history.jsonl").read_text().splitlines())
+    command = ["train", "segmentation", "--images", str(dataset / "images"), "--labels", str(dataset / "labels"),
+               "--out", str(run), "--epochs", str(done + 1), "--iterations", "2", "--batch", "2", "--size", "24", "24",
+               "--t-max", "3", "--val-slices", "4", "--quiet", "--no-tensorboard", "--device", "cpu", *TINY]
+    assert main(command) != 0 and "lr_decay" in capsys.readouterr().err  # the old settings no longer match
+    assert tool.main([str(run)]) == 0
+    assert "checkpoints/last.safetensors" in capsys.readouterr().out
+    assert tool.convert_run(run) == []  # once is enough
+    assert main(command) == 0
+    history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == list(range(1, done + 2))

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from steprl.segmentation.config import PixelDRLConfig, SegTrainConfig
 from steprl.segmentation.data import SyntheticSliceSource, pooled_dice
-from steprl.segmentation.learner import SegTrainConfig, learning_rate
+from steprl.segmentation.learner import learning_rate
 from steprl.segmentation.networks import PixelDRLNet, format_parameter_summary
 from steprl.segmentation.pa3c import greedy_masks
 from steprl.segmentation.training import build_learner
@@ -108,7 +109,7 @@ def test_learning_rate_is_a_function_of_the_iteration():
 
 
 def test_late_fusion_network_encodes_once_and_sees_the_mask():
-    net = PixelDRLNet(widths=(4, 8, 16, 32), fusion="late").eval()
+    net = PixelDRLNet(PixelDRLConfig(widths=(4, 8, 16, 32), fusion="late")).eval()
     assert "policy_fusion" in format_parameter_summary(net)
     state = torch.rand(2, 2, 20, 24)
     state[:, 1] = (state[:, 1] > 0.5).float()
@@ -124,7 +125,7 @@ def test_late_fusion_network_encodes_once_and_sees_the_mask():
     with pytest.raises(ValueError, match="value"):
         net.decide(net.encode(state[:, :1], with_value=False), state[:, 1:])
     with pytest.raises(ValueError, match="fusion"):
-        PixelDRLNet(fusion="middle")
+        PixelDRLConfig(fusion="middle")
 
 
 def test_resume_continues_bit_identically(tmp_path):

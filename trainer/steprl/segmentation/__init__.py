@@ -9,6 +9,8 @@ mask as input.
 Modules (torch is imported by them, not by this package, so importing
 ``steprl.segmentation`` stays cheap):
 
+- ``config``: every setting of network, learner and training, with its one default (no torch:
+  the command line's options are made from it).
 - ``networks``: half-width dilated VGG16 features, self-attention, policy and value heads
   (:class:`~steprl.segmentation.networks.PixelDRLNet`).
 - ``environment``: the batched pixel environment (state, actions, per-pixel reward).

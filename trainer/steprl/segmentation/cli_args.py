@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from steprl.configargs import ConfigOptions
 from steprl.outputfolder import output_path
+from steprl.segmentation.config import DEFAULT_SIZE, UNET_CHANNELS, PA3CConfig, PixelDRLConfig, SegTrainConfig
 
 #: The bundled segmentation model ``steprl segment`` uses without ``--model``.
 DEFAULT_MODEL = "pixeldrl_wm"
@@ -16,6 +18,21 @@ AXES = ("axial", "coronal", "sagittal", "0", "1", "2")
 #: ``evaluate segmentation --baselines`` (steprl.segmentation.baselines.METHODS; not imported here, to keep
 #: the CLI's start light).
 BASELINES = ("otsu", "kmeans", "atropos")
+
+#: ``train segmentation``'s hyper-parameters: one option per field of the config classes, whose
+#: docstrings and defaults are the options' help and defaults (steprl.configargs).
+TRAIN_OPTIONS = ConfigOptions(SegTrainConfig, exclude=("val_batch",), rename={"iterations_per_epoch": "iterations"},
+                              metavar={"grad_clip": "NORM"})
+PA3C_OPTIONS = ConfigOptions(PA3CConfig, rename={"allow_revival": "revival"},
+                             metavar={"class_balance_anneal": "N", "class_balance_floor": "F"})
+NETWORK_OPTIONS = ConfigOptions(PixelDRLConfig, exclude=("in_channels",),
+                                metavar={"widths": "C", "head_widths": "C", "head_depths": "N", "fusion_width": "C",
+                                         "fusion_depth": "N"})
+
+
+def configs_from_args(args) -> tuple[SegTrainConfig, PA3CConfig, PixelDRLConfig]:
+    """The three segmentation configs from the parsed ``train segmentation`` arguments."""
+    return TRAIN_OPTIONS.build(args), PA3C_OPTIONS.build(args), NETWORK_OPTIONS.build(args)
 
 
 def add_parsers(sub, train_sub, evaluate_sub, add_common) -> None:
@@ -77,35 +94,13 @@ def _add_train(tsub, add_common) -> None:
     r.add_argument("--method", choices=("pixeldrl", "pixeldrl-mg", "unet"), default="pixeldrl",
                    help="pixeldrl (PixelDRL-MG, PA3C) or unet (MONAI U-Net baseline, Dice + BCE); default pixeldrl")
     r.add_argument("--epochs", type=int, default=20)
-    r.add_argument("--iterations", type=int, default=50, help="updates per epoch (episodes for PixelDRL-MG)")
-    r.add_argument("--batch", type=int, default=8, help="slices per update")
-    r.add_argument("--size", nargs=2, type=int, default=[128, 128], metavar=("H", "W"),
-                   help="network grid the slices are resampled to (default 128 128)")
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (x0.9 every 25 epochs)")
-    r.add_argument("--revival", action=argparse.BooleanOptionalAction, default=True,
-                   help="a pixel set to zero may come back (default; --no-revival: a zero is final)")
-    r.add_argument("--t-max", type=int, default=10, help="steps per episode (paper: 10)")
-    r.add_argument("--gamma", type=float, default=0.95, help="discount (paper: 0.95)")
-    r.add_argument("--class-balance", action="store_true",
-                   help="PixelDRL-MG: weight each pixel's rewards so object and background count equally "
-                        "(a deviation from the paper against the all-background collapse on small objects; "
-                        "see steprl.segmentation.pa3c.class_weights)")
-    r.add_argument("--class-balance-anneal", type=int, default=0, metavar="N",
-                   help="fade the class-balance weights out to the paper's plain rewards over the first N updates "
-                        "(implies --class-balance; default 0: constant weights)")
-    r.add_argument("--class-balance-floor", type=float, default=0.0, metavar="F",
-                   help="with --class-balance-anneal: the share of the balancing kept after the fade (default 0)")
-    r.add_argument("--grad-clip", type=float, default=None, metavar="NORM",
-                   help="clip the global gradient norm (default: none, as in the paper)")
-    r.add_argument("--fusion", choices=("late", "input"), default="late",
-                   help="where the mask enters the network: late (fast, default) or input (the paper's reading)")
-    r.add_argument("--fusion-width", type=int, default=32, metavar="C",
-                   help="channels of the late-fusion blocks (default 32; they dominate a step's cost)")
-    r.add_argument("--widths", nargs=4, type=int, default=[32, 64, 128, 256], metavar="C",
-                   help="PixelDRL-MG encoder widths, VGG16 blocks 1-4 (default 32 64 128 256, the paper's)")
+    r.add_argument("--size", nargs=2, type=int, default=list(DEFAULT_SIZE), metavar=("H", "W"),
+                   help=f"network grid the slices are resampled to (default {DEFAULT_SIZE[0]} {DEFAULT_SIZE[1]})")
+    TRAIN_OPTIONS.add_to(r.add_argument_group("training (both methods)"))
+    PA3C_OPTIONS.add_to(r.add_argument_group("PixelDRL-MG learner (PA3C)"))
+    NETWORK_OPTIONS.add_to(r.add_argument_group("PixelDRL-MG network"))
     r.add_argument("--unet-channels", nargs="+", type=int, default=None,
-                   help="U-Net widths per level (default 64 128 256 512 1024)")
+                   help=f"U-Net widths per level (default {' '.join(map(str, UNET_CHANNELS))})")
     _add_slicing(r)
     r.add_argument("--empty-fraction", type=float, default=0.2,
                    help="slices without object kept per slice with object (default 0.2)")
@@ -118,7 +113,6 @@ def _add_train(tsub, add_common) -> None:
                    help="--synthseg: share of T1-like contrasts, the rest random contrasts (default 0.5)")
     r.add_argument("--synth-subjects", type=int, default=None, metavar="N",
                    help="--synthseg: use only the first N training subjects (quick smoke tests)")
-    _add_precision(r)
     r.add_argument("--data-licence", default=None, help="licence / attribution of the training data, kept in the "
                                                         "model card")
     r.add_argument("--no-resume", action="store_true",

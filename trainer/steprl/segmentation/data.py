@@ -41,19 +41,9 @@ import torch.nn.functional as F
 from steprl.errors import InputError
 from steprl.geometry import Geometry, Image
 from steprl.preprocess import DEFAULT_PERCENTILES, normalise_percentile
+from steprl.segmentation.config import DEFAULT_SIZE
 
 log = logging.getLogger(__name__)
-
-DEFAULT_SIZE = (128, 128)
-"""Network grid (H, W), chosen by measurement (``trainer/benchmarks/bench_pixeldrl_speed.py``).
-
-On the 2-core CPU (quiet, bf16), a 240 x 240 x 155 volume takes 5.0 s at 128 x 128 and 2.5 s
-at 96 x 96 with late fusion. What the grid costs in accuracy, measured as the best any model
-could do (the BraTS 2013 whole-tumour labels of pat0003 / pat0004 resampled onto the grid and
-back): Dice 0.972 / 0.983 at 128, 0.965 / 0.979 at 96, 0.947 / 0.967 at 64 (boundary IoU
-0.92 / 0.94, 0.90 / 0.93, 0.85 / 0.89). 128 keeps that ceiling above 0.97 at a cost far
-inside the 60 s target; ``--size`` chooses another grid.
-"""
 
 AXIS_NAMES = {"sagittal": 0, "coronal": 1, "axial": 2}
 """Anatomical slicing planes -> the physical LPS axis (x, y, z) they are perpendicular to."""

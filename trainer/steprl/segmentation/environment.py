@@ -56,14 +56,13 @@ from __future__ import annotations
 import torch
 
 from steprl.errors import InputError
+from steprl.segmentation.config import T_MAX
 
 ZERO = 0
 """Action: set the pixel to zero (background)."""
 KEEP = 1
 """Action: keep the pixel (object)."""
 
-T_MAX = 10
-"""Steps per episode in the paper."""
 
 
 def reward_map(previous: torch.Tensor, current: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:

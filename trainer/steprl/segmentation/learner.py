@@ -26,46 +26,26 @@ from __future__ import annotations
 
 import logging
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import numpy as np
 import torch
 
 from steprl.device import autocast
+from steprl.segmentation.config import PA3CConfig, PixelDRLConfig, SegTrainConfig
 from steprl.segmentation.data import NORMALISATION_CARD, SliceBatch, SliceSource, pooled_dice
 from steprl.segmentation.networks import PixelDRLNet, count_parameters, format_parameter_summary
 from steprl.segmentation.pa3c import (
-    PA3CConfig,
     RewardMapConv,
     balance_strength,
     collect_episode,
     episode_loss,
     greedy_masks,
+    make_optimizer,
 )
 from steprl.training.distributed import DistInfo, average_gradients
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class SegTrainConfig:
-    """What both learners share (stored in checkpoints and model cards)."""
-
-    batch: int = 8
-    iterations_per_epoch: int = 50
-    lr: float = 1e-3
-    lr_decay: float = 0.9
-    lr_decay_every: int = 25  # epochs
-    val_batch: int = 16  # slices per forward in validation
-    seed: int = 0
-    bf16: bool | None = None  # autocast: None = steprl.device's default (on for CUDA, off on CPU)
-    grad_clip: float | None = None  # max global gradient norm (None: no clipping, as in the paper)
-
-    def to_dict(self) -> dict:
-        out = asdict(self)
-        if out["grad_clip"] is None:  # absent = the paper's setting; keeps older runs resumable
-            del out["grad_clip"]
-        return out
 
 
 def learning_rate(cfg: SegTrainConfig, iteration: int) -> float:
@@ -143,21 +123,20 @@ class PixelDRLLearner(_SliceLearner):
 
     method = "pixeldrl-mg"
 
-    def __init__(self, net_config: dict, pa3c: PA3CConfig, cfg: SegTrainConfig, source: SliceSource,
+    def __init__(self, net_cfg: PixelDRLConfig, pa3c: PA3CConfig, cfg: SegTrainConfig, source: SliceSource,
                  dist: DistInfo) -> None:
         super().__init__(cfg, source, dist)
         self.pa3c = pa3c
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        self.net = PixelDRLNet(**net_config).to(self.device)
+        self.net = PixelDRLNet(net_cfg).to(self.device)
         self.reward_conv = RewardMapConv(pa3c.reward_conv_size).to(self.device)
         self.modules = {"net": self.net, "reward_conv": self.reward_conv}
-        params = [*self.net.parameters(), *self.reward_conv.parameters()]
-        self.optimizers = {"adam": torch.optim.Adam(params, lr=cfg.lr)}
+        self.optimizers = {"adam": make_optimizer([self.net, self.reward_conv], cfg.lr)}
         from steprl.segmentation.environment import SegmentationEnv
 
         self.env = SegmentationEnv(pa3c.t_max, pa3c.allow_revival)
         if dist.is_main:
-            log.info("PixelDRL-MG (%s fusion): %s", self.net.config["fusion"], format_parameter_summary(self.net))
+            log.info("PixelDRL-MG (%s fusion): %s", self.net.cfg.fusion, format_parameter_summary(self.net))
 
     def train_iteration(self, iteration: int) -> dict[str, float]:
         lr = self._set_lr(iteration)
@@ -198,7 +177,7 @@ class PixelDRLLearner(_SliceLearner):
         centre = self.pa3c.reward_conv_size // 2
         extra = {"pa3c": asdict(self.pa3c),
                  "reward_conv_centre_weight": float(self.reward_conv.kernel[0, 0, centre, centre].detach().cpu())}
-        return state, self._card(self.net, dict(self.net.config), inference, extra)
+        return state, self._card(self.net, self.net.cfg.to_dict(), inference, extra)
 
 
 class UNetLearner(_SliceLearner):

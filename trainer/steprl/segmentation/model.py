@@ -14,6 +14,7 @@ import torch
 
 from steprl.errors import ModelFileError
 from steprl.modelfile import resolve_model_path
+from steprl.segmentation.config import DEFAULT_SIZE, T_MAX, PixelDRLConfig
 
 METHODS = ("pixeldrl-mg", "unet")
 
@@ -38,12 +39,12 @@ class LoadedSegmenter:
     @property
     def size(self) -> tuple[int, int]:
         """The network grid (H, W) the slices are resampled to."""
-        size = self.card.get("inference", {}).get("size", [128, 128])
+        size = self.card.get("inference", {}).get("size", DEFAULT_SIZE)
         return int(size[0]), int(size[1])
 
     @property
     def default_steps(self) -> int:
-        return int(self.card.get("inference", {}).get("steps", 10 if self.is_rl else 1))
+        return int(self.card.get("inference", {}).get("steps", T_MAX if self.is_rl else 1))
 
     @property
     def allow_revival(self) -> bool:
@@ -57,7 +58,7 @@ def build_network(card: dict, path: Path) -> torch.nn.Module:
         if card["method"] == "pixeldrl-mg":
             from steprl.segmentation.networks import PixelDRLNet
 
-            return PixelDRLNet(**config)
+            return PixelDRLNet(PixelDRLConfig.from_dict(config))
         from steprl.segmentation.unet import build_unet
 
         return build_unet(config)

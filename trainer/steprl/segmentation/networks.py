@@ -76,9 +76,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from steprl.errors import InputError
-
-FUSIONS = ("input", "late")
-"""Where the mask enters the network: with the image at conv1_1 (paper), or after the decoders."""
+from steprl.segmentation.config import PixelDRLConfig
 
 N_ACTIONS = 2
 """Actions per pixel: 0 sets the pixel to zero (background), 1 keeps it (object)."""
@@ -267,18 +265,11 @@ class Encoded(dict):
 class PixelDRLNet(nn.Module):
     """PixelDRL-MG actor-critic: per-pixel policy logits and value at the input resolution.
 
-    Args:
-        in_channels: state channels; 2 for ``[image, current mask]`` (the mask is the last one).
-        widths: encoder widths of VGG16 blocks 1-4 (half of VGG16's 64/128/256/512).
-        head_widths: decoder widths at full, 1/2, 1/4 resolution; ``None``: twice
-            ``widths[:3]`` (64/128/256 by default, see the module docstring).
-        head_depths: convolutions per decoder level, finest first.
-        norm: ``"group"`` (default, GroupNorm) or ``"none"`` (as VGG16 and PixelRL).
-        attention: ``False`` drops the self-attention module (ablation: ``s = f``).
-        fusion: ``"input"`` (the paper: the mask enters conv1_1 with the image) or ``"late"``
-            (the image alone goes through trunk and decoders, once per slice; the mask enters
-            a :class:`MaskFusionHead` per head). See the module docstring.
-        fusion_width, fusion_depth: size of the late-fusion blocks (ignored for ``"input"``).
+    Built from a :class:`~steprl.segmentation.config.PixelDRLConfig` (``cfg``; default: the
+    default layout, late fusion), which the model card stores. ``"input"`` fusion is the paper's
+    network (the mask enters conv1_1 with the image); ``"late"`` runs the image alone through
+    trunk and decoders, once per slice, and lets the mask enter a :class:`MaskFusionHead` per
+    head (see the module docstring).
 
     ``forward(state)`` with ``state`` ``(B, in_channels, H, W)``, ``H, W >= 8``, returns
     ``(logits (B, 2, H, W), value (B, 1, H, W))``; ``with_value=False`` skips the value head
@@ -287,52 +278,21 @@ class PixelDRLNet(nn.Module):
     comes from; with ``"input"`` it is equivalent to calling ``forward``).
     """
 
-    def __init__(
-        self,
-        in_channels: int = 2,
-        widths: Sequence[int] = (32, 64, 128, 256),
-        head_widths: Sequence[int] | None = None,
-        head_depths: Sequence[int] = (2, 2, 3),
-        norm: str = "group",
-        attention: bool = True,
-        fusion: str = "input",
-        fusion_width: int = 32,
-        fusion_depth: int = 3,
-    ) -> None:
+    def __init__(self, cfg: PixelDRLConfig | None = None) -> None:
         super().__init__()
-        widths = tuple(int(w) for w in widths)
-        if len(widths) != 4:
-            raise ValueError(f"widths needs 4 entries (VGG16 blocks 1-4), got {widths}")
-        head_widths = tuple(int(w) for w in (head_widths or [2 * w for w in widths[:3]]))
-        head_depths = tuple(int(d) for d in head_depths)
-        if len(head_widths) != 3 or len(head_depths) != 3:
-            raise ValueError("head_widths and head_depths need 3 entries (full, 1/2, 1/4 resolution)")
-        if fusion not in FUSIONS:
-            raise ValueError(f"fusion must be one of {FUSIONS}, not {fusion!r}")
-        if int(in_channels) < 2:
-            raise ValueError(f"the state has at least 2 channels (image(s) and mask), got in_channels={in_channels}")
-        _norm(norm, 8)  # validates the name
-        self.config = {
-            "in_channels": int(in_channels),
-            "widths": list(widths),
-            "head_widths": list(head_widths),
-            "head_depths": list(head_depths),
-            "norm": norm,
-            "attention": bool(attention),
-            "fusion": fusion,
-        }
-        late = fusion == "late"
-        if late:
-            self.config.update(fusion_width=int(fusion_width), fusion_depth=int(fusion_depth))
-        trunk_channels = in_channels - 1 if late else in_channels
+        cfg = PixelDRLConfig() if cfg is None else cfg
+        self.cfg = cfg
+        widths, head_widths, head_depths, norm = cfg.widths, cfg.head_widths, cfg.head_depths, cfg.norm
+        late = cfg.late_fusion
+        trunk_channels = cfg.in_channels - 1 if late else cfg.in_channels
         head_out = None if late else N_ACTIONS
         self.features = HalfVGG16Features(trunk_channels, widths, norm)
-        self.attention = SelfAttention(widths[3]) if attention else nn.Identity()
+        self.attention = SelfAttention(widths[3]) if cfg.attention else nn.Identity()
         self.policy = DecoderHead(widths[:3], widths[3], head_widths, head_depths, head_out, norm)
         self.value = DecoderHead(widths[:3], widths[3], head_widths, head_depths, None if late else 1, norm)
         if late:
-            self.policy_fusion = MaskFusionHead(head_widths[0], int(fusion_width), int(fusion_depth), N_ACTIONS, norm)
-            self.value_fusion = MaskFusionHead(head_widths[0], int(fusion_width), int(fusion_depth), 1, norm)
+            self.policy_fusion = MaskFusionHead(head_widths[0], cfg.fusion_width, cfg.fusion_depth, N_ACTIONS, norm)
+            self.value_fusion = MaskFusionHead(head_widths[0], cfg.fusion_width, cfg.fusion_depth, 1, norm)
         for module in self.features.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
@@ -348,10 +308,10 @@ class PixelDRLNet(nn.Module):
 
     @property
     def late_fusion(self) -> bool:
-        return self.config["fusion"] == "late"
+        return self.cfg.late_fusion
 
     def _check(self, state: torch.Tensor, channels: int | None = None) -> None:
-        channels = self.config["in_channels"] if channels is None else channels
+        channels = self.cfg.in_channels if channels is None else channels
         if state.dim() != 4:
             raise InputError(
                 f"PixelDRL-MG is a 2D network and takes (B, C, H, W) states, got shape {tuple(state.shape)}.",
@@ -377,7 +337,7 @@ class PixelDRLNet(nn.Module):
 
     def encode(self, images: torch.Tensor, with_value: bool = True) -> Encoded:
         """The mask-independent part for ``images`` ``(B, in_channels - 1, H, W)`` (see :class:`Encoded`)."""
-        self._check(images, self.config["in_channels"] - 1)
+        self._check(images, self.cfg.in_channels - 1)
         encoded = Encoded(images=images)
         if self.late_fusion:
             policy, value = self._heads(images, with_value)

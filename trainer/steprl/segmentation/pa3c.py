@@ -47,7 +47,8 @@ slices, synchronous; the asynchronous workers of A3C become the batch and, later
   pixel at step ``t < T-1`` costs -1 now but +gamma back if the next step revives it, a net
   ``-(1 - gamma)``; at ``t = T-1`` it costs the full -1. Expect the policy to be shaped
   mostly by the last steps, and returns to be noisy.
-- **Optimiser** (paper): Adam, learning rate 1e-3, x0.9 every 25 epochs, gamma 0.95.
+- **Optimiser** (paper): Adam with a stepwise learning-rate decay (the defaults of
+  :class:`~steprl.segmentation.config.SegTrainConfig` and :class:`PA3CConfig` are the paper's).
 - **Why the trained policy decides everything at step 1** (issue 3's open question). The
   rewards telescope, so the return of an episode is a weighted sum of the per-step errors
   ``e(t) = (f(t) - G)^2`` (:func:`step_error_weights`, checked in the tests)::
@@ -110,27 +111,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from steprl.segmentation.environment import T_MAX, SegmentationEnv
-
-
-@dataclass
-class PA3CConfig:
-    """Hyper-parameters of the paper (and of PixelRL where the paper is silent)."""
-
-    t_max: int = T_MAX
-    gamma: float = 0.95
-    entropy_coef: float = 0.01
-    value_coef: float = 0.5
-    lr: float = 1e-3
-    lr_decay: float = 0.9
-    lr_decay_every: int = 25  # epochs
-    reward_conv_size: int = 33  # PixelRL's reward-map kernel
-    allow_revival: bool = True  # see steprl.segmentation.environment
-    reward_conv_in_policy: bool = False
-    mask_inactive: bool = True
-    class_balance: bool = False  # deviation, off by default: see class_weights()
-    class_balance_anneal: int = 0  # >0: the weights fade over this many updates ...
-    class_balance_floor: float = 0.0  # ... down to this share of the balancing (0: the plain rewards)
+from steprl.segmentation.config import T_MAX, PA3CConfig
+from steprl.segmentation.environment import SegmentationEnv
 
 
 class RewardMapConv(nn.Module):
@@ -439,7 +421,7 @@ def _decide(net: nn.Module, encoded, mask: torch.Tensor, with_value: bool):
     return net(torch.cat([encoded, mask.to(encoded.dtype)], dim=1), with_value=with_value)
 
 
-def make_optimizer(modules: Iterable[nn.Module], config: PA3CConfig) -> torch.optim.Adam:
-    """Adam over the network and the reward-map convolution, learning rate ``config.lr``."""
+def make_optimizer(modules: Iterable[nn.Module], lr: float) -> torch.optim.Adam:
+    """Adam over the trainable parameters of ``modules`` (the network and the reward-map convolution)."""
     parameters = [p for module in modules for p in module.parameters() if p.requires_grad]
-    return torch.optim.Adam(parameters, lr=config.lr)
+    return torch.optim.Adam(parameters, lr=lr)

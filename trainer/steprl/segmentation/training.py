@@ -9,7 +9,8 @@ Checkpoints, resume, validation, TensorBoard and torchrun (DDP: every rank draws
 batches from ``seed + 1000 * rank``, gradients are averaged) come from
 :func:`steprl.training.loop.fit`, exactly as for registration.
 
-For scripts and tests, :func:`build_learner` and :func:`train` do the same without argparse.
+For scripts and tests, :func:`build_learner` and :func:`train` do the same without argparse; the
+hyper-parameters and their defaults are those of :mod:`steprl.segmentation.config`.
 """
 
 from __future__ import annotations
@@ -54,47 +55,45 @@ def build_source(args):
                                val_slices=args.val_slices, seed=args.seed, augment=not args.no_augment)
 
 
-def build_learner(method: str, source, dist, *, batch: int = 8, iterations_per_epoch: int = 50, seed: int = 0,
-                  lr: float = 1e-3, bf16: bool | None = None, allow_revival: bool = True, t_max: int = 10,
-                  gamma: float = 0.95, fusion: str = "late", widths=(32, 64, 128, 256), unet_channels=None,
-                  reward_conv_size: int = 33, class_balance: bool = False, class_balance_anneal: int = 0,
-                  class_balance_floor: float = 0.0, grad_clip: float | None = None,
-                  fusion_width: int = 32):
-    """A :class:`PixelDRLLearner` or :class:`UNetLearner` and the JSON config that ``fit`` compares on resume."""
-    from steprl.segmentation.learner import PixelDRLLearner, SegTrainConfig, UNetLearner
-    from steprl.segmentation.pa3c import PA3CConfig
+def build_learner(method: str, source, dist, *, unet_channels=None, **settings):
+    """A :class:`PixelDRLLearner` or :class:`UNetLearner` and the JSON config that ``fit`` compares on resume.
+
+    ``settings`` are fields of :class:`~steprl.segmentation.config.SegTrainConfig`,
+    :class:`~steprl.segmentation.config.PA3CConfig` and
+    :class:`~steprl.segmentation.config.PixelDRLConfig` by name (e.g. ``batch=2, t_max=3,
+    widths=(4, 8, 16, 32)``); the others keep their defaults. ``unet_channels``: the U-Net's
+    widths per level (default :data:`steprl.segmentation.config.UNET_CHANNELS`).
+    """
+    from steprl.segmentation.config import segmentation_configs
+
+    cfg, pa3c, network = segmentation_configs(**settings)
+    return make_learner(method, source, dist, cfg, pa3c, network, unet_channels)
+
+
+def make_learner(method: str, source, dist, cfg, pa3c, network, unet_channels=None):
+    """:func:`build_learner` from the three configs (``SegTrainConfig``, ``PA3CConfig``, ``PixelDRLConfig``)."""
+    from steprl.segmentation.learner import PixelDRLLearner, UNetLearner
 
     method = METHODS.get(method, method)
-    if batch < 1 or iterations_per_epoch < 1:
-        raise InputError(f"--batch and --iterations must be at least 1 (got {batch}, {iterations_per_epoch}).",
+    if cfg.batch < 1 or cfg.iterations_per_epoch < 1:
+        raise InputError(f"--batch and --iterations must be at least 1 (got {cfg.batch}, {cfg.iterations_per_epoch}).",
                          "Use e.g. --batch 8 --iterations 50.")
-    cfg = SegTrainConfig(batch=batch, iterations_per_epoch=iterations_per_epoch, lr=lr, seed=seed, bf16=bf16,
-                         grad_clip=grad_clip)
     if method == "pixeldrl-mg":
-        if t_max < 1:
-            raise InputError(f"--t-max must be at least 1, got {t_max}.", "The paper uses 10.")
-        pa3c = PA3CConfig(t_max=t_max, gamma=gamma, lr=lr, allow_revival=allow_revival,
-                          reward_conv_size=reward_conv_size, class_balance=class_balance or class_balance_anneal > 0,
-                          class_balance_anneal=class_balance_anneal, class_balance_floor=class_balance_floor)
-        net_config = {"widths": list(widths), "fusion": fusion}
-        if fusion == "late" and int(fusion_width) != 32:  # 32 (the network's default) stays implicit
-            net_config["fusion_width"] = int(fusion_width)
-        learner = PixelDRLLearner(net_config, pa3c, cfg, source, dist)
-        network = dict(learner.net.config)
-        extra = {"pa3c": asdict(pa3c)}
-        # absent = the paper's rewards (so older runs still resume)
-        for key in ("class_balance", "class_balance_anneal", "class_balance_floor"):
-            if not extra["pa3c"][key]:
-                del extra["pa3c"][key]
+        if pa3c.t_max < 1:
+            raise InputError(f"--t-max must be at least 1, got {pa3c.t_max}.", "The paper uses 10.")
+        learner = PixelDRLLearner(network, pa3c, cfg, source, dist)
+        network_dict, extra = network.to_dict(), {"pa3c": asdict(pa3c)}
     elif method == "unet":
-        from steprl.segmentation.unet import DEFAULT_CHANNELS, unet_config
+        from steprl.segmentation.config import UNET_CHANNELS
+        from steprl.segmentation.unet import unet_config
 
-        unet_cfg = unet_config(unet_channels or DEFAULT_CHANNELS)
+        unet_cfg = unet_config(unet_channels or UNET_CHANNELS)
         learner = UNetLearner(unet_cfg, cfg, source, dist)
-        network, extra = unet_cfg, {}
+        network_dict, extra = unet_cfg, {}
     else:
         raise InputError(f"Unknown segmentation method {method!r}.", "Use --method pixeldrl or --method unet.")
-    config = {"method": method, "network": network, "training": cfg.to_dict(), "data": source.description, **extra}
+    config = {"method": method, "network": network_dict, "training": cfg.to_dict(), "data": source.description,
+              **extra}
     return learner, config
 
 
@@ -110,19 +109,13 @@ def train(learner, config: dict, out: str | os.PathLike, *, epochs: int, dist=No
 
 def train_segmentation(args) -> None:
     """The handler behind ``steprl train segmentation`` (see the module docstring)."""
+    from steprl.segmentation.cli_args import configs_from_args
     from steprl.training.distributed import cleanup, exit_if_distributed, init_distributed
 
     dist = init_distributed(args.device)
     try:
         source = build_source(args)
-        learner, config = build_learner(
-            args.method, source, dist, batch=args.batch, iterations_per_epoch=args.iterations, seed=args.seed,
-            lr=args.lr, bf16=args.bf16, allow_revival=args.revival, t_max=args.t_max, gamma=args.gamma,
-            fusion=args.fusion, widths=args.widths, unet_channels=args.unet_channels,
-            class_balance=getattr(args, "class_balance", False),
-            class_balance_anneal=getattr(args, "class_balance_anneal", 0),
-            class_balance_floor=getattr(args, "class_balance_floor", 0.0), grad_clip=getattr(args, "grad_clip", None),
-            fusion_width=getattr(args, "fusion_width", 32))
+        learner, config = make_learner(args.method, source, dist, *configs_from_args(args), args.unet_channels)
         if args.data_licence:
             learner.data_description["licence"] = args.data_licence
             config["data"] = learner.data_description

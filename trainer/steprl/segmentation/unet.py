@@ -20,11 +20,10 @@ from collections.abc import Sequence
 from torch import nn
 
 from steprl.errors import InputError
+from steprl.segmentation.config import UNET_CHANNELS
 
-DEFAULT_CHANNELS = (64, 128, 256, 512, 1024)
 
-
-def unet_config(channels: Sequence[int] = DEFAULT_CHANNELS, num_res_units: int = 2, norm: str = "instance",
+def unet_config(channels: Sequence[int] = UNET_CHANNELS, num_res_units: int = 2, norm: str = "instance",
                 dropout: float = 0.0) -> dict:
     """The JSON-able constructor arguments stored in the model card's ``config``."""
     channels = [int(c) for c in channels]
