@@ -14,7 +14,6 @@ import logging
 
 import slicer
 from PixelRLSegmentLib.logic import RunState, SegmentationLogic, SegmentationRequest
-from PixelRLSegmentLib.parameters import PixelRLSegmentParameterNode
 from slicer.i18n import tr as _
 
 from StepRLCommon import stepresults
@@ -42,22 +41,15 @@ class PixelRLSegment(StepRLModule):
         )
 
 
-class PixelRLSegmentLogic(StepRLModuleLogic):
+class PixelRLSegmentLogic(StepRLModuleLogic, worker_class=SegmentationLogic):
     """Slicer-side glue around ``PixelRLSegmentLib.logic.SegmentationLogic`` (usable without the GUI)."""
 
-    parameterNodeClass, workerClass = PixelRLSegmentParameterNode, SegmentationLogic
-    requestClass = SegmentationRequest
-    requestFields = {"volume": "inputVolume", "axis": "axis", "reference": "referenceSegmentation",
-                     "create_labelmap": "createLabelmap"}
     #: The name ``worker`` had before the modules shared this class (saved scripts use it).
     segmentation = StepRLModuleLogic.worker
 
 
-class PixelRLSegmentWidget(StepRLWidget):
+class PixelRLSegmentWidget(StepRLWidget, logic_class=PixelRLSegmentLogic):
     """The module panel (see ``StepRLWidget``): segmentation's inputs, label layer, overlay and kept steps."""
-
-    logicClass = PixelRLSegmentLogic
-    defaultVolumeParameter = "inputVolume"
 
     def missingInputText(self, p) -> str:
         return "" if p and p.inputVolume and p.model else _("Choose the input volume and a model.")
@@ -70,7 +62,7 @@ class PixelRLSegmentWidget(StepRLWidget):
 
     def onParameterNodeModified(self, p) -> None:
         """The "Show the changes" toggle switches the step labelmap's colours (when the result is this module's)."""
-        if p.sequenceBrowser and stepresults.from_browser(p.sequenceBrowser, self.logic.segmentation.result_kind):
+        if p.sequenceBrowser and stepresults.from_browser(p.sequenceBrowser, self.description.result_kind):
             self.logic.segmentation.show_changes(p.sequenceBrowser, p.showChanges)
 
     def keepStep(self, p):
@@ -78,11 +70,9 @@ class PixelRLSegmentWidget(StepRLWidget):
         return segmentation
 
 
-class PixelRLSegmentTest(StepRLModuleTest):
+class PixelRLSegmentTest(StepRLModuleTest, logic_class=PixelRLSegmentLogic,
+                         tests=("test_bad_request_is_one_message", "test_segmentation_streams_steps")):
     """Self-test run by Slicer's ctest and by the Reload & Test button."""
-
-    logicClass = PixelRLSegmentLogic
-    tests = ("test_bad_request_is_one_message", "test_segmentation_streams_steps")
 
     def test_bad_request_is_one_message(self):
         self.assertRefusedWithoutModel(SegmentationRequest(self._volume(), model=""))

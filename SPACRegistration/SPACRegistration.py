@@ -14,7 +14,6 @@ import logging
 import slicer
 from slicer.i18n import tr as _
 from SPACRegistrationLib.logic import RegistrationLogic, RegistrationRequest, RunState
-from SPACRegistrationLib.parameters import SPACRegistrationParameterNode
 
 from StepRLCommon.widgetbase import StepRLModule, StepRLModuleLogic, StepRLModuleTest, StepRLWidget
 
@@ -39,13 +38,9 @@ class SPACRegistration(StepRLModule):
         )
 
 
-class SPACRegistrationLogic(StepRLModuleLogic):
+class SPACRegistrationLogic(StepRLModuleLogic, worker_class=RegistrationLogic):
     """Slicer-side glue around ``SPACRegistrationLib.logic.RegistrationLogic`` (usable without the GUI)."""
 
-    parameterNodeClass, workerClass = SPACRegistrationParameterNode, RegistrationLogic
-    requestClass = RegistrationRequest
-    requestFields = {"fixed": "fixedVolume", "moving": "movingVolume", "fixed_labels": "fixedLabels",
-                     "moving_labels": "movingLabels", "prealign": "prealign"}
     #: The name ``worker`` had before the modules shared this class (saved scripts use it).
     registration = StepRLModuleLogic.worker
 
@@ -57,11 +52,8 @@ class SPACRegistrationLogic(StepRLModuleLogic):
         return request
 
 
-class SPACRegistrationWidget(StepRLWidget):
+class SPACRegistrationWidget(StepRLWidget, logic_class=SPACRegistrationLogic):
     """The module panel (see ``StepRLWidget``): registration's inputs, views and kept steps."""
-
-    logicClass = SPACRegistrationLogic
-    defaultVolumeParameter = "fixedVolume"
 
     def missingInputText(self, p) -> str:
         if p and p.fixedVolume and p.movingVolume and p.model:
@@ -81,11 +73,9 @@ class SPACRegistrationWidget(StepRLWidget):
         return transform
 
 
-class SPACRegistrationTest(StepRLModuleTest):
+class SPACRegistrationTest(StepRLModuleTest, logic_class=SPACRegistrationLogic,
+                           tests=("test_bad_request_is_one_message", "test_registration_streams_steps")):
     """Self-test run by Slicer's ctest and by the Reload & Test button."""
-
-    logicClass = SPACRegistrationLogic
-    tests = ("test_bad_request_is_one_message", "test_registration_streams_steps")
 
     def test_bad_request_is_one_message(self):
         fixed, moving = self._volumes()

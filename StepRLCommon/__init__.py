@@ -4,8 +4,10 @@ A plain Python package, not a Slicer module: CMake installs it beside the script
 ``import StepRLCommon`` works in Slicer, and the headless tests put the repository root on
 ``sys.path``.
 
+- ``description``: what a module tells the shared code about itself (name, models, request,
+  parameter node), one checked :class:`description.ModuleDescription` per module.
 - ``workerlogic``: the run life cycle (start / poll / cancel / wait a ``steprl worker`` job);
-  a module's logic subclasses :class:`workerlogic.WorkerLogic`.
+  a module's logic subclasses :class:`workerlogic.WorkerLogic`, passing its description.
 - ``process``: the worker process runner (reader threads, queue, whole-tree kill) and its Protocol.
 - ``protocol``: the worker's JSON-line events as typed values.
 - ``stepresults``: the step sequence, browser, metrics table and chart of one result.

@@ -15,11 +15,19 @@ checks both rules, and that no file here imports torch).
 - :class:`StepRLModuleTest`: the self-test base (cleared scene per test, a tiny model made by the
   worker's Python, the "no model" refusal).
 
-A module's widget sets ``logicClass`` and ``defaultVolumeParameter`` and fills in the hooks
-``missingInputText``, ``showInputs``, ``keepStep`` (and, if it needs them, ``showNewResult`` and
-``onParameterNodeModified``). Its .ui has the widgets of :data:`UI_WIDGETS`
-under these names; its parameter node has ``model``, ``userModelsFolder``, ``device`` and
-``sequenceBrowser`` (see the modules' ``...Lib/parameters.py``).
+What differs between the modules comes from the module's
+:class:`~.description.ModuleDescription`, which its Lib's ``WorkerLogic`` subclass carries; the
+module file's classes pass their collaborators as class keywords, checked when the class is
+defined::
+
+    class SPACRegistrationLogic(StepRLModuleLogic, worker_class=RegistrationLogic): ...
+    class SPACRegistrationWidget(StepRLWidget, logic_class=SPACRegistrationLogic): ...
+    class SPACRegistrationTest(StepRLModuleTest, logic_class=SPACRegistrationLogic, tests=("test_...",)): ...
+
+The widget fills in the hooks ``missingInputText``, ``showInputs``, ``keepStep`` (and, if it needs
+them, ``showNewResult`` and ``onParameterNodeModified``). Its .ui has the widgets of
+:data:`UI_WIDGETS` under these names; its parameter node has the fields of
+:data:`~.description.COMMON_PARAMETERS` (see the modules' ``...Lib/parameters.py``).
 """
 
 import logging
@@ -43,7 +51,7 @@ from steprl.errors import StepRLError
 from . import install, models, stepresults
 from .parameters import DEVICES, user_folder
 from .protocol import device_choice_texts
-from .workerlogic import RunState
+from .workerlogic import RunState, WorkerLogic
 
 #: Every ``self.ui.<name>`` this file uses, with its class; each module's .ui must have them
 #: (Testing/test_module_static.py checks both ways).
@@ -78,23 +86,24 @@ class StepRLModule(ScriptedLoadableModule):
 class StepRLModuleLogic(ScriptedLoadableModuleLogic):
     """Slicer-side glue around a module's ``WorkerLogic`` (usable without the GUI).
 
-    A module sets ``parameterNodeClass`` (its parameter-node wrapper class), ``workerClass`` (its
-    ``WorkerLogic`` subclass), ``requestClass`` (the request its ``start`` takes) and
-    ``requestFields`` (request field -> parameter-node field, for the module's own inputs and
-    options; ``model``, ``steps``, ``device`` and the user models folder are mapped here).
+    A module passes its ``WorkerLogic`` subclass: ``class SPACRegistrationLogic(StepRLModuleLogic,
+    worker_class=RegistrationLogic)``; the parameter node, the request and which parameter fills
+    which request field come from that class's ``description``.
     """
 
-    parameterNodeClass = None
-    workerClass = None
-    requestClass = None
-    requestFields: dict = {}
+    def __init_subclass__(cls, *, worker_class: type, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if not (isinstance(worker_class, type) and issubclass(worker_class, WorkerLogic)):
+            raise TypeError(f"{cls.__name__}: worker_class must be a WorkerLogic subclass, got {worker_class!r}")
+        cls.workerClass = worker_class
+        cls.description = worker_class.description
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         self._worker = None
 
     def getParameterNode(self):
-        return self.parameterNodeClass(super().getParameterNode())
+        return self.description.parameter_node_class(super().getParameterNode())
 
     @property
     def worker(self):
@@ -105,12 +114,12 @@ class StepRLModuleLogic(ScriptedLoadableModuleLogic):
 
     @classmethod
     def request(cls, parameterNode):
-        """The request (a ``requestClass``) the parameter node describes."""
-        p = parameterNode
-        own = {field: getattr(p, name) for field, name in cls.requestFields.items()}
-        return cls.requestClass(model=p.model, steps=p.steps, device=p.device,
-                                user_models_folder=user_folder(p.userModelsFolder), keep_job_folder=p.keepJobFolder,
-                                **own)
+        """The request (the description's ``request_class``) the parameter node describes."""
+        p, description = parameterNode, cls.description
+        own = {field: getattr(p, name) for field, name in description.request_fields.items()}
+        return description.request_class(model=p.model, steps=p.steps, device=p.device,
+                                         user_models_folder=user_folder(p.userModelsFolder),
+                                         keep_job_folder=p.keepJobFolder, **own)
 
     def start(self, parameterNode):
         """Start a job from the parameter node; returns the run (poll it with ``worker.poll``)."""
@@ -120,12 +129,23 @@ class StepRLModuleLogic(ScriptedLoadableModuleLogic):
 class StepRLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     """The module panel: binds widgets to the parameter node and polls the logic; no computation.
 
-    Class attributes a module sets: ``logicClass`` (its :class:`StepRLModuleLogic`) and
-    ``defaultVolumeParameter`` (the parameter that gets the scene's first scalar volume).
+    A module passes its :class:`StepRLModuleLogic` subclass (``class SPACRegistrationWidget(
+    StepRLWidget, logic_class=SPACRegistrationLogic)``) and fills in the hooks below that raise
+    NotImplementedError (a subclass without them is refused when it is defined).
     """
 
-    logicClass = None
-    defaultVolumeParameter = ""
+    #: The hooks a module must fill in.
+    HOOKS = ("missingInputText", "showInputs", "keepStep")
+
+    def __init_subclass__(cls, *, logic_class: type, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if not (isinstance(logic_class, type) and issubclass(logic_class, StepRLModuleLogic)):
+            raise TypeError(f"{cls.__name__}: logic_class must be a StepRLModuleLogic subclass, got {logic_class!r}")
+        missing = [name for name in cls.HOOKS if getattr(cls, name) is getattr(StepRLWidget, name)]
+        if missing:
+            raise TypeError(f"{cls.__name__} must fill in {', '.join(missing)}")
+        cls.logicClass = logic_class
+        cls.description = logic_class.description
 
     def __init__(self, parent=None) -> None:
         # Set before ScriptedLoadableModuleWidget.__init__: without a parent it calls setup() at once.
@@ -222,10 +242,11 @@ class StepRLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # ---- parameter node ----------------------------------------------------------------------
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
-        if not getattr(self._parameterNode, self.defaultVolumeParameter):
+        name = self.description.default_volume_parameter
+        if not getattr(self._parameterNode, name):
             first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
             if first:
-                setattr(self._parameterNode, self.defaultVolumeParameter, first)
+                setattr(self._parameterNode, name, first)
 
     def setParameterNode(self, inputParameterNode) -> None:
         if self._parameterNode:
@@ -244,7 +265,7 @@ class StepRLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         running = self.run is not None and not self.run.finished
         p = self._parameterNode
         missing = self.missingInputText(p)
-        noun = self.logic.workerClass.task_noun
+        noun = self.description.task_noun
         self.ui.applyButton.enabled = running or not missing
         self.ui.applyButton.text = _("Cancel") if running else _("Apply")
         self.ui.applyButton.toolTip = _("Stop the {0}; the steps done so far are kept.").format(noun) if running else (
@@ -261,7 +282,7 @@ class StepRLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """
         if folder is None and self._parameterNode:
             folder = self._parameterNode.userModelsFolder
-        entries = models.list_models(user_folder(folder), method=self.logic.workerClass.methods)
+        entries = models.list_models(user_folder(folder), method=self.description.methods)
         wanted = self._parameterNode.model if self._parameterNode else ""
         combo = self.ui.modelComboBox
         wasBlocked = combo.blockSignals(True)
@@ -276,7 +297,7 @@ class StepRLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onModelSelected(self, index: int) -> None:
         if index < 0:
             self.ui.modelCardLabel.text = _("No {0} found: choose a folder with your models.").format(
-                self.logic.workerClass.model_kind)
+                self.description.model_kind)
             return
         path = self.ui.modelComboBox.itemData(index)
         self.ui.modelCardLabel.text = self.ui.modelComboBox.itemData(index, qt.Qt.ToolTipRole)
@@ -345,7 +366,7 @@ class StepRLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Point the slider, the play button and the plot at a result's browser."""
         self.ui.sequenceSeekWidget.setMRMLSequenceBrowserNode(browser)
         self.ui.sequencePlayWidget.setMRMLSequenceBrowserNode(browser)
-        nodes = stepresults.from_browser(browser, self.logic.workerClass.result_kind)
+        nodes = stepresults.from_browser(browser, self.description.result_kind)
         if nodes is None or nodes.chart is None:
             return
         if self._plotViewNode is None:
@@ -363,12 +384,20 @@ class StepRLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 class StepRLModuleTest(ScriptedLoadableModuleTest):
     """Self-test base, run by Slicer's ctest and by the Reload & Test button.
 
-    A module sets ``logicClass`` and ``tests`` (its test method names, run in order, each on a
-    cleared scene); ``test_logic_is_created`` is here, and helpers for the rest.
+    A module passes its :class:`StepRLModuleLogic` subclass and its test method names, run in
+    order, each on a cleared scene (``class SPACRegistrationTest(StepRLModuleTest,
+    logic_class=SPACRegistrationLogic, tests=("test_...",))``); ``test_logic_is_created`` is
+    here, and helpers for the rest.
     """
 
-    logicClass = None
-    tests: tuple = ()
+    def __init_subclass__(cls, *, logic_class: type, tests: tuple[str, ...], **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if not (isinstance(logic_class, type) and issubclass(logic_class, StepRLModuleLogic)):
+            raise TypeError(f"{cls.__name__}: logic_class must be a StepRLModuleLogic subclass, got {logic_class!r}")
+        missing = [name for name in tests if not callable(getattr(cls, name, None))]
+        if not tests or missing:
+            raise TypeError(f"{cls.__name__}: tests must name its test methods (not found: {', '.join(missing)})")
+        cls.logicClass, cls.tests = logic_class, tuple(tests)
 
     def setUp(self):
         slicer.mrmlScene.Clear(0)

@@ -1,6 +1,8 @@
 """The run life cycle the StepRL modules share: start / poll / cancel a ``steprl worker`` job. No Qt, no torch.
 
-A module's logic subclasses :class:`WorkerLogic` and fills in four hooks: :meth:`~WorkerLogic.check`
+A module's logic subclasses :class:`WorkerLogic`, passing its
+:class:`~.description.ModuleDescription` (``class RegistrationLogic(WorkerLogic,
+description=DESCRIPTION)``), and fills in four hooks: :meth:`~WorkerLogic.check`
 (one clear message when the request cannot run, nothing created), :meth:`~WorkerLogic.write_job`
 (export the inputs with Slicer's writer into the run's temporary folder and write ``job.json``),
 :meth:`~WorkerLogic.add_step` (bring one finished step's files into the scene) and, optionally,
@@ -42,6 +44,7 @@ from typing import Any
 from steprl.errors import InputError, ModelFileError, StepRLError
 
 from . import models, stepresults
+from .description import ModuleDescription
 from .process import ProcessHandle, ProcessRunner, SubprocessRunner
 from .protocol import (
     DevicesEvent,
@@ -164,10 +167,8 @@ def worker_environment(base: Mapping[str, str] | None = None) -> dict[str, str]:
 class WorkerLogic:
     """See the module docstring. Collaborators are injected so tests can replace them.
 
-    Class attributes a module sets: ``module`` (its name: temporary folder prefix), ``task_noun``
-    ("registration", "segmentation": used in messages), ``methods`` (the model card methods it
-    runs), ``model_kind`` (what such a model is called in messages), ``result_kind`` (its
-    :class:`~.stepresults.ResultKind`) and ``run_class`` (its :class:`WorkerRun` subclass).
+    A subclass passes its module's description: ``class RegistrationLogic(WorkerLogic,
+    description=DESCRIPTION)``; it is then ``RegistrationLogic.description``.
 
     Args:
         scene: the ``vtkMRMLScene`` results go into.
@@ -179,12 +180,15 @@ class WorkerLogic:
         env: the worker's environment (default: :func:`worker_environment`).
     """
 
-    module = "StepRL"
-    task_noun = "job"
-    methods: tuple[str, ...] = ()
-    model_kind = "StepRL model"
-    result_kind: stepresults.ResultKind | None = None
-    run_class: type[WorkerRun] = WorkerRun
+    description: ModuleDescription
+
+    def __init_subclass__(cls, *, description: ModuleDescription, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if not isinstance(description, ModuleDescription):
+            raise TypeError(f"{cls.__name__}: description must be a ModuleDescription, got {description!r}")
+        if not (isinstance(description.run_class, type) and issubclass(description.run_class, WorkerRun)):
+            raise TypeError(f"{cls.__name__}: the description's run_class must subclass WorkerRun")
+        cls.description = description
 
     def __init__(self, scene, *, runner: ProcessRunner | None = None, python: Sequence[str] | None = None,
                  sequences_logic=None, temp_root: str | os.PathLike | None = None,
@@ -222,17 +226,18 @@ class WorkerLogic:
         """The model entry of a name or path among this module's models; ModelFileError when there is none."""
         if not model:
             raise ModelFileError("No model is chosen.", "Choose a model in the Model section.")
-        entry = models.find_model(model, user_models_folder, method=self.methods)
+        methods, kind = self.description.methods, self.description.model_kind
+        entry = models.find_model(model, user_models_folder, method=methods)
         if entry is None:
-            listed = models.list_models(user_models_folder, method=self.methods)
+            listed = models.list_models(user_models_folder, method=methods)
             names = ", ".join(e.name for e in listed) or "none found"
             raise ModelFileError(
                 f"Model '{model}' not found.",
                 f"Choose one of the listed models ({names}), or put NAME.safetensors with its NAME.json card into "
                 "the user models folder.")
-        if entry.card.get("method") not in self.methods:
+        if entry.card.get("method") not in methods:
             raise ModelFileError(f"Model '{entry.name}' is a {entry.card.get('method')} model, not a "
-                                 f"{self.model_kind}.", f"Choose a {self.model_kind}.")
+                                 f"{kind}.", f"Choose a {kind}.")
         return entry
 
     def check_volume(self, volume, role: str) -> None:
@@ -252,7 +257,7 @@ class WorkerLogic:
         """Check, export, launch; raises StepRLError (nothing created, nothing left) when it cannot."""
         entry = self.check(request)
         self.temp_root.mkdir(parents=True, exist_ok=True)
-        temp_dir = Path(tempfile.mkdtemp(prefix=f"{self.module}-", dir=self.temp_root))
+        temp_dir = Path(tempfile.mkdtemp(prefix=f"{self.description.name}-", dir=self.temp_root))
         try:
             job = self.write_job(request, entry, temp_dir)
             command = [*self.python, "-m", "steprl", "worker", str(job)]
@@ -260,7 +265,7 @@ class WorkerLogic:
         except BaseException:
             self._remove_job_folder(request, temp_dir)
             raise
-        return self.run_class(request, handle, temp_dir, entry, total_steps=request.steps)
+        return self.description.run_class(request, handle, temp_dir, entry, total_steps=request.steps)
 
     @staticmethod
     def _remove_job_folder(request, folder: Path) -> None:
@@ -327,7 +332,7 @@ class WorkerLogic:
             message = run._error_event.text
         else:
             tail = run.handle.stderr_tail().strip().splitlines()[-3:]
-            message = (f"The {self.task_noun} process stopped unexpectedly ({describe_exit(code)})."
+            message = (f"The {self.description.task_noun} process stopped unexpectedly ({describe_exit(code)})."
                        + (f" Its last messages: {' | '.join(tail)}" if tail else "")
                        + " Try again; if it happens again, report it with the Slicer log.")
         self._finish(run, RunState.FAILED, message)
@@ -346,7 +351,7 @@ class WorkerLogic:
         run.message = {RunState.DONE: "Done", RunState.CANCELLED: "Cancelled", RunState.FAILED: "Failed"}[state]
         self._remove_job_folder(run.request, run.temp_dir)
         if error:
-            log.error("%s failed: %s", self.task_noun.capitalize(), error)
+            log.error("%s failed: %s", self.description.task_noun.capitalize(), error)
 
     def cancel(self, run: WorkerRun) -> None:
         """Kill the worker's process tree; keep the steps already finished; remove the temporary files."""
@@ -379,9 +384,10 @@ class WorkerLogic:
         if isinstance(run_or_browser, WorkerRun):
             nodes = run_or_browser.nodes
         else:
-            nodes = stepresults.from_browser(run_or_browser, self.result_kind)
+            nodes = stepresults.from_browser(run_or_browser, self.description.result_kind)
         if nodes is None:
-            raise InputError(f"There is no {self.task_noun} result to use yet.", f"Apply a {self.task_noun} first.")
+            noun = self.description.task_noun
+            raise InputError(f"There is no {noun} result to use yet.", f"Apply a {noun} first.")
         return nodes
 
     def select_step(self, run_or_browser, step: int) -> None:

@@ -7,9 +7,12 @@ is slicer-core's MRML package (no Qt).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
+import types
+import unittest
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +28,63 @@ def require_slicer_core():
     if not hasattr(slicer, "vtkMRMLScene"):
         pytest.skip("the importable 'slicer' package is not slicer-core (no vtkMRMLScene)")
     return slicer
+
+
+#: Stand-ins for the modules only the Slicer application has, enough to import the Qt-side files
+#: (the module files and StepRLCommon/widgetbase.py) headless: what runs at import time, and the
+#: base classes the module classes subclass. Nothing here draws a widget.
+class _ScriptedLoadableModule:
+    def __init__(self, parent=None):
+        self.parent = parent
+
+
+class _ScriptedLoadableModuleLogic:
+    def __init__(self, parent=None):
+        self.parent = parent
+
+    def getParameterNode(self):  # noqa: N802 - Slicer's name
+        return None
+
+
+class _ScriptedLoadableModuleWidget:
+    def __init__(self, parent=None):
+        self.parent = parent
+
+
+def _qt_side_stubs() -> dict[str, types.ModuleType]:
+    qt = types.ModuleType("qt")
+    i18n = types.ModuleType("slicer.i18n")
+    i18n.tr = lambda text: text
+    scripted = types.ModuleType("slicer.ScriptedLoadableModule")
+    scripted.ScriptedLoadableModule = _ScriptedLoadableModule
+    scripted.ScriptedLoadableModuleLogic = _ScriptedLoadableModuleLogic
+    scripted.ScriptedLoadableModuleWidget = _ScriptedLoadableModuleWidget
+    scripted.ScriptedLoadableModuleTest = unittest.TestCase
+    return {"qt": qt, "slicer.i18n": i18n, "slicer.ScriptedLoadableModule": scripted}
+
+
+def load_module_file(name: str) -> types.ModuleType:
+    """Import a module file (``SPACRegistration/SPACRegistration.py``) headless, on slicer-core with
+    stand-ins for Qt and Slicer's application modules; its classes are the real ones, so their
+    descriptions and class keywords are checked as Slicer checks them at import. The stand-ins are
+    removed from ``sys.modules`` afterwards (the returned module keeps using them)."""
+    require_slicer_core()
+    stubs = _qt_side_stubs()
+    shared = "StepRLCommon.widgetbase"
+    saved = {key: sys.modules.get(key) for key in [*stubs, shared]}
+    sys.modules.update(stubs)
+    try:
+        sys.modules.pop(shared, None)
+        spec = importlib.util.spec_from_file_location(f"{name}_qt_side", REPO_ROOT / name / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                sys.modules.pop(key, None)
+            else:
+                sys.modules[key] = value
+    return module
 
 
 def save_tiny_model(folder: Path, *, ndim: int = 3, steps: int = 3, name: str = "tiny") -> Path:

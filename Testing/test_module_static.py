@@ -6,25 +6,20 @@ For each module: the .ui parses; every widget the module code and the shared pan
 bindings name real parameters through widgets the parameterNodeWrapper can bind; every Lib file
 and the .ui are packaged by CMake; the Lib and StepRLCommon import neither Qt nor torch, except
 ``widgetbase`` (the one Qt-side file of StepRLCommon), which imports no torch and no module's Lib.
-The Qt-side code (the module files and widgetbase) cannot run here, so it is read: every name it
-imports exists, its calls into StepRLCommon and the module's logic fit their signatures, every
-``self.<name>`` / ``self.logic.<name>`` it uses is defined, every hook of the shared panel is filled
-in, and every parameter it reads is a field of the module's parameter node. Also: the
-ExtensionsIndex entry is valid and named after ``project()``; models and dependency installation
-behave as the panels expect; SPACRegistrationLib still re-exports what moved to StepRLCommon.
+(The Qt-side classes themselves are imported and checked in test_module_description.py.) Also:
+the ExtensionsIndex entry is valid and named after ``project()``; models and dependency
+installation behave as the panels expect.
 """
 
 from __future__ import annotations
 
 import ast
 import importlib
-import inspect
 import json
 import re
 import subprocess
 import sys
 import typing
-import unittest
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
@@ -293,179 +288,6 @@ def test_only_widgetbase_of_the_common_package_imports_qt_and_none_imports_torch
             assert not qt, f"{path.name} imports {qt}: only widgetbase.py may (the rest runs on slicer-core)"
     for module in MODULES:  # the module files run in Slicer's process: no torch there either
         assert not [n for n in imported_modules(module.module_file) if _is(n, ("torch",))]
-
-
-def _import_from(node: ast.ImportFrom, path: Path) -> str:
-    """The absolute module name of a ``from ... import`` (relative imports only occur in StepRLCommon)."""
-    if node.level:
-        assert node.level == 1 and path.parent == COMMON_DIR
-        return ".".join(p for p in ("StepRLCommon", node.module) if p)
-    return node.module
-
-
-def _headless_names(path: Path) -> dict[str, object]:
-    """The objects a Qt-side file imports from modules slicer-core can import (StepRLCommon, the Libs, steprl)."""
-    found = {}
-    for node in ast.parse(path.read_text(encoding="utf-8")).body:
-        if isinstance(node, ast.ImportFrom):
-            source = _import_from(node, path)
-            if source == "StepRLCommon.widgetbase":  # Qt side: its names are read, not imported
-                tops = {n.name for n in ast.parse(WIDGET_BASE.read_text(encoding="utf-8")).body
-                        if isinstance(n, ast.ClassDef | ast.FunctionDef)}
-                assert {a.name for a in node.names} <= tops, f"{path.name} imports what widgetbase lacks"
-                continue
-            if _is(source, QT_MODULES):
-                continue
-            imported = importlib.import_module(source)
-            for alias in node.names:
-                if not hasattr(imported, alias.name):  # a submodule: from StepRLCommon import install
-                    importlib.import_module(f"{source}.{alias.name}")
-                assert hasattr(imported, alias.name), f"{path.name}: {source} has no {alias.name}"
-                found[alias.asname or alias.name] = getattr(imported, alias.name)
-    return found
-
-
-def _class(tree: ast.Module, name: str) -> ast.ClassDef:
-    return next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == name)
-
-
-def _class_attr(cls: ast.ClassDef, name: str) -> ast.expr:
-    """The value of ``name = ...`` (or ``a, name = x, y``) in a class body."""
-    for node in cls.body:
-        if isinstance(node, ast.Assign):
-            target, value = node.targets[0], node.value
-            pairs = zip(target.elts, value.elts) if isinstance(target, ast.Tuple) else [(target, value)]
-            for t, v in pairs:
-                if getattr(t, "id", "") == name:
-                    return v
-    raise AssertionError(f"{cls.name} does not set {name}")
-
-
-def _defined(cls: ast.ClassDef) -> set[str]:
-    """Methods, class attributes and ``self.x = ...`` attributes of a class."""
-    names = {n.name for n in cls.body if isinstance(n, ast.FunctionDef)}
-    targets = [t for n in cls.body if isinstance(n, ast.Assign) for t in n.targets]
-    names |= {t.id for t in targets if isinstance(t, ast.Name)}
-    names |= {e.id for t in targets if isinstance(t, ast.Tuple) for e in t.elts if isinstance(e, ast.Name)}
-    names |= {n.target.id for n in cls.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
-    names |= {t.attr for n in ast.walk(cls) if isinstance(n, ast.Assign) for t in n.targets
-              if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self"}
-    return names
-
-
-def _attribute_chains(cls: ast.ClassDef, *prefix: str) -> list[tuple[str, ast.Attribute]]:
-    """(name, node) of every ``<prefix...>.name`` in a class, e.g. prefix ("self", "logic")."""
-    found = []
-    for node in ast.walk(cls):
-        if not isinstance(node, ast.Attribute):
-            continue
-        chain, value = [], node.value
-        while isinstance(value, ast.Attribute):
-            chain.insert(0, value.attr)
-            value = value.value
-        if isinstance(value, ast.Name) and (value.id, *chain) == prefix:
-            found.append((node.attr, node))
-    return found
-
-
-def _hooks(cls: ast.ClassDef) -> set[str]:
-    """Methods whose body (after the docstring) is ``raise NotImplementedError``."""
-    def abstract(f):
-        body = [b for b in f.body if not (isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant))]
-        return len(body) == 1 and isinstance(body[0], ast.Raise)
-    return {n.name for n in cls.body if isinstance(n, ast.FunctionDef) and abstract(n)}
-
-
-#: What Slicer's ScriptedLoadableModuleWidget / VTKObservationMixin / ScriptedLoadableModuleLogic give.
-SLICER_WIDGET = {"parent", "layout", "moduleName", "developerMode", "resourcePath", "addObserver", "removeObserver",
-                 "removeObservers", "hasObserver"}
-SLICER_LOGIC = {"moduleName", "getParameterNode", "isSingletonParameterNode", "createParameterNode"}
-PARAMETER_NODE_METHODS = {"connectGui", "disconnectGui"}
-
-
-def _bind(function, call: ast.Call, owner: type | None = None) -> None:
-    """TypeError when ``call``'s arguments (counted, keywords named) do not fit ``function``'s signature
-    (``function`` is a name of class ``owner`` when given: a method, called on an instance)."""
-    assert not any(isinstance(a, ast.Starred) for a in call.args), "cannot check a *args call"
-    bound = owner is not None and not isinstance(inspect.getattr_static(owner, function), staticmethod | classmethod)
-    target = getattr(owner, function) if owner is not None else function
-    args = [None] * (len(call.args) + (1 if bound else 0))
-    inspect.signature(target).bind(*args, **{k.arg: None for k in call.keywords if k.arg})
-
-
-@each_module
-def test_the_qt_side_uses_only_names_that_exist(module):
-    """Read the panel, logic glue and self-test of the module on widgetbase's bases: every import, every
-    ``self.`` and ``self.logic.`` name, every call into StepRLCommon and the worker logic, every hook
-    and every parameter-node field they use exists (this code cannot run without Slicer)."""
-    require_slicer_core()
-    from StepRLCommon.parameters import parameter_types
-
-    base_tree = ast.parse(WIDGET_BASE.read_text(encoding="utf-8"))
-    tree = ast.parse(module.module_file.read_text(encoding="utf-8"))
-    base_names, names = _headless_names(WIDGET_BASE), _headless_names(module.module_file)
-    logic_cls = _class(tree, f"{module.name}Logic")
-    worker_class, parameter_class = names[_class_attr(logic_cls, "workerClass").id], names[
-        _class_attr(logic_cls, "parameterNodeClass").id]
-    assert worker_class.__name__ in {"RegistrationLogic", "SegmentationLogic"}
-    parameters = set(parameter_types(parameter_class)) | PARAMETER_NODE_METHODS
-    pairs = [("", "StepRLModule", {"parent", "moduleName"}), ("Widget", "StepRLWidget", SLICER_WIDGET),
-             ("Logic", "StepRLModuleLogic", SLICER_LOGIC),
-             ("Test", "StepRLModuleTest", set(dir(unittest.TestCase)) | {"delayDisplay"})]
-    for suffix, base_name, slicer_given in pairs:
-        cls, base = _class(tree, module.name + suffix), _class(base_tree, base_name)
-        assert [b.id for b in cls.bases] == [base_name], f"{cls.name} must subclass widgetbase.{base_name}"
-        defined = _defined(cls) | _defined(base) | slicer_given
-        for owner in (cls, base):
-            used = {name for name, _ in _attribute_chains(owner, "self")}
-            assert used <= defined, f"{owner.name} uses undefined self.{sorted(used - defined)}"
-        missing = _hooks(base) - _defined(cls)
-        if suffix == "Widget":
-            assert not missing, f"{cls.name} does not fill in {sorted(missing)}"
-            assert _class_attr(cls, "logicClass").id == f"{module.name}Logic"
-            assert _class_attr(cls, "defaultVolumeParameter").value in parameters
-        elif suffix == "Logic":  # the request the base builds: common fields + the module's requestFields
-            assert not missing
-            own = ast.literal_eval(_class_attr(cls, "requestFields"))
-            assert set(own.values()) <= parameters, sorted(set(own.values()) - parameters)
-            built = next(n for n in ast.walk(base) if isinstance(n, ast.Call)
-                         and ast.unparse(n.func) == "cls.requestClass")  # in StepRLModuleLogic.request
-            common = dict.fromkeys(k.arg for k in built.keywords if k.arg)
-            inspect.signature(names[_class_attr(cls, "requestClass").id]).bind(**common, **dict.fromkeys(own))
-        elif suffix == "Test":
-            assert _class_attr(cls, "logicClass").id == f"{module.name}Logic"
-            tests = ast.literal_eval(_class_attr(cls, "tests"))
-            assert tests and set(tests) <= _defined(cls)
-
-    logic_names = _defined(logic_cls) | _defined(_class(base_tree, "StepRLModuleLogic"))
-    worker_aliases = {"worker"} | {n.targets[0].id for n in logic_cls.body  # registration = StepRLModuleLogic.worker
-                                   if isinstance(n, ast.Assign) and ast.unparse(n.value) == "StepRLModuleLogic.worker"}
-    assert len(worker_aliases) == 2, "the Logic keeps its old name of the worker (registration / segmentation)"
-    owners = [(_class(base_tree, f"StepRL{suffix}"), base_names) for suffix in ("Widget", "ModuleLogic", "ModuleTest")]
-    owners += [(_class(tree, f"{module.name}{suffix}"), names) for suffix in ("Widget", "Logic", "Test")]
-    for owner, imported in owners:
-        for name, _ in _attribute_chains(owner, "self", "logic"):
-            assert name in logic_names | SLICER_LOGIC, f"{owner.name}: self.logic.{name}"
-        for alias in worker_aliases | {"workerClass"}:
-            for name, _ in _attribute_chains(owner, "self", "logic", alias):
-                assert hasattr(worker_class, name), f"{owner.name}: self.logic.{alias}.{name}"
-        for call in (n for n in ast.walk(owner) if isinstance(n, ast.Call)):
-            func = call.func
-            if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) and func.value.id in imported:
-                target = getattr(imported[func.value.id], func.attr, None)  # install.x(...), models.x(...)
-                assert target is not None, f"{owner.name}: {func.value.id}.{func.attr}"
-                if callable(target) and not isinstance(target, type):
-                    _bind(target, call)
-            elif isinstance(func, ast.Name) and func.id in imported and callable(imported[func.id]):
-                _bind(imported[func.id], call)
-            elif (isinstance(func, ast.Attribute) and isinstance(func.value, ast.Attribute)
-                  and func.value.attr in worker_aliases and isinstance(func.value.value, ast.Attribute)
-                  and func.value.value.attr == "logic"):
-                _bind(func.attr, call, worker_class)  # self.logic.worker.poll(run)
-        # The parameter node: ``self._parameterNode.x`` and ``p.x`` (p = the parameter node in hooks).
-        fields = {name for name, _ in _attribute_chains(owner, "self", "_parameterNode")}
-        fields |= {name for prefix in ("p", "parameterNode") for name, _ in _attribute_chains(owner, prefix)}
-        assert fields <= parameters, f"{owner.name}: not in {parameter_class.__name__}: {fields - parameters}"
 
 
 def test_models_lists_bundled_then_user_spac_models(tmp_path):

@@ -30,21 +30,22 @@ from steprl.errors import InputError
 from steprl.protocol import SegmentJob, write_job
 
 from StepRLCommon import stepresults
+from StepRLCommon.description import ModuleDescription
 from StepRLCommon.models import ModelEntry
 from StepRLCommon.mrmlio import export_volume
 from StepRLCommon.protocol import StepEvent
 from StepRLCommon.workerlogic import RunState, WorkerLogic, WorkerRun
 
 from . import segmentation, steps
+from .parameters import AXES, PixelRLSegmentParameterNode
 
-__all__ = ["AXES", "METHODS", "RunState", "SegmentationLogic", "SegmentationRequest", "SegmentationRun"]
+__all__ = ["AXES", "DESCRIPTION", "METHODS", "RunState", "SegmentationLogic", "SegmentationRequest",
+           "SegmentationRun"]
 
 log = logging.getLogger(__name__)
 
 #: The learners whose models this module runs (model card ``method``).
 METHODS = ("pixeldrl-mg", "unet")
-#: Slice axes the worker accepts (named in patient terms; found from the volume's direction).
-AXES = ("axial", "coronal", "sagittal")
 
 
 @dataclass
@@ -78,15 +79,18 @@ class SegmentationRun(WorkerRun):
     labelmap: object | None = None
 
 
-class SegmentationLogic(WorkerLogic):
-    """See the module docstring; the constructor's arguments are ``WorkerLogic``'s."""
+#: The module, as the shared base classes need it (StepRLCommon.description).
+DESCRIPTION = ModuleDescription(
+    name="PixelRLSegment", task_noun="segmentation", methods=METHODS,
+    model_kind="segmentation model (PixelDRL-MG or U-Net)", result_kind=steps.KIND, run_class=SegmentationRun,
+    request_class=SegmentationRequest, parameter_node_class=PixelRLSegmentParameterNode,
+    request_fields={"volume": "inputVolume", "axis": "axis", "reference": "referenceSegmentation",
+                    "create_labelmap": "createLabelmap"},
+    default_volume_parameter="inputVolume")
 
-    module = "PixelRLSegment"
-    task_noun = "segmentation"
-    methods = METHODS
-    model_kind = "segmentation model (PixelDRL-MG or U-Net)"
-    result_kind = steps.KIND
-    run_class = SegmentationRun
+
+class SegmentationLogic(WorkerLogic, description=DESCRIPTION):
+    """See the module docstring; the constructor's arguments are ``WorkerLogic``'s."""
 
     def check(self, request: SegmentationRequest) -> ModelEntry:
         """Raise a StepRLError (problem + fix) when ``request`` cannot run; return its model."""

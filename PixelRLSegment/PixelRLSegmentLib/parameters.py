@@ -21,7 +21,8 @@ from slicer import (
 
 from StepRLCommon.parameters import DEVICES, Choice, WithinRange, parameterNodeWrapper, user_folder
 
-from .logic import AXES
+#: Slice axes the worker accepts (named in patient terms; found from the volume's direction).
+AXES = ("axial", "coronal", "sagittal")
 
 __all__ = ["AXES", "DEVICES", "MAX_STEPS", "MIN_STEPS", "PixelRLSegmentParameterNode",
            "user_folder"]

@@ -29,6 +29,7 @@ from pathlib import Path
 from steprl.errors import InputError
 from steprl.protocol import RegisterJob, write_job
 
+from StepRLCommon.description import ModuleDescription
 from StepRLCommon.mrmlio import export_volume
 from StepRLCommon.protocol import StepEvent
 from StepRLCommon.workerlogic import (
@@ -42,10 +43,11 @@ from StepRLCommon.workerlogic import (
 )
 
 from . import models, steps
+from .parameters import SPACRegistrationParameterNode
 from .transforms import is_own_proxy, read_grid_transform
 
-__all__ = ["RegistrationLogic", "RegistrationRequest", "RegistrationRun", "RunState", "default_python_command",
-           "default_temp_root", "in_slicer", "worker_environment"]
+__all__ = ["DESCRIPTION", "RegistrationLogic", "RegistrationRequest", "RegistrationRun", "RunState",
+           "default_python_command", "default_temp_root", "in_slicer", "worker_environment"]
 
 log = logging.getLogger(__name__)
 
@@ -78,15 +80,18 @@ class RegistrationRun(WorkerRun):
     """One running or finished registration (``nodes``: its :class:`~.steps.ResultNodes`)."""
 
 
-class RegistrationLogic(WorkerLogic):
-    """See the module docstring; the constructor's arguments are ``WorkerLogic``'s."""
+#: The module, as the shared base classes need it (StepRLCommon.description).
+DESCRIPTION = ModuleDescription(
+    name="SPACRegistration", task_noun="registration", methods=(models.METHOD,), model_kind="SPAC registration model",
+    result_kind=steps.KIND, run_class=RegistrationRun, request_class=RegistrationRequest,
+    parameter_node_class=SPACRegistrationParameterNode,
+    request_fields={"fixed": "fixedVolume", "moving": "movingVolume", "fixed_labels": "fixedLabels",
+                    "moving_labels": "movingLabels", "prealign": "prealign"},
+    default_volume_parameter="fixedVolume")
 
-    module = "SPACRegistration"
-    task_noun = "registration"
-    methods = (models.METHOD,)
-    model_kind = "SPAC registration model"
-    result_kind = steps.KIND
-    run_class = RegistrationRun
+
+class RegistrationLogic(WorkerLogic, description=DESCRIPTION):
+    """See the module docstring; the constructor's arguments are ``WorkerLogic``'s."""
 
     def check(self, request: RegistrationRequest) -> models.ModelEntry:
         """Raise a StepRLError (problem + fix) when ``request`` cannot run; return its model."""
