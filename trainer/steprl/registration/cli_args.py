@@ -118,9 +118,15 @@ def _add_train_network(r) -> None:
                    help="normalisation after every conv of planner and actor (default none; the 3D recipe: instance)")
     r.add_argument("--stem", type=int, default=0, metavar="C",
                    help="width of a full-resolution conv block before the first stride (default 0: none)")
-    r.add_argument("--features", choices=("pair", "diff", "demons"), default="pair",
-                   help="what the planner reads: the pair (default), + fixed - warped (diff), or + the demons force "
-                        "(fixed - warped) * grad(warped) (demons)")
+    r.add_argument("--features", choices=("pair", "diff", "demons", "ncc-gradient"), default="pair",
+                   help="what the planner reads: the pair (default), + fixed - warped (diff), + the demons force "
+                        "(fixed - warped) * grad(warped) (demons), or + the smoothed local-NCC gradient direction "
+                        "(ncc-gradient; with --prior-scale the actor also steps along it)")
+    r.add_argument("--prior-scale", type=float, default=0.0, metavar="VOXELS",
+                   help="with --features ncc-gradient: the initial RMS size of a prior step along the NCC gradient, "
+                        "a learned scale the actor corrects (default 0: the scale starts at 0)")
+    r.add_argument("--prior-sigma", type=float, default=2.0, metavar="VOXELS",
+                   help="Gaussian smoothing of the ncc-gradient feature, in network-grid voxels (default 2)")
     r.add_argument("--step-bound", type=float, default=0.0, metavar="VOXELS",
                    help="bound each step inside the network, b * tanh(a / b) (default 0: unbounded, the "
                         "environment's clamp alone)")

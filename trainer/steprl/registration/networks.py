@@ -27,7 +27,10 @@ sees ``fixed - warped``, where the registration error shows directly; ``"demons"
 demons force ``(fixed - warped) * grad(warped)``, which already points each voxel the way an
 optical-flow step would move it), ``step_bound`` (the
 actor's step is ``b * tanh(a / b)``: bounded inside the network, so the training loss sees the
-step the environment applies and a large learning rate cannot blow the output up).
+step the environment applies and a large learning rate cannot blow the output up), and
+``features="ncc-gradient"`` with ``prior_scale`` (the planner reads the local-NCC gradient
+direction, :mod:`~.similarity_gradient`, and the actor's step is that direction times a learned
+scale plus its own correction: the untrained policy is already a gradient-ascent registration).
 """
 
 from __future__ import annotations
@@ -65,6 +68,11 @@ class SPACConfig:
             ~0.03-voxel step for every pair and step, 0.6 voxel of drift after 20 steps, hard
             Dice below the identity) while the affine pre-alignment already removed the global
             shift. Deformation, rotation and scaling stay free.
+        prior_scale: with ``features="ncc-gradient"`` and > 0, the actor adds a prior step
+            ``scale * ncc_gradient(fixed, warped)`` (RMS ``scale`` voxels) to its own output, with
+            ``scale`` a learned parameter starting here; 0: no prior step.
+        prior_window, prior_sigma: the local NCC window and the Gaussian smoothing (voxels of the
+            network grid) of the ``"ncc-gradient"`` feature.
         field_input: the state also holds the accumulated field ``u_t`` (``ndim`` channels, voxels):
             ``(fixed, warped, u_t)``. Why: from the images alone the policy could not tell how far
             it had already moved, and kept moving at the same speed past the alignment (measured:
@@ -84,6 +92,9 @@ class SPACConfig:
     step_bound: float = 0.0
     zero_mean: bool = False
     field_input: bool = False
+    prior_scale: float = 0.0
+    prior_window: int = 5
+    prior_sigma: float = 2.0
 
     def __post_init__(self) -> None:
         if self.ndim not in (2, 3):
@@ -102,6 +113,11 @@ class SPACConfig:
             raise ValueError(f"norm must be 'none' or 'instance', got {self.norm!r}")
         if self.stem < 0 or self.step_bound < 0:
             raise ValueError(f"stem and step_bound must be >= 0, got {self.stem} and {self.step_bound}")
+        if self.prior_scale < 0 or (self.prior_scale > 0 and self.features != "ncc-gradient"):
+            raise ValueError(f"prior_scale must be >= 0 and needs features 'ncc-gradient', got {self.prior_scale}")
+        if self.prior_window < 1 or self.prior_window % 2 == 0 or self.prior_sigma < 0:
+            raise ValueError(f"prior_window must be odd and prior_sigma >= 0, got {self.prior_window}, "
+                             f"{self.prior_sigma}")
 
     @property
     def observation_channels(self) -> int:
@@ -111,7 +127,7 @@ class SPACConfig:
     @property
     def state_channels(self) -> int:
         """Channels the planner reads (:func:`planner_input`)."""
-        extra = (self.ndim if self.features == "demons" else 0) + (self.ndim if self.field_input else 0)
+        extra = (self.ndim if self.features in ("demons", "ncc-gradient") else 0) + (self.ndim if self.field_input else 0)
         return FEATURE_CHANNELS[self.features] + extra
 
     def to_dict(self) -> dict:
@@ -126,8 +142,8 @@ class SPACConfig:
 #: the SPACConfig fields that decide the shapes of the policy's weights (``--init-from`` needs them equal)
 LAYOUT_FIELDS = ("ndim", "channels", "plan_dim", "field_level", "norm", "stem", "features", "field_input")
 
-#: the planner's input channels per ``SPACConfig.features`` (``"demons"`` adds one per axis)
-FEATURE_CHANNELS = {"pair": 2, "diff": 3, "demons": 3}
+#: the planner's input channels per ``SPACConfig.features`` (``"demons"`` and ``"ncc-gradient"`` add one per axis)
+FEATURE_CHANNELS = {"pair": 2, "diff": 3, "demons": 3, "ncc-gradient": 3}
 
 
 def _conv(ndim: int):
@@ -158,13 +174,14 @@ def _block(ndim: int, cin: int, cout: int, stride: int = 1, norm: str = "none") 
     return nn.Sequential(*layers)
 
 
-def planner_input(state: torch.Tensor, features: str) -> torch.Tensor:
+def planner_input(state: torch.Tensor, features: str, direction: torch.Tensor | None = None) -> torch.Tensor:
     """The state ``(B, 2[+ndim], *S)`` as the planner reads it (``SPACConfig.features``); the field channels
     of a ``field_input`` state are passed through after the image features.
 
     ``"pair"``: as is; ``"diff"``: ``(B, 3, *S)`` with ``fixed - warped``; ``"demons"``:
     ``(B, 3 + ndim, *S)`` with also ``(fixed - warped) * d(warped)/d(axis k)`` (central
-    differences, voxel units), the demons / optical-flow force.
+    differences, voxel units), the demons / optical-flow force; ``"ncc-gradient"``: the same
+    with ``direction`` ``(B, ndim, *S)`` (:func:`~.similarity_gradient.ncc_gradient`) instead.
     """
     pair, rest = state[:, :2], state[:, 2:]  # rest: the accumulated field with SPACConfig.field_input
     if features == "pair":
@@ -172,9 +189,23 @@ def planner_input(state: torch.Tensor, features: str) -> torch.Tensor:
     diff = pair[:, :1] - pair[:, 1:2]
     if features == "diff":
         return torch.cat([pair, diff, rest], dim=1)
+    if features == "ncc-gradient":
+        if direction is None:
+            raise ValueError("features 'ncc-gradient' needs the direction (Planner computes it)")
+        return torch.cat([pair, diff, direction.to(pair.dtype), rest], dim=1)
     axes = tuple(range(2, state.ndim))
     grads = torch.gradient(pair[:, 1:2], dim=axes)
     return torch.cat([pair, diff, *(diff * g for g in grads), rest], dim=1)
+
+
+class PlannerFeatures(list):
+    """The planner's feature maps per level (a list, finest first) for the actor's skips, plus
+    ``direction``: the ``"ncc-gradient"`` feature ``(B, ndim, *S)`` the actor's prior step follows
+    (``None`` for the other features)."""
+
+    def __init__(self, levels, direction: torch.Tensor | None = None) -> None:
+        super().__init__(levels)
+        self.direction = direction
 
 
 class Planner(nn.Module):
@@ -194,10 +225,16 @@ class Planner(nn.Module):
         he_init(self)
         self.log_std_range = cfg.log_std_range
         self.features = cfg.features
+        self.prior_window, self.prior_sigma = cfg.prior_window, cfg.prior_sigma
 
-    def forward(self, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-        skips = []
-        x = self.stem(planner_input(state, self.features))
+    def forward(self, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, PlannerFeatures]:
+        direction = None
+        if self.features == "ncc-gradient":
+            from steprl.registration.similarity_gradient import ncc_gradient
+
+            direction = ncc_gradient(state[:, :1], state[:, 1:2], self.prior_window, self.prior_sigma)
+        skips = PlannerFeatures([], direction)
+        x = self.stem(planner_input(state, self.features, direction))
         for level in self.levels:
             x = level(x)
             skips.append(x)
@@ -229,6 +266,9 @@ class Actor(nn.Module):
         nn.init.normal_(self.out.weight, std=1e-3)
         nn.init.zeros_(self.out.bias)
         self.step_bound, self.zero_mean = cfg.step_bound, cfg.zero_mean
+        # the learned size (RMS voxels) of the prior step along the "ncc-gradient" direction
+        self.prior_scale = nn.Parameter(torch.tensor(float(cfg.prior_scale))) if cfg.features == "ncc-gradient" \
+            else None
 
     def forward(self, plan: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
         bottom = skips[-1]
@@ -242,6 +282,9 @@ class Actor(nn.Module):
         coarse = self.out(x)  # displacement in voxels of the coarse grid
         factor = 2**self.field_level
         full = factor * F.interpolate(coarse.float(), scale_factor=factor, mode=mode, align_corners=False)
+        direction = getattr(skips, "direction", None)
+        if self.prior_scale is not None and direction is not None:
+            full = full + self.prior_scale * direction
         if self.zero_mean:
             full = full - full.mean(dim=tuple(range(2, full.ndim)), keepdim=True)
         if self.step_bound > 0:  # coarse-grid voxels -> full-grid voxels, bounded inside the network

@@ -124,7 +124,8 @@ def train_registration(args) -> None:
                                  plan_dim=args.plan_dim or (32 if ndim == 2 else 64), field_level=args.field_level,
                                  norm=args.norm, stem=args.stem, features=args.features,
                                  step_bound=args.step_bound, zero_mean=args.zero_mean_step,
-                                 field_input=args.field_input)
+                                 field_input=args.field_input, prior_scale=args.prior_scale,
+                                 prior_window=args.ncc_window, prior_sigma=args.prior_sigma)
         except ValueError as err:
             problem = f"Invalid network settings: {str(err).rstrip('.')}."
             raise InputError(problem, "Choose a --grid divisible by 2**len(--channels), a --field-level "
