@@ -127,8 +127,8 @@ class SPACConfig:
     @property
     def state_channels(self) -> int:
         """Channels the planner reads (:func:`planner_input`)."""
-        extra = (self.ndim if self.features in ("demons", "ncc-gradient") else 0) + (self.ndim if self.field_input else 0)
-        return FEATURE_CHANNELS[self.features] + extra
+        per_axis = self.features in ("demons", "ncc-gradient")
+        return FEATURE_CHANNELS[self.features] + self.ndim * (int(per_axis) + int(self.field_input))
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
