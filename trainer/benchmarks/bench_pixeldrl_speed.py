@@ -89,13 +89,14 @@ def _model(folder: Path, size: int, fusion: str) -> Path:
     """A random PixelDRL-MG model file of the paper's widths for this grid (created on first use)."""
     import torch
     from steprl.modelfile import save_model
+    from steprl.segmentation.config import PixelDRLConfig
     from steprl.segmentation.networks import PixelDRLNet
 
     path = folder / f"model_{size}_{fusion}.safetensors"
     if not path.is_file():
         torch.manual_seed(0)
-        net = PixelDRLNet(fusion=fusion)
-        card = {"method": "pixeldrl-mg", "ndim": 2, "config": net.config,
+        net = PixelDRLNet(PixelDRLConfig(fusion=fusion))
+        card = {"method": "pixeldrl-mg", "ndim": 2, "config": net.cfg.to_dict(),
                 "inference": {"size": [size, size], "steps": STEPS, "allow_revival": True}}
         save_model(path, net.state_dict(), card)
     return path
@@ -123,6 +124,7 @@ def run_one(row: str, device: str, workdir: Path) -> dict:
     import torch
     from steprl.device import autocast, resolve_device
     from steprl.geometry import Geometry, Image
+    from steprl.segmentation.config import PixelDRLConfig
     from steprl.segmentation.inference import segment
     from steprl.segmentation.model import load_segmenter
     from steprl.segmentation.networks import PixelDRLNet
@@ -172,7 +174,7 @@ def run_one(row: str, device: str, workdir: Path) -> dict:
     net_per_slice = _best_of(network_work, 3) / batch
 
     # baseline 2: one forward of the paper's reading (mask at the input) on one 256 x 256 slice
-    paper = PixelDRLNet(fusion="input").to(dev).eval()
+    paper = PixelDRLNet(PixelDRLConfig(fusion="input")).to(dev).eval()
     state = torch.rand(1, 2, 256, 256, device=dev)
 
     def paper_forward():
