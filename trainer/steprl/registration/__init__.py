@@ -2,7 +2,9 @@
 
 Modules (torch is imported by them, not by this package):
 
-- ``networks``: planner, actor, critic (:class:`~steprl.registration.networks.SPACConfig`).
+- ``config``: the settings, torch-free (:class:`~steprl.registration.config.SPACConfig` for the
+  network, :class:`~steprl.registration.config.SPACTrainConfig` for the learner).
+- ``networks``: planner, actor, critic.
 - ``environment`` / ``replay`` / ``learner`` / ``data`` / ``training``: learning (SAC on the plan
   plus the unsupervised registration loss), ``steprl train registration``.
 - ``model`` / ``inference`` / ``prealign``: model files, the ``register()`` generator, affine

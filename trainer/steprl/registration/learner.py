@@ -39,7 +39,6 @@ import copy
 import logging
 import sys
 import time
-from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -47,61 +46,14 @@ import torch.nn.functional as F
 
 from steprl import spatial
 from steprl.losses import field_mse, gradient_penalty, kl_to_standard_normal, ncc_loss
+from steprl.registration.config import LAYOUT_FIELDS, SPACConfig, SPACTrainConfig
 from steprl.registration.data import PairSource
 from steprl.registration.environment import RegistrationEnv
-from steprl.registration.networks import LAYOUT_FIELDS, Critic, SPACConfig, SPACPolicy, count_parameters, squash
+from steprl.registration.networks import Critic, SPACPolicy, count_parameters, squash
 from steprl.registration.replay import ReplayBuffer
 from steprl.training.distributed import DistInfo, average_gradients
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class SPACTrainConfig:
-    """Learning hyper-parameters (stored in checkpoints and model cards)."""
-
-    batch_pairs: int = 4
-    episode_steps: int = 5
-    replay_capacity: int = 2000
-    replay_batch: int = 16
-    gamma: float = 0.9
-    tau: float = 0.005
-    lr: float = 1e-3
-    planner_lr: float = 2e-4  # SAC's planner update; official SPAC uses lr / 5
-    critic_lr: float = 2e-4
-    alpha_lr: float = 1e-4
-    init_log_alpha: float = -1.0
-    target_entropy: float | None = None  # default: -plan_dim / 2
-    ncc_window: int = 9
-    ncc_weight: float = 1.0  # -LNCC(fixed, warped): the paper's image term (0 when contrasts differ)
-    dice_weight: float = 0.0  # 1 - soft Dice of the labels (SynthMorph-style; needs real labels)
-    field_weight: float = 0.0  # mean squared error (voxels^2) to the true field, where the source knows it
-    smooth_weight: float = 1.0
-    kl_weight: float = 0.01
-    train_max_step: float = 1.0
-    test_max_step: float = 3.0
-    val_steps: int = 10
-    reward_scale: float = 10.0
-    sac_start: int = 0  # iterations (episodes) that fill the replay buffer before SAC updates begin
-    grad_clip: float | None = None  # max gradient norm of the registration-loss update (None: no clipping)
-    label_sigma: float = 0.0  # > 0: the loss's label Dice compares label maps blurred by this Gaussian (voxels)
-    distance_weight: float = 0.0  # weight of the truncated signed-distance loss of the labels (label_distance)
-    distance_clip: float = 3.0  # truncation of the signed distance maps, voxels
-    bf16: bool = False  # rollout training: the policy's forward passes under bfloat16 autocast (warps, losses fp32)
-    unroll: int = 0  # > 0: train through the rollout in windows of this many composed steps (module docstring)
-    seed: int = 0
-
-    def to_dict(self) -> dict:
-        out = asdict(self)
-        for key, default in _ADDED_LATER.items():  # absent = the original setting; keeps older runs resumable
-            if out[key] == default:
-                del out[key]
-        return out
-
-
-#: settings added after the first release, with the value that reproduces the original behaviour
-_ADDED_LATER = {"field_weight": 0.0, "sac_start": 0, "grad_clip": None, "unroll": 0, "label_sigma": 0.0,
-                "bf16": False, "distance_weight": 0.0, "distance_clip": 3.0}
 
 
 class SPACLearner:
@@ -143,7 +95,7 @@ class SPACLearner:
     def init_from(self, model) -> None:
         """Start from the policy weights of a model file or bundled model (``--init-from``).
 
-        The network layout must match (:data:`~steprl.registration.networks.LAYOUT_FIELDS`; the
+        The network layout must match (:data:`~steprl.registration.config.LAYOUT_FIELDS`; the
         grid, the step bound and ``zero_mean`` may differ: the weights do not depend on them);
         the model's training record is carried into this run's card, so a model trained over
         many runs keeps the whole history of its commands, updates and CPU-hours.

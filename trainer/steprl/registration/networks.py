@@ -35,115 +35,11 @@ scale plus its own correction: the untrained policy is already a gradient-ascent
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-@dataclass(frozen=True)
-class SPACConfig:
-    """Network sizes; stored in the model card so a model file rebuilds its own network.
-
-    Attributes:
-        ndim: 2 or 3.
-        grid: network grid in array order, e.g. ``(128, 128)`` or ``(128, 128, 128)``.
-        channels: encoder widths per level (each level halves the resolution).
-        plan_dim: size of the stochastic plan ``z``.
-        critic_channels: critic encoder widths.
-        log_std_range: ``(min, max)`` of the plan's log standard deviation.
-        field_level: the actor predicts its step on a grid ``2 ** field_level`` times coarser
-            than the network grid and upsamples it linearly (1: half resolution, the default;
-            2: a quarter resolution, a smoother step with 8x fewer outputs in 3D).
-        norm: ``"none"`` or ``"instance"`` (InstanceNorm after every conv of planner and actor).
-        stem: width of a full-resolution conv block before the first stride (0: none).
-        features: the planner's input: ``"pair"`` (fixed, warped), ``"diff"`` (+ fixed - warped) or
-            ``"demons"`` (+ fixed - warped and its product with each component of grad(warped)).
-        step_bound: if > 0, the actor's step is ``step_bound * tanh(a / step_bound)`` voxels per
-            component (of the network grid); 0 leaves it unbounded (the environment still clamps).
-        zero_mean: subtract the step's mean over the grid (no global translation per step). Why:
-            after instance normalisation the network cannot tell pairs apart by a global shift,
-            so its mean output is a learned constant; Adam's noise walks it (measured: the same
-            ~0.03-voxel step for every pair and step, 0.6 voxel of drift after 20 steps, hard
-            Dice below the identity) while the affine pre-alignment already removed the global
-            shift. Deformation, rotation and scaling stay free.
-        prior_scale: with ``features="ncc-gradient"`` and > 0, the actor adds a prior step
-            ``scale * ncc_gradient(fixed, warped)`` (RMS ``scale`` voxels) to its own output, with
-            ``scale`` a learned parameter starting here; 0: no prior step.
-        prior_window, prior_sigma: the local NCC window and the Gaussian smoothing (voxels of the
-            network grid) of the ``"ncc-gradient"`` feature.
-        field_input: the state also holds the accumulated field ``u_t`` (``ndim`` channels, voxels):
-            ``(fixed, warped, u_t)``. Why: from the images alone the policy could not tell how far
-            it had already moved, and kept moving at the same speed past the alignment (measured:
-            hard Dice best after 5 of 20 steps, then falling, ``|u|`` growing linearly).
-    """
-
-    ndim: int = 2
-    grid: tuple[int, ...] = (128, 128)
-    channels: tuple[int, ...] = (16, 32, 32, 32)
-    plan_dim: int = 32
-    critic_channels: tuple[int, ...] = (8, 16, 16, 16)
-    log_std_range: tuple[float, float] = (-5.0, 1.0)
-    field_level: int = 1
-    norm: str = "none"
-    stem: int = 0
-    features: str = "pair"
-    step_bound: float = 0.0
-    zero_mean: bool = False
-    field_input: bool = False
-    prior_scale: float = 0.0
-    prior_window: int = 5
-    prior_sigma: float = 2.0
-
-    def __post_init__(self) -> None:
-        if self.ndim not in (2, 3):
-            raise ValueError(f"ndim must be 2 or 3, got {self.ndim}")
-        if len(self.grid) != self.ndim:
-            raise ValueError(f"grid {self.grid} must have {self.ndim} axes")
-        factor = 2 ** len(self.channels)
-        bad = [n for n in self.grid if n % factor]
-        if bad:
-            raise ValueError(f"every grid axis must be divisible by {factor} (2**levels); got {self.grid}")
-        if not 1 <= self.field_level < len(self.channels):
-            raise ValueError(f"field_level must be in 1..{len(self.channels) - 1}, got {self.field_level}")
-        if self.features not in FEATURE_CHANNELS:
-            raise ValueError(f"features must be one of {sorted(FEATURE_CHANNELS)}, got {self.features!r}")
-        if self.norm not in ("none", "instance"):
-            raise ValueError(f"norm must be 'none' or 'instance', got {self.norm!r}")
-        if self.stem < 0 or self.step_bound < 0:
-            raise ValueError(f"stem and step_bound must be >= 0, got {self.stem} and {self.step_bound}")
-        if self.prior_scale < 0 or (self.prior_scale > 0 and self.features != "ncc-gradient"):
-            raise ValueError(f"prior_scale must be >= 0 and needs features 'ncc-gradient', got {self.prior_scale}")
-        if self.prior_window < 1 or self.prior_window % 2 == 0 or self.prior_sigma < 0:
-            raise ValueError(f"prior_window must be odd and prior_sigma >= 0, got {self.prior_window}, "
-                             f"{self.prior_sigma}")
-
-    @property
-    def observation_channels(self) -> int:
-        """Channels of the state tensor: fixed, warped, and with ``field_input`` the accumulated field."""
-        return 2 + (self.ndim if self.field_input else 0)
-
-    @property
-    def state_channels(self) -> int:
-        """Channels the planner reads (:func:`planner_input`)."""
-        per_axis = self.features in ("demons", "ncc-gradient")
-        return FEATURE_CHANNELS[self.features] + self.ndim * (int(per_axis) + int(self.field_input))
-
-    def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> SPACConfig:
-        fields = cls.__dataclass_fields__
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in fields})
-
-
-#: the SPACConfig fields that decide the shapes of the policy's weights (``--init-from`` needs them equal)
-LAYOUT_FIELDS = ("ndim", "channels", "plan_dim", "field_level", "norm", "stem", "features", "field_input")
-
-#: the planner's input channels per ``SPACConfig.features`` (``"demons"`` and ``"ncc-gradient"`` add one per axis)
-FEATURE_CHANNELS = {"pair": 2, "diff": 3, "demons": 3, "ncc-gradient": 3}
+from steprl.registration.config import SPACConfig  # defined torch-free for the command line; imported from here too
 
 
 def _conv(ndim: int):

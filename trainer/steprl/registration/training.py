@@ -6,10 +6,13 @@ Runs unchanged under torchrun: ``torchrun --nproc_per_node 2 -m steprl train reg
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 
 from steprl.errors import InputError
+from steprl.registration.cli_args import NETWORK_OPTIONS, TRAIN_OPTIONS
+from steprl.registration.config import SPACConfig, SPACTrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -96,55 +99,43 @@ def _rollout_settings(args) -> dict:
     if args.unroll > args.episode_steps:
         raise InputError(f"--unroll {args.unroll} is longer than an episode (--episode-steps {args.episode_steps}).",
                          "Give an --unroll window of at most --episode-steps.")
-    out = {"unroll": args.unroll}
-    test_max_step = args.test_max_step if args.test_max_step is not None else (
-        args.train_max_step if args.unroll else None)
-    if test_max_step is not None:
-        out["test_max_step"] = test_max_step
-    val_steps = args.val_steps if args.val_steps is not None else (20 if args.unroll else None)
-    if val_steps is not None:
-        if val_steps < 1:
-            raise InputError(f"--val-steps must be >= 1, got {val_steps}.", "Give e.g. --val-steps 20.")
-        out["val_steps"] = val_steps
-    return out
+    return {"test_max_step": args.train_max_step, "val_steps": 20} if args.unroll else {}
+
+
+def _loss_weights(args) -> dict:
+    """The loss weights the data asks for: the exact labels of --synthseg add Dice; NCC needs one contrast per pair."""
+    if not args.synthseg:
+        return {}
+    return {"dice_weight": 1.0, **({"ncc_weight": 0.0} if args.cross_contrast else {})}
+
+
+def registration_configs(args, grid: tuple[int, ...]) -> tuple[SPACConfig, SPACTrainConfig]:
+    """The network and learner settings from the parsed ``train registration`` arguments, for the
+    data's network ``grid``."""
+    try:
+        net_cfg = NETWORK_OPTIONS.build(args, ndim=len(grid), grid=grid, prior_window=args.ncc_window,
+                                        **({"plan_dim": 64} if len(grid) == 3 else {}))
+    except ValueError as err:
+        problem = f"Invalid network settings: {str(err).rstrip('.')}."
+        raise InputError(problem, "Choose a --grid divisible by 2**len(--channels), a --field-level "
+                                  "below len(--channels), and --stem / --step-bound >= 0.") from err
+    cfg = TRAIN_OPTIONS.build(args, **_loss_weights(args), **_rollout_settings(args))
+    if cfg.val_steps < 1:
+        raise InputError(f"--val-steps must be >= 1, got {cfg.val_steps}.", "Give e.g. --val-steps 20.")
+    if not args.known_pairs:  # no pair has a known field: no field loss, recorded as such
+        cfg = dataclasses.replace(cfg, field_weight=0.0)
+    return net_cfg, cfg
 
 
 def train_registration(args) -> None:
-    from steprl.registration.learner import SPACLearner, SPACTrainConfig
-    from steprl.registration.networks import SPACConfig
+    from steprl.registration.learner import SPACLearner
     from steprl.training.distributed import cleanup, exit_if_distributed, init_distributed
     from steprl.training.loop import fit
 
     dist = init_distributed(args.device)
     try:
         source, grid, data = build_source(args)
-        ndim = len(grid)
-        try:
-            net_cfg = SPACConfig(ndim=ndim, grid=grid, channels=tuple(args.channels or (16, 32, 32, 32)),
-                                 plan_dim=args.plan_dim or (32 if ndim == 2 else 64), field_level=args.field_level,
-                                 norm=args.norm, stem=args.stem, features=args.features,
-                                 step_bound=args.step_bound, zero_mean=args.zero_mean_step,
-                                 field_input=args.field_input, prior_scale=args.prior_scale,
-                                 prior_window=args.ncc_window, prior_sigma=args.prior_sigma)
-        except ValueError as err:
-            problem = f"Invalid network settings: {str(err).rstrip('.')}."
-            raise InputError(problem, "Choose a --grid divisible by 2**len(--channels), a --field-level "
-                                      "below len(--channels), and --stem / --step-bound >= 0.") from err
-        weights = {}
-        if args.synthseg:  # exact labels: Dice in the loss too; NCC only when both images share a contrast
-            weights = {"ncc_weight": 0.0 if args.cross_contrast else 1.0, "dice_weight": 1.0}
-        if args.known_pairs > 0:
-            weights["field_weight"] = args.field_weight
-        if args.ncc_weight is not None:
-            weights["ncc_weight"] = args.ncc_weight
-        if args.dice_weight is not None:
-            weights["dice_weight"] = args.dice_weight
-        cfg = SPACTrainConfig(batch_pairs=args.batch, episode_steps=args.episode_steps, lr=args.lr, seed=args.seed,
-                              replay_batch=args.replay_batch, sac_start=args.sac_start, grad_clip=args.grad_clip,
-                              train_max_step=args.train_max_step, smooth_weight=args.smooth_weight,
-                              ncc_window=args.ncc_window, label_sigma=args.label_sigma, bf16=args.bf16,
-                              distance_weight=args.distance_weight, distance_clip=args.distance_clip, **weights,
-                              **_rollout_settings(args))
+        net_cfg, cfg = registration_configs(args, grid)
         learner = SPACLearner(net_cfg, cfg, source, dist)
         if args.init_from:
             learner.init_from(args.init_from)
