@@ -431,6 +431,40 @@ def test_train_synthetic_then_resume(tmp_path, capsys):
     assert json.loads(history[1])["epoch"] == 2
 
 
+def test_a_run_begun_by_an_older_steprl_is_refused_then_converts_once_and_resumes(tmp_path, capsys):
+    """trainer/tools/convert_registration_run.py: the one-off conversion of the stored settings."""
+    import importlib.util
+
+    from steprl.training.checkpoint import rewrite_checkpoint_state
+
+    path = Path(__file__).resolve().parent.parent / "trainer" / "tools" / "convert_registration_run.py"
+    spec = importlib.util.spec_from_file_location("convert_registration_run", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+
+    def the_old_form(state: dict) -> dict:  # as steprl wrote it before: shimmed keys, older network and learner
+        config = state["config"]
+        training = {k: v for k, v in config["training"].items()
+                    if k not in tool.ORIGINAL_VALUES or v != tool.ORIGINAL_VALUES[k]}
+        network = {k: v for k, v in config["network"].items() if not k.startswith("prior_")}
+        learner = {k: v for k, v in state["learner"].items() if k in ("rng", "replay_next")}
+        return {**state, "config": {**config, "training": training, "network": network}, "learner": learner}
+
+    run = tmp_path / "run"
+    args = ["train", "registration", "--synthetic", "32", "32", *TRAIN_SMALL, "--out", run]
+    assert run_cli(capsys, *args, "--epochs", "1")[0] == 0
+    for checkpoint in (run / "checkpoints").glob("*.safetensors"):
+        assert rewrite_checkpoint_state(checkpoint, the_old_form)
+    code, _, err = run_cli(capsys, *args, "--epochs", "2")
+    assert code != 0 and "convert_registration_run.py" in err and "network.prior_scale" in err
+    assert tool.main([str(run)]) == 0
+    assert "checkpoints/last.safetensors" in capsys.readouterr().out
+    assert tool.convert_run(run) == []  # once is enough
+    code, _, err = run_cli(capsys, *args, "--epochs", "2")
+    assert code == 0, err
+    assert [json.loads(line)["epoch"] for line in (run / "history.jsonl").read_text().splitlines()] == [1, 2]
+
+
 def test_train_from_files(assets, tmp_path, capsys):
     d4 = assets["d4"]
     out = tmp_path / "run"

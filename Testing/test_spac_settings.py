@@ -15,7 +15,7 @@ import typing
 
 import pytest
 from steprl.cli import build_parser
-from steprl.registration.config import FEATURE_CHANNELS, Features, SPACConfig, SPACTrainConfig
+from steprl.registration.config import FEATURE_CHANNELS, Features, SPACConfig, SPACTrainConfig, missing_settings
 from steprl.registration.training import registration_configs
 
 #: every option ``steprl train registration --help`` listed before its options came from the dataclasses
@@ -96,6 +96,18 @@ def test_bad_settings_are_input_errors(argv, words):
 
     with pytest.raises(InputError, match=words):
         _configs("--synthetic", "32", "32", *argv)
+
+
+def test_the_learner_settings_are_stored_whole():
+    """Every setting is stored, default or not (no "absent = original" shims), so a resume compares them all."""
+    stored = SPACTrainConfig().to_dict()
+    assert list(stored) == [f.name for f in dataclasses.fields(SPACTrainConfig)]
+    config = {"method": "spac", "network": SPACConfig().to_dict(), "training": stored}
+    assert missing_settings(config) == []
+    older = {**config, "training": {k: v for k, v in stored.items() if k != "bf16"},
+             "network": {k: v for k, v in config["network"].items() if not k.startswith("prior_")}}
+    assert missing_settings(older) == ["network.prior_scale", "network.prior_window", "network.prior_sigma",
+                                       "training.bf16"]
 
 
 def test_the_feature_table_matches_the_choices():

@@ -213,14 +213,12 @@ class SPACTrainConfig:
     seed: int = 0
 
     def to_dict(self) -> dict:
-        out = asdict(self)
-        for key, default in _ADDED_LATER.items():  # absent = the original setting; keeps older runs resumable
-            if out[key] == default:
-                del out[key]
-        return out
+        return asdict(self)
 
 
-#: settings added after the first release, with the value that reproduces the original behaviour
-_ADDED_LATER = {"field_weight": 0.0, "sac_start": 0, "grad_clip": None, "unroll": 0, "label_sigma": 0.0,
-                "bf16": False, "distance_weight": 0.0, "distance_clip": 3.0}
-
+def missing_settings(config: dict) -> list[str]:
+    """The settings a stored registration run config (``config.json``, checkpoints) lacks, as
+    ``part.field``: a run begun by an older steprl, to convert once with
+    ``trainer/tools/convert_registration_run.py``."""
+    parts = (("network", SPACConfig), ("training", SPACTrainConfig))
+    return [f"{part}.{f.name}" for part, cls in parts for f in fields(cls) if f.name not in config.get(part, {})]

@@ -105,7 +105,7 @@ class SPACLearner:
 
         path = resolve_model_path(model)
         state, card = load_model(path, method="spac", ndim=self.net_cfg.ndim, device="cpu")
-        theirs = {k: v for k, v in SPACConfig.from_dict(card.get("config", {})).to_dict().items() if k in LAYOUT_FIELDS}
+        theirs = {k: v for k, v in SPACConfig.from_dict(card["config"]).to_dict().items() if k in LAYOUT_FIELDS}
         ours = {k: v for k, v in self.net_cfg.to_dict().items() if k in LAYOUT_FIELDS}
         if not theirs.get("field_input") and ours["field_input"]:  # grow the input layer, same function
             state = _with_field_input(state, self.policy)
@@ -217,11 +217,10 @@ class SPACLearner:
                 "earlier_runs": self.earlier_runs}
 
     def load_state(self, state: dict) -> None:
-        if "rng" in state:
-            self.rng.bit_generator.state = state["rng"]
-        self.replay.next = int(state.get("replay_next", 0))
-        self.seconds = float(state.get("seconds", 0.0))
-        self.earlier_runs = list(state.get("earlier_runs", self.earlier_runs))
+        self.rng.bit_generator.state = state["rng"]
+        self.replay.next = int(state["replay_next"])
+        self.seconds = float(state["seconds"])
+        self.earlier_runs = list(state["earlier_runs"])
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """The replay buffer, so a resumed run continues exactly where it stopped."""

@@ -9,10 +9,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
+from pathlib import Path
 
-from steprl.errors import InputError
+from steprl.errors import CheckpointError, InputError
 from steprl.registration.cli_args import NETWORK_OPTIONS, TRAIN_OPTIONS
-from steprl.registration.config import SPACConfig, SPACTrainConfig
+from steprl.registration.config import SPACConfig, SPACTrainConfig, missing_settings
 
 log = logging.getLogger(__name__)
 
@@ -127,11 +128,28 @@ def registration_configs(args, grid: tuple[int, ...]) -> tuple[SPACConfig, SPACT
     return net_cfg, cfg
 
 
+def _refuse_an_old_run(args) -> None:
+    """A run begun before every setting was stored cannot resume as it is: name the one-off converter."""
+    from steprl.training.checkpoint import read_checkpoint_state
+
+    last = Path(args.out) / "checkpoints" / "last.safetensors"
+    if args.no_resume or not last.is_file():
+        return
+    saved = read_checkpoint_state(last).get("config", {})
+    missing = missing_settings(saved) if saved.get("method") == "spac" else []
+    if missing:
+        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        raise CheckpointError(f"{args.out} holds a run begun by an older steprl: its settings lack {shown}.",
+                              f"Convert it once: python trainer/tools/convert_registration_run.py {args.out} "
+                              "(then run the same command again), or start afresh with --no-resume.")
+
+
 def train_registration(args) -> None:
     from steprl.registration.learner import SPACLearner
     from steprl.training.distributed import cleanup, exit_if_distributed, init_distributed
     from steprl.training.loop import fit
 
+    _refuse_an_old_run(args)
     dist = init_distributed(args.device)
     try:
         source, grid, data = build_source(args)

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 import steprl
-from steprl.atomic import atomic_path
+from steprl.atomic import atomic_path, write_text
 from steprl.errors import CheckpointError
 from steprl.modelfile import make_shareable, nonfinite_tensors
 
@@ -264,6 +264,45 @@ def _read_meta(path: Path) -> dict[str, Any]:
 def read_checkpoint_state(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The ``state`` dict saved in a checkpoint, without loading any tensor (cheap)."""
     return _read_meta(Path(path))["state"]
+
+
+def rewrite_checkpoint_state(path: str | os.PathLike[str], change) -> bool:
+    """Replace the ``state`` dict saved in a checkpoint by ``change(state)`` (which must not modify its
+    argument); the tensors, and so their checksum, are untouched. For one-off conversions of runs
+    begun by an older steprl. Written atomically; True when the state changed."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = Path(path)
+    meta = _read_meta(path)
+    after = change(meta["state"])
+    if after == meta["state"]:
+        return False
+    with safe_open(str(path), framework="pt") as f:
+        metadata = dict(f.metadata() or {})
+    tensors = load_file(str(path))
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={**metadata, _META_KEY: json.dumps({**meta, "state": after})})
+        make_shareable(tmp)
+    return True
+
+
+def convert_run_folder(run: str | os.PathLike[str], convert_config, convert_state) -> list[Path]:
+    """One-off conversion of a run folder begun by an older steprl: ``convert_config`` on the settings
+    in its ``config.json`` (``{"config": ...}``, :mod:`steprl.training.loop`), ``convert_state`` on the
+    state of every checkpoint (:func:`rewrite_checkpoint_state`). Neither may modify its argument;
+    returns the files that changed (none when the run is current)."""
+    run = Path(run)
+    changed = []
+    config_file = run / "config.json"
+    if config_file.is_file():
+        saved = json.loads(config_file.read_text(encoding="utf-8"))
+        converted = {**saved, "config": convert_config(saved["config"])}
+        if converted != saved:
+            write_text(config_file, json.dumps(converted, indent=2))
+            changed.append(config_file)
+    checkpoints = sorted((run / "checkpoints").glob("*.safetensors"))
+    return changed + [p for p in checkpoints if rewrite_checkpoint_state(p, convert_state)]
 
 
 def _first(names: list[str]) -> str:
