@@ -20,6 +20,10 @@ Features = Literal["pair", "diff", "demons", "ncc-gradient"]
 #: the planner's input channels per ``SPACConfig.features`` (``"demons"`` and ``"ncc-gradient"`` add one per axis)
 FEATURE_CHANNELS = {"pair": 2, "diff": 3, "demons": 3, "ncc-gradient": 3}
 
+#: policy steps of a registration at test time: the model card's default (``inference.steps``), and the
+#: validation depth of a run trained through its rollout (``--unroll``), as at test
+TEST_STEPS = 20
+
 #: the SPACConfig fields that decide the shapes of the policy's weights (``--init-from`` needs them equal)
 LAYOUT_FIELDS = ("ndim", "channels", "plan_dim", "field_level", "norm", "stem", "features", "field_input")
 

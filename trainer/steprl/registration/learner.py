@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from steprl import spatial
 from steprl.losses import field_mse, gradient_penalty, kl_to_standard_normal, ncc_loss
-from steprl.registration.config import LAYOUT_FIELDS, SPACConfig, SPACTrainConfig
+from steprl.registration.config import LAYOUT_FIELDS, TEST_STEPS, SPACConfig, SPACTrainConfig
 from steprl.registration.data import PairSource
 from steprl.registration.environment import RegistrationEnv
 from steprl.registration.networks import Critic, SPACPolicy, count_parameters, squash
@@ -201,7 +201,7 @@ class SPACLearner:
             "method": "spac",
             "ndim": self.net_cfg.ndim,
             "config": self.net_cfg.to_dict(),
-            "inference": {"max_step": self.cfg.test_max_step, "steps": 20, "ncc_window": self.cfg.ncc_window,
+            "inference": {"max_step": self.cfg.test_max_step, "steps": TEST_STEPS, "ncc_window": self.cfg.ncc_window,
                           **getattr(self.source, "inference_card", {})},
             "normalisation": {"kind": "percentile", "percentiles": [0.5, 99.5]},
             "training": {**self.cfg.to_dict(), "labels": "real" if self.source.labels_are_real else "kmeans-3",

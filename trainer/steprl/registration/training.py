@@ -13,7 +13,7 @@ from pathlib import Path
 
 from steprl.errors import CheckpointError, InputError
 from steprl.registration.cli_args import NETWORK_OPTIONS, TRAIN_OPTIONS
-from steprl.registration.config import SPACConfig, SPACTrainConfig, missing_settings
+from steprl.registration.config import TEST_STEPS, SPACConfig, SPACTrainConfig, missing_settings
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def _rollout_settings(args) -> dict:
     if args.unroll > args.episode_steps:
         raise InputError(f"--unroll {args.unroll} is longer than an episode (--episode-steps {args.episode_steps}).",
                          "Give an --unroll window of at most --episode-steps.")
-    return {"test_max_step": args.train_max_step, "val_steps": 20} if args.unroll else {}
+    return {"test_max_step": args.train_max_step, "val_steps": TEST_STEPS} if args.unroll else {}
 
 
 def _loss_weights(args) -> dict:
