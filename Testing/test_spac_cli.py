@@ -553,11 +553,11 @@ def test_train_ddp_two_processes(tmp_path):
     assert len((out / "history.jsonl").read_text().splitlines()) == 1
 
 
-def test_3d_register_without_model_names_the_way_out_when_none_is_bundled(assets, tmp_path, capsys):
-    from steprl.modelfile import BUNDLED_DIR
+def test_3d_register_without_model_names_the_way_out_when_none_is_bundled(assets, tmp_path, capsys, monkeypatch):
+    """An installation without a bundled 3D model (e.g. a slimmed package) refuses with the way out."""
+    import steprl.modelfile
 
-    if (BUNDLED_DIR / "spac3d_brain.safetensors").is_file():
-        pytest.skip("a 3D model is bundled: the default applies")
+    monkeypatch.setattr(steprl.modelfile, "BUNDLED_DIR", tmp_path / "no_models")
     code, _, err = run_cli(capsys, "register", assets["fixed3d"], assets["moving3d"], "--out", tmp_path / "o")
     assert code == 2 and "No 3D registration model is bundled" in err and "--model" in err
     assert not (tmp_path / "o").exists()

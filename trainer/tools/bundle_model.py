@@ -44,12 +44,32 @@ def merge_card(card: dict, extra: dict) -> dict:
     return merged
 
 
+def record_summary(name: str) -> dict:
+    """The committed training record ``name`` for a card: totals, and per run its command, updates,
+    CPU-hours and validation curve (hard Dice at steps 0 / 1 / 10 / 20 against the updates)."""
+    from training_record import load
+
+    record = load(name)
+    if not record["runs"]:
+        raise SystemExit(f"refusing: no training record named {name!r} (trainer/tools/training_record.py add)")
+    keys = ("updates", "dice_identity", "dice_step1", "dice_step10", "dice_final")
+    runs = [{"run": r["run"], "command": r["command"], "init_from": r.get("init_from"),
+             "updates": r["updates"], "cpu_hours": r.get("cpu_hours"),
+             "curve": [{k: p[k] for k in keys if k in p} for p in r["curve"]]} for r in record["runs"]]
+    return {"file": f"trainer/benchmarks/results/training_record_{name}.md", "runs": runs,
+            "total_updates": sum(r["updates"] for r in runs),
+            "total_cpu_hours": round(sum(r["cpu_hours"] or 0 for r in runs), 2)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=Path, help="training run folder (with model_best.safetensors)")
     parser.add_argument("name", help="bundled model name, e.g. spac2d_brain")
     parser.add_argument("--card-extra", type=Path, required=True, help="JSON object merged into the card")
     parser.add_argument("--which", default="best", choices=["best", "last"])
+    parser.add_argument("--training-record", default=None, metavar="NAME",
+                        help="copy the committed training record NAME (training_record.py) into the card's "
+                             "training.record: every run's command, updates, CPU-hours and validation curve")
     args = parser.parse_args(argv)
 
     weights, card_path = model_paths(args.run / f"model_{args.which}.safetensors")
@@ -64,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"refusing: {err}", file=sys.stderr)
         return 2
     card["name"] = args.name
+    if args.training_record:
+        card.setdefault("training", {})["record"] = record_summary(args.training_record)
     BUNDLED.mkdir(parents=True, exist_ok=True)
     target = BUNDLED / f"{args.name}.safetensors"
     with atomic_path(target) as tmp:

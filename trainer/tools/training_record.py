@@ -64,12 +64,16 @@ def render(record: dict) -> str:
     lines = [f"# Training record: {record['model']}", "",
              "Written by `trainer/tools/training_record.py` from each run's `history.jsonl`. Updates are "
              "optimiser updates of the registration loss; validation Dice is the mean over the 32 SynthSeg "
-             "structures of held-out subjects, on the network grid, after 1, 10 and 20 steps (identity: no step).",
-             "", "| # | run | init from | episodes | updates | CPU-hours | device | command |",
-             "|---|---|---|---|---|---|---|---|"]
+             "structures of held-out subjects, on the run's own network grid (hard Dice: nearest-neighbour labels), "
+             "after 1, 10 and 20 steps (identity: no step). Runs on different grids have different identity "
+             "values: compare each run with its own identity column.",
+             "", "| # | run | grid | init from | episodes | updates | CPU-hours | device | command |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for k, run in enumerate(record["runs"], 1):
-        lines.append(f"| {k} | {run['run']} | {run.get('init_from') or '-'} | {run['episodes']} | {run['updates']} | "
-                     f"{run.get('cpu_hours') or '-'} | {run.get('device') or '-'} | `{run['command']}` |")
+        grid = "x".join(str(n) for n in run.get("network", {}).get("grid", [])) or "-"
+        lines.append(f"| {k} | {run['run']} | {grid} | {run.get('init_from') or '-'} | {run['episodes']} | "
+                     f"{run['updates']} | {run.get('cpu_hours') or '-'} | {run.get('device') or '-'} | "
+                     f"`{run['command']}` |")
     total_updates = sum(r["updates"] for r in record["runs"])
     total_hours = sum(r.get("cpu_hours") or 0 for r in record["runs"])
     lines += ["", f"Total: {total_updates} updates, {total_hours:.2f} CPU-hours.", "",
