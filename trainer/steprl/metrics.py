@@ -244,27 +244,22 @@ def jacobian_stats(jacobian_det: Any) -> dict[str, float]:
 def _box_mean(maps: torch.Tensor, window: tuple[int, ...]) -> torch.Tensor:
     """Mean of ``maps`` ``(B, C, *S)`` over a box window clipped to the image, per voxel and channel.
 
-    Separable: one grouped 1D convolution per axis (cost ``O(N * sum(window))``, not
-    ``O(N * prod(window))``). Zero padding gives the in-image SUM; dividing by the in-image voxel
-    count (a product of per-axis counts) gives the mean over the window's part inside the image.
+    Separable: one banded matrix product per axis (:mod:`steprl.filters`; cost ``O(N * n)`` per
+    axis, not ``O(N * prod(window))``). Zero padding gives the in-image SUM; dividing by the
+    in-image voxel count (a product of per-axis counts) gives the mean over the window's part
+    inside the image.
     """
     import torch
-    import torch.nn.functional as F
+
+    from steprl.filters import filter_axis
 
     nd = maps.dim() - 2
-    channels = maps.shape[1]
-    conv = F.conv2d if nd == 2 else F.conv3d
     out = maps
     count = maps.new_ones(())
     for axis, k in enumerate(window):
         n, radius = maps.shape[2 + axis], k // 2
         if k > 1:
-            shape = [1] * nd
-            shape[axis] = k
-            padding = [0] * nd
-            padding[axis] = radius
-            weight = maps.new_ones((channels, 1, *shape))
-            out = conv(out, weight, padding=padding, groups=channels)
+            out = filter_axis(out, 2 + axis, [1.0] * k, border="zero")
         idx = torch.arange(n, device=maps.device)
         per_axis = ((idx + radius).clamp(max=n - 1) - (idx - radius).clamp(min=0) + 1).to(maps.dtype)
         view = [1] * nd

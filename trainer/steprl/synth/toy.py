@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from steprl import spatial
 from steprl.geometry import Geometry, Image
@@ -68,23 +67,17 @@ def _max_magnitude(field: np.ndarray) -> float:
 
 
 def gaussian_blur(t: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of ``(B, C, *S)`` (2D or 3D; ``sigma`` in voxels, replicate border)."""
+    """Separable Gaussian blur of ``(B, C, *S)`` (2D or 3D; ``sigma`` in voxels, replicate border;
+    the kernel spans ``+-ceil(3 sigma)`` voxels and sums to 1). Matrix products, :mod:`steprl.filters`."""
     if sigma <= 0:
         return t
+    from steprl.filters import separable
+
     radius = max(1, int(math.ceil(3 * sigma)))
-    x = torch.arange(-radius, radius + 1, dtype=t.dtype, device=t.device)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
     kernel = torch.exp(-0.5 * (x / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    nd = t.ndim - 2
-    conv = F.conv2d if nd == 2 else F.conv3d
-    channels = t.shape[1]
-    for axis in range(nd):
-        view = [channels, 1] + [1] * nd
-        view[2 + axis] = kernel.numel()
-        pad = [0, 0] * nd
-        pad[2 * (nd - 1 - axis)] = pad[2 * (nd - 1 - axis) + 1] = radius  # F.pad lists the last axis first
-        t = conv(F.pad(t, pad, mode="replicate"), kernel.view([1, 1] + view[2:]).expand(view), groups=channels)
-    return t
+    kernel = (kernel / kernel.sum()).tolist()
+    return separable(t, [kernel] * (t.ndim - 2), border="replicate")
 
 
 def _gaussian_blur(array: np.ndarray, sigma: float) -> np.ndarray:
