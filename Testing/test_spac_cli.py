@@ -561,3 +561,17 @@ def test_3d_register_without_model_names_the_way_out_when_none_is_bundled(assets
     code, _, err = run_cli(capsys, "register", assets["fixed3d"], assets["moving3d"], "--out", tmp_path / "o")
     assert code == 2 and "No 3D registration model is bundled" in err and "--model" in err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("flag, expected", [("--no-bf16", "fp32"), ("--bf16", "bf16"), (None, None)])
+def test_register_precision_flag_is_applied_and_recorded(assets, tmp_path, capsys, flag, expected):
+    from steprl.device import default_inference_bf16
+
+    out = tmp_path / "o"
+    extra = [flag] if flag else []
+    code, _, err = run_cli(capsys, "register", assets["fixed2d"], assets["moving2d"], "--model", assets["model2d"],
+                           "--out", out, "--quiet", "--steps", "2", "--no-step-fields", *extra)
+    assert code == 0, err
+    if expected is None:  # the device's default policy
+        expected = "bf16" if default_inference_bf16("cpu") else "fp32"
+    assert json.loads((out / "metrics.json").read_text())["precision"] == expected

@@ -200,7 +200,7 @@ def run_one(row: str, device: str, workdir: Path) -> dict:
 # --------------------------------------------------------------------------------- reporting
 def header() -> list[str]:
     import torch
-    from steprl.segmentation.inference import cpu_has_fast_bf16
+    from steprl.device import cpu_has_fast_bf16
 
     lines = [f"date {_dt.datetime.now().isoformat(timespec='seconds')}  torch {torch.__version__}  "
              f"threads {torch.get_num_threads()}  CPU bf16 native: {cpu_has_fast_bf16()}"]

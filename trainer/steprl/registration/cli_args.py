@@ -5,6 +5,7 @@ modules are imported only for the command that runs.
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from steprl.configargs import ConfigOptions
@@ -46,6 +47,8 @@ def _add_register(sub, add_common) -> None:
     p.add_argument("--fixed-labels", type=Path, help="label map of the fixed image (for Dice per step)")
     p.add_argument("--moving-labels", type=Path, help="label map of the moving image (for Dice per step)")
     p.add_argument("--prealign", action="store_true", help="affine pre-alignment (SimpleITK) before SPAC")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bfloat16 autocast of the policy network (default: on for CUDA and CPUs with native bf16)")
     p.add_argument("--max-step", type=float, default=None, help="per-step clamp in voxels (default: model's)")
     p.add_argument("--early-stop", type=int, default=None, metavar="K",
                    help="stop after K steps without NCC improvement")

@@ -34,7 +34,7 @@ def register_command(args) -> int:
         fixed, moving, args.model or default_model(fixed.ndim), args.out, steps=args.steps, device=args.device,
         fixed_labels=fixed_labels, moving_labels=moving_labels, prealign=args.prealign, max_step=args.max_step,
         early_stop=args.early_stop, step_fields=not args.no_step_fields, quiet=args.quiet,
-        inputs={"fixed": str(args.fixed), "moving": str(args.moving)}, refine=args.refine,
+        inputs={"fixed": str(args.fixed), "moving": str(args.moving)}, refine=args.refine, bf16=args.bf16,
     )
     print_summary(summary)
     return 0

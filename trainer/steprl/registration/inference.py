@@ -276,7 +276,7 @@ def register(
         prealign: run an affine pre-alignment first (SimpleITK, mutual information).
         max_step: per-step clamp in voxels (default: the card's, official SPAC 3).
         early_stop: stop after this many steps without local-NCC improvement (None: never).
-        bf16: autocast the network in bfloat16 (default: on for CUDA, off on CPU).
+        bf16: bfloat16 autocast of the network (default: :func:`steprl.device.default_inference_bf16`).
         refine_steps: test-time optimisation steps after the policy's (``--refine N``;
             :mod:`steprl.registration.refine`), yielded as further steps with ``kind == "refine"``
             (default: the model card's ``inference.refine.steps``, 0 when absent).
@@ -293,7 +293,9 @@ def register(
     steps, max_step, refine_steps = _step_settings(spac, steps, max_step, early_stop, refine_steps)
     if refine_settings is None:
         refine_settings = spac.refine_settings()
-    use_bf16 = (dev.type == "cuda") if bf16 is None else bf16
+    from steprl.device import default_inference_bf16
+
+    use_bf16 = default_inference_bf16(dev) if bf16 is None else bool(bf16)
     start = time.perf_counter()
 
     from steprl.registration.prealign import affine_prealign

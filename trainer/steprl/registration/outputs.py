@@ -66,16 +66,18 @@ def _final_metrics(last, fixed_labels: Image | None) -> dict:
 def run_and_write(fixed: Image, moving: Image, model, out, *, steps: int | None = None, device="auto",
                   fixed_labels: Image | None = None, moving_labels: Image | None = None, prealign: bool = False,
                   max_step: float | None = None, early_stop: int | None = None, step_fields: bool = True,
-                  quiet: bool = False, inputs: dict | None = None, refine: int | None = None) -> dict:
+                  quiet: bool = False, inputs: dict | None = None, refine: int | None = None,
+                  bf16: bool | None = None) -> dict:
     """Register and write the outputs listed in the module docstring; returns the metrics summary.
 
     ``refine``: refinement steps after the policy's (None: the model card's default), written
-    and plotted as further steps.
+    and plotted as further steps. ``bf16``: the policy's precision (None: the device's default,
+    :func:`steprl.device.default_inference_bf16`).
     """
     from tqdm import tqdm
 
     from steprl import io
-    from steprl.device import resolve_device
+    from steprl.device import default_inference_bf16, resolve_device
     from steprl.plotting import registration_steps_figure, select_steps, slice_aspect
     from steprl.registration.inference import register
     from steprl.registration.model import load_spac
@@ -102,7 +104,7 @@ def run_and_write(fixed: Image, moving: Image, model, out, *, steps: int | None 
         with tqdm(total=n_steps, desc="SPAC", unit="step", disable=quiet, dynamic_ncols=True) as bar:
             for result in register(fixed, moving, spac, n_policy, dev, fixed_labels=fixed_labels,
                                    moving_labels=moving_labels, prealign=prealign, max_step=max_step,
-                                   early_stop=early_stop, refine_steps=n_refine):
+                                   early_stop=early_stop, refine_steps=n_refine, bf16=bf16):
                 if step_fields and result.step > 0:
                     io.write_displacement_field(result.displacement, staging / step_file(result.step), np.float32)
                 records.append({"step": result.step, "kind": result.kind, **result.metrics})
@@ -121,6 +123,7 @@ def run_and_write(fixed: Image, moving: Image, model, out, *, steps: int | None 
             "model": {"path": str(spac.path), "sha256": spac.card.get("sha256"), "method": "spac"},
             "inputs": inputs or {},
             "device": str(dev),
+            "precision": "bf16" if (default_inference_bf16(dev) if bf16 is None else bf16) else "fp32",
             "prealign": prealign,
             "policy_steps": n_policy,
             "refine_steps": n_refine,

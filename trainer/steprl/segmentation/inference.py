@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from steprl.device import default_inference_bf16
 from steprl.errors import InputError
 from steprl.geometry import Image
 from steprl.limits import check_steps
@@ -73,21 +74,6 @@ class SegmentationStep:
     mask: Image
     changed: Image
     metrics: dict = field(default_factory=dict)
-
-
-def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (oneDNN's test: AVX512-BF16 or AMX)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # pragma: no cover - other torch builds
-        return False
-
-
-def default_bf16(device: torch.device) -> bool:
-    """The precision policy of the module docstring."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and cpu_has_fast_bf16()
 
 
 def _check_labels(labels: Image | None, image: Image) -> None:
@@ -217,7 +203,7 @@ def segment(
     n_steps = _step_count(loaded, steps)
     if batch_slices < 1:
         raise InputError(f"batch_slices must be >= 1, got {batch_slices}.", "Use e.g. --batch-slices 16.")
-    use_bf16 = default_bf16(dev) if bf16 is None else bool(bf16)
+    use_bf16 = default_inference_bf16(dev) if bf16 is None else bool(bf16)
     use_cl = (dev.type == "cpu" and use_bf16) if channels_last is None else bool(channels_last)
     if use_cl:
         loaded.net.to(memory_format=torch.channels_last)
