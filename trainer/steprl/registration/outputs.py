@@ -77,6 +77,7 @@ def run_and_write(fixed: Image, moving: Image, model, out, *, steps: int | None 
     from tqdm import tqdm
 
     from steprl import io
+    from steprl.background_writes import BackgroundWrites
     from steprl.device import default_inference_bf16, resolve_device
     from steprl.plotting import registration_steps_figure, select_steps, slice_aspect
     from steprl.registration.inference import register
@@ -101,12 +102,14 @@ def run_and_write(fixed: Image, moving: Image, model, out, *, steps: int | None 
     with staged_output(out) as staging:
         records, pictures, last = [], {}, None
         start = time.perf_counter()
-        with tqdm(total=n_steps, desc="SPAC", unit="step", disable=quiet, dynamic_ncols=True) as bar:
+        with tqdm(total=n_steps, desc="SPAC", unit="step", disable=quiet, dynamic_ncols=True) as bar, \
+                BackgroundWrites() as writes:
             for result in register(fixed, moving, spac, n_policy, dev, fixed_labels=fixed_labels,
                                    moving_labels=moving_labels, prealign=prealign, max_step=max_step,
                                    early_stop=early_stop, refine_steps=n_refine, bf16=bf16):
                 if step_fields and result.step > 0:
-                    io.write_displacement_field(result.displacement, staging / step_file(result.step), np.float32)
+                    writes.submit(io.write_displacement_field, result.displacement, staging / step_file(result.step),
+                                  np.float32)
                 records.append({"step": result.step, "kind": result.kind, **result.metrics})
                 if result.step in wanted:
                     pictures[result.step] = result.warped_slice(axis=0)
