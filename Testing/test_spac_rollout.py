@@ -226,9 +226,12 @@ def test_committed_warm_start_snapshots_load_and_carry_their_training_record(rep
     """The next session's run starts from these (trainer/snapshots/README.md): they must load with this code."""
     from steprl.registration.model import load_spac
 
-    for path in sorted((repo_root / "trainer" / "snapshots").glob("*.safetensors")):
+    snapshots = sorted((repo_root / "trainer" / "snapshots").glob("*.safetensors"))
+    assert snapshots, "trainer/snapshots holds the latest weights of every model still in training"
+    for path in snapshots:
         spac = load_spac(path)
         training = spac.card["training"]
         assert training["command"].startswith("steprl train registration"), path.name
-        assert training["earlier_runs"], path.name  # the runs before the one that wrote it
+        runs = training.get("record", {}).get("runs") or training.get("earlier_runs")
+        assert runs, path.name  # every run that led to these weights
         assert spac.config.ndim == 3

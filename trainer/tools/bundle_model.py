@@ -8,6 +8,10 @@ recorded (method, config, normalisation, training command, validation metrics, s
 gains the keys of ``--card-extra`` (task, modality, data licence and attribution, intended use,
 limits, training time...). Weights trained on data whose licence forbids redistribution
 (e.g. BraTS, CC BY-NC-SA) must never be bundled: the caller states the licence in the extra card.
+
+``--training-record NAME`` copies the committed training record into the card, and
+``--which last --to trainer/snapshots`` writes a warm-start snapshot of a run's latest weights
+instead of a shipped model (trainer/snapshots/README.md).
 """
 
 from __future__ import annotations
@@ -67,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("name", help="bundled model name, e.g. spac2d_brain")
     parser.add_argument("--card-extra", type=Path, required=True, help="JSON object merged into the card")
     parser.add_argument("--which", default="best", choices=["best", "last"])
+    parser.add_argument("--to", type=Path, default=BUNDLED, metavar="DIR",
+                        help="where to write NAME.safetensors + NAME.json (default: the bundled models; "
+                             "trainer/snapshots for a warm-start snapshot of a model still in training)")
     parser.add_argument("--training-record", default=None, metavar="NAME",
                         help="copy the committed training record NAME (training_record.py) into the card's "
                              "training.record: every run's command, updates, CPU-hours and validation curve")
@@ -86,11 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     card["name"] = args.name
     if args.training_record:
         card.setdefault("training", {})["record"] = record_summary(args.training_record)
-    BUNDLED.mkdir(parents=True, exist_ok=True)
-    target = BUNDLED / f"{args.name}.safetensors"
+    args.to.mkdir(parents=True, exist_ok=True)
+    target = args.to / f"{args.name}.safetensors"
     with atomic_path(target) as tmp:
         shutil.copyfile(weights, tmp)
-    write_json(card, BUNDLED / f"{args.name}.json")
+    write_json(card, args.to / f"{args.name}.json")
     load_model(target)  # the bundled copy verifies too
     print(f"bundled {target} ({card.get('parameters')} parameters)")
     return 0
