@@ -38,9 +38,10 @@ def read_run(run: Path, label: str | None = None) -> dict:
     cfg = config.get("config", config)
     training = cfg.get("training", {})
     per_episode = updates_per_episode(training)
-    curve = []
+    curve, seconds = [], 0.0
     for line in (run / "history.jsonl").read_text(encoding="utf-8").splitlines():
         entry = json.loads(line)
+        seconds += float(entry.get("seconds", 0.0))
         val = entry.get("validation", {})
         curve.append({"episodes": entry["global_step"], "updates": entry["global_step"] * per_episode,
                       **{k: round(float(v), 4) for k, v in val.items() if isinstance(v, (int, float))}})
@@ -51,7 +52,8 @@ def read_run(run: Path, label: str | None = None) -> dict:
             "init_from": cfg.get("data", {}).get("init_from"), "network": cfg.get("network", {}),
             "training": training, "updates_per_episode": per_episode,
             "episodes": curve[-1]["episodes"] if curve else 0, "updates": curve[-1]["updates"] if curve else 0,
-            "cpu_hours": card_training.get("cpu_hours"), "device": card_training.get("device"), "curve": curve}
+            "cpu_hours": card_training.get("cpu_hours"), "device": card_training.get("device"),
+            "wall_seconds": round(seconds, 1), "curve": curve}
 
 
 def load(name: str) -> dict:
@@ -67,12 +69,15 @@ def render(record: dict) -> str:
              "structures of held-out subjects, on the run's own network grid (hard Dice: nearest-neighbour labels), "
              "after 1, 10 and 20 steps (identity: no step). Runs on different grids have different identity "
              "values: compare each run with its own identity column.",
-             "", "| # | run | grid | init from | episodes | updates | CPU-hours | device | command |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "Updates/s: the run's updates over its wall time (data synthesis and validation included; "
+             "2 threads on this project's 2-core CPU unless the command says otherwise).",
+             "", "| # | run | grid | init from | episodes | updates | updates/s | CPU-hours | device | command |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for k, run in enumerate(record["runs"], 1):
         grid = "x".join(str(n) for n in run.get("network", {}).get("grid", [])) or "-"
+        rate = f"{run['updates'] / run['wall_seconds']:.3f}" if run.get("wall_seconds") else "-"
         lines.append(f"| {k} | {run['run']} | {grid} | {run.get('init_from') or '-'} | {run['episodes']} | "
-                     f"{run['updates']} | {run.get('cpu_hours') or '-'} | {run.get('device') or '-'} | "
+                     f"{run['updates']} | {rate} | {run.get('cpu_hours') or '-'} | {run.get('device') or '-'} | "
                      f"`{run['command']}` |")
     total_updates = sum(r["updates"] for r in record["runs"])
     total_hours = sum(r.get("cpu_hours") or 0 for r in record["runs"])
