@@ -158,8 +158,10 @@ def test_a_run_from_before_the_config_classes_converts_once_and_resumes(trained_
 
     run = tmp_path / "old_run"
     shutil.copytree(trained_run, run)
+    from steprl.training.checkpoint import rewrite_checkpoint_state
+
     for checkpoint in (run / "checkpoints").glob("*.safetensors"):
-        assert tool.rewrite_checkpoint_config(checkpoint, the_old_form)
+        assert rewrite_checkpoint_state(checkpoint, lambda state: {**state, "config": the_old_form(state["config"])})
     done = len((run / "history.jsonl").read_text().splitlines())
     command = ["train", "segmentation", "--images", str(dataset / "images"), "--labels", str(dataset / "labels"),
                "--out", str(run), "--epochs", str(done + 1), "--iterations", "2", "--batch", "2", "--size", "24", "24",

@@ -18,12 +18,11 @@ Safe to run twice; segmentation runs are left alone.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 from steprl.registration.config import SPACConfig, SPACTrainConfig
-from steprl.training.checkpoint import convert_run_folder
+from steprl.training.checkpoint import convert_run_folder, convert_runs_main
 
 #: the learner settings an older run may lack, with the value it trained with (a key absent from
 #: its settings meant this value: the resume shim that this tool replaces)
@@ -56,12 +55,7 @@ def convert_run(run: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", type=Path, help="run folders (steprl train registration --out)")
-    for run in parser.parse_args(argv).runs:
-        changed = convert_run(run)
-        print(f"{run}: " + (", ".join(str(p.relative_to(run)) for p in changed) if changed else "already current"))
-    return 0
+    return convert_runs_main(argv, __doc__.split("\n\n")[0], convert_run, "steprl train registration")
 
 
 if __name__ == "__main__":

@@ -14,16 +14,12 @@ Safe to run twice; registration runs are left alone.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from steprl.atomic import atomic_path, write_text
 from steprl.segmentation.config import PA3CConfig, PixelDRLConfig, SegTrainConfig
-
-_META_KEY = "steprl"  # steprl.training.checkpoint's metadata key
+from steprl.training.checkpoint import convert_run_folder, convert_runs_main
 
 
 def convert_config(config: dict) -> dict:
@@ -39,47 +35,18 @@ def convert_config(config: dict) -> dict:
     return out
 
 
-def rewrite_checkpoint_config(path: Path, change) -> bool:
-    """Replace the settings stored in one checkpoint by ``change(settings)``; True when they changed."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
-    with safe_open(str(path), framework="pt") as f:
-        metadata = dict(f.metadata() or {})
-    meta = json.loads(metadata[_META_KEY])
-    before = meta["state"]["config"]
-    after = change(before)
-    if after == before:
-        return False
-    meta["state"]["config"] = after
-    tensors = load_file(str(path))
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={**metadata, _META_KEY: json.dumps(meta)})
-    return True
+def convert_state(state: dict) -> dict:
+    """A checkpoint's ``state`` in today's form (a copy): its ``config``."""
+    return {**state, "config": convert_config(state["config"])}
 
 
 def convert_run(run: Path) -> list[Path]:
     """Convert ``config.json`` and every checkpoint of a run folder; the files that changed."""
-    changed = []
-    config_file = run / "config.json"
-    if config_file.is_file():
-        saved = json.loads(config_file.read_text(encoding="utf-8"))
-        converted = {**saved, "config": convert_config(saved["config"])}
-        if converted != saved:
-            write_text(config_file, json.dumps(converted, indent=2))
-            changed.append(config_file)
-    checkpoints = sorted((run / "checkpoints").glob("*.safetensors"))
-    changed += [p for p in checkpoints if rewrite_checkpoint_config(p, convert_config)]
-    return changed
+    return convert_run_folder(run, convert_config, convert_state)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", type=Path, help="run folders (steprl train segmentation --out)")
-    for run in parser.parse_args(argv).runs:
-        changed = convert_run(run)
-        print(f"{run}: " + (", ".join(str(p.relative_to(run)) for p in changed) if changed else "already current"))
-    return 0
+    return convert_runs_main(argv, __doc__.split("\n\n")[0], convert_run, "steprl train segmentation")
 
 
 if __name__ == "__main__":

@@ -305,6 +305,19 @@ def convert_run_folder(run: str | os.PathLike[str], convert_config, convert_stat
     return changed + [p for p in checkpoints if rewrite_checkpoint_state(p, convert_state)]
 
 
+def convert_runs_main(argv: list[str] | None, description: str, convert_run, command: str) -> int:
+    """The command line of the one-off converters (``trainer/tools/convert_*_run.py RUN [RUN ...]``):
+    ``convert_run(folder) -> changed files`` on each run folder, printing what changed."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("runs", nargs="+", type=Path, help=f"run folders ({command} --out)")
+    for run in parser.parse_args(argv).runs:
+        changed = convert_run(run)
+        print(f"{run}: " + (", ".join(str(p.relative_to(run)) for p in changed) if changed else "already current"))
+    return 0
+
+
 def _first(names: list[str]) -> str:
     return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
