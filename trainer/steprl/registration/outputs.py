@@ -79,7 +79,7 @@ def run_and_write(fixed: Image, moving: Image, model, out, *, steps: int | None 
     from steprl import io
     from steprl.background_writes import BackgroundWrites
     from steprl.device import default_inference_bf16, resolve_device
-    from steprl.plotting import registration_steps_figure, select_steps, slice_aspect
+    from steprl.plotting import select_steps
     from steprl.registration.inference import register
     from steprl.registration.model import load_spac
 
@@ -136,14 +136,21 @@ def run_and_write(fixed: Image, moving: Image, model, out, *, steps: int | None 
             "out": str(out),
         }
         io.write_json(summary, staging / "metrics.json")
-        curves = {"local NCC": [r["ncc"] for r in records]}
-        if "dice" in records[-1]:
-            curves["Dice"] = [r["dice"] for r in records]
-        shown = sorted(pictures)
-        registration_steps_figure(_slice(fixed.array), [pictures[s] for s in shown], shown, curves,
-                                  staging / "steps.png", title=f"SPAC registration ({spac.path.stem})",
-                                  aspect=slice_aspect(fixed.geometry.spacing, axis=0))
+        _write_steps_figure(fixed, pictures, records, staging / "steps.png", f"SPAC registration ({spac.path.stem})")
     return summary
+
+
+def _write_steps_figure(fixed: Image, pictures: dict[int, np.ndarray], records: list[dict], path: Path,
+                        title: str) -> None:
+    """``steps.png``: the fixed slice, the warped slice of each pictured step, the metric curves."""
+    from steprl.plotting import registration_steps_figure, slice_aspect
+
+    curves = {"local NCC": [r["ncc"] for r in records]}
+    if "dice" in records[-1]:
+        curves["Dice"] = [r["dice"] for r in records]
+    shown = sorted(pictures)
+    registration_steps_figure(_slice(fixed.array), [pictures[s] for s in shown], shown, curves, path, title=title,
+                              aspect=slice_aspect(fixed.geometry.spacing, axis=0))
 
 
 def print_summary(summary: dict) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import sys
 from pathlib import Path
 
 from steprl.errors import CheckpointError, InputError
@@ -147,7 +146,7 @@ def _refuse_an_old_run(args) -> None:
 def train_registration(args) -> None:
     from steprl.registration.learner import SPACLearner
     from steprl.training.distributed import cleanup, exit_if_distributed, init_distributed
-    from steprl.training.loop import fit
+    from steprl.training.loop import fit, print_result
 
     _refuse_an_old_run(args)
     dist = init_distributed(args.device)
@@ -167,8 +166,7 @@ def train_registration(args) -> None:
                      dist=dist, resume=not args.no_resume, tensorboard=not args.no_tensorboard,
                      progress=not args.quiet)
         if dist.is_main:
-            print(f"best validation Dice {result.best_score:.4f} at epoch {result.best_epoch}; "
-                  f"model: {args.out}/model_best.safetensors", file=sys.stdout)
+            print_result(result, args.out)
     finally:
         cleanup()
     exit_if_distributed(dist)

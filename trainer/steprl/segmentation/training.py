@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from dataclasses import asdict
-from pathlib import Path
 
 from steprl.errors import InputError
 
@@ -111,6 +109,7 @@ def train_segmentation(args) -> None:
     """The handler behind ``steprl train segmentation`` (see the module docstring)."""
     from steprl.segmentation.cli_args import configs_from_args
     from steprl.training.distributed import cleanup, exit_if_distributed, init_distributed
+    from steprl.training.loop import print_result
 
     dist = init_distributed(args.device)
     try:
@@ -122,8 +121,7 @@ def train_segmentation(args) -> None:
         result = train(learner, config, args.out, epochs=args.epochs, dist=dist, resume=not args.no_resume,
                        tensorboard=not args.no_tensorboard, progress=not args.quiet)
         if dist.is_main:
-            print(f"best validation Dice {result.best_score:.4f} at epoch {result.best_epoch}; "
-                  f"model: {Path(args.out) / 'model_best.safetensors'}", file=sys.stdout)
+            print_result(result, args.out)
     finally:
         cleanup()
     exit_if_distributed(dist)

@@ -133,6 +133,12 @@ class FitResult:
 
 
 # ----------------------------------------------------------------------------------------- files
+def print_result(result: FitResult, out: str | Path) -> None:
+    """The last line of a ``steprl train`` command: the best validation score and where the model is."""
+    print(f"best validation Dice {result.best_score:.4f} at epoch {result.best_epoch}; "
+          f"model: {Path(out) / 'model_best.safetensors'}", file=sys.stdout)
+
+
 def _jsonable(obj: Any) -> Any:
     """``obj`` as it reads back from JSON (tuples -> lists; Paths and other objects -> str)."""
     return json.loads(json.dumps(obj, default=str))
