@@ -105,6 +105,26 @@ def test_register_job_with_refinement_streams_its_steps_after_the_policy(job_fol
     assert refined.GetSize() == (31, 31, 31)  # the refinement grid: twice the 16^3 network grid, same box
 
 
+def test_register_job_with_the_bundled_3d_model_and_its_default_refinement(job_folder):
+    """What the Slicer module sends by default: the bundled spac3d_brain, steps and refinement from its card."""
+    from steprl.registration.model import load_spac
+
+    card = load_spac("spac3d_brain")
+    record = Recorder()
+    job = write_job(job_folder, name="bundled.json", model="spac3d_brain", steps=None,
+                    fixed_labels="fixed_labels.nrrd", moving_labels="moving_labels.nrrd")
+    assert run_job(job, record) == 0
+    started = next(e for e in record.events if e["event"] == "started")
+    assert (started["policy_steps"], started["refine_steps"]) == (card.default_steps, card.default_refine_steps)
+    steps = [e for e in record.events if e["event"] == "step"]
+    assert len(steps) == card.default_steps + card.default_refine_steps + 1
+    assert record.complete_at_emit == [True] * len(steps)
+    assert sitk.ReadImage(steps[card.default_steps]["field"]).GetSize() == (64, 64, 64)  # the policy's grid
+    policy = steps[1:card.default_steps + 1]
+    assert all(e["kind"] == "policy" and e["metrics"]["folding_percent"] < 0.5 for e in policy)
+    assert policy[-1]["metrics"]["ncc"] > steps[0]["metrics"]["ncc"] + 0.1  # the policy registers
+
+
 @pytest.mark.parametrize(("changes", "code", "words"), [
     ({"refine": -2}, 2, ["'refine' must be"]),
     ({"model": "missing.safetensors"}, 3, ["not found"]),
