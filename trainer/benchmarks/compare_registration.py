@@ -481,6 +481,9 @@ def model_notes(model) -> str:
     """Which model, and how far its training had got (``history.jsonl`` beside it, else its card)."""
     card = model.card.get("training", {})
     text = f"`{model.path}` (sha256 {str(model.card.get('sha256', '?'))[:12]}…, card epoch {card.get('epoch', '?')}"
+    refine = model.card.get("inference", {}).get("refine")
+    if refine:
+        text += f"; refinement by default: {refine.get('steps', 0)} steps, grid factor {refine.get('factor', 2)}"
     history = model.path.parent / "history.jsonl"
     if history.is_file():
         lines = [json.loads(x) for x in history.read_text().splitlines() if x.strip()]
@@ -522,7 +525,8 @@ def report(results: dict, args, argv: list[str], started: str, load_start: tuple
              f"- 2D model: {models.get('2d', '-')}.",
              f"- Grids: 3D cases on a {args.size}^3 cube of {args.spacing:g} mm (SyN's cost decides this; see the "
              "script's docstring); SPAC's network grid is the model's (its card) over the fixed image; "
-             "refinement steps run on a grid twice as fine.",
+             "refinement steps run on the model card's refinement grid (`inference.refine.factor` times the network "
+             "grid; see the model line above).",
              "- Settings: SyN = ANTsPy `SyN` (affine + SyN, Mattes MI) with reg_iterations (40, 20, 10); Elastix = "
              "itk-elastix default affine + B-spline maps (10 mm grid, 256 iterations x 3 resolutions, 2048 samples) "
              "(`steprl.registration.baselines` documents every value). SPAC: deterministic policy (plan mean), "
