@@ -23,7 +23,7 @@ TRAIN_OPTIONS = ConfigOptions(SPACTrainConfig, rename={"batch_pairs": "batch"},
 NETWORK_OPTIONS = ConfigOptions(SPACConfig, exclude=("ndim", "grid", "prior_window"),
                                 rename={"zero_mean": "zero-mean-step"}, unset=("plan_dim",),
                                 metavar={"log_std_range": ("MIN", "MAX"), "field_level": "K", "stem": "C",
-                                         "step_bound": "VOXELS", "prior_scale": "VOXELS", "prior_sigma": "VOXELS"})
+                                         "step_bound": "VOXELS", "prior_scale": "S", "prior_sigma": "VOXELS"})
 
 
 def add_parsers(sub, train_sub, evaluate_sub, add_common) -> None:

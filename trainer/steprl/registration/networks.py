@@ -162,7 +162,7 @@ class Actor(nn.Module):
         nn.init.normal_(self.out.weight, std=1e-3)
         nn.init.zeros_(self.out.bias)
         self.step_bound, self.zero_mean = cfg.step_bound, cfg.zero_mean
-        # the learned size (RMS voxels) of the prior step along the "ncc-gradient" direction
+        # the learned factor of the prior step along the "ncc-gradient" direction (SPACConfig.prior_scale)
         self.prior_scale = nn.Parameter(torch.tensor(float(cfg.prior_scale))) if cfg.features == "ncc-gradient" \
             else None
 

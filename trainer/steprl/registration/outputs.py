@@ -87,6 +87,7 @@ def run_and_write(fixed: Image, moving: Image, model, out, *, steps: int | None 
     check_overlap(fixed.geometry, moving.geometry, prealign=prealign)
     check_steps(steps)  # before the model is read; its default is checked below
     dev = resolve_device(device)
+    bf16 = default_inference_bf16(dev) if bf16 is None else bool(bf16)  # resolved once: run and record agree
     spac = load_spac(model, dev)
     n_policy = spac.default_steps if steps is None else steps
     check_steps(n_policy, "the model's default number of steps")
@@ -126,7 +127,7 @@ def run_and_write(fixed: Image, moving: Image, model, out, *, steps: int | None 
             "model": {"path": str(spac.path), "sha256": spac.card.get("sha256"), "method": "spac"},
             "inputs": inputs or {},
             "device": str(dev),
-            "precision": "bf16" if (default_inference_bf16(dev) if bf16 is None else bf16) else "fp32",
+            "precision": "bf16" if bf16 else "fp32",
             "prealign": prealign,
             "policy_steps": n_policy,
             "refine_steps": n_refine,
