@@ -223,15 +223,21 @@ def test_register_runs_a_field_input_policy(tmp_path):
 
 
 def test_committed_warm_start_snapshots_load_and_carry_their_training_record(repo_root):
-    """The next session's run starts from these (trainer/snapshots/README.md): they must load with this code."""
+    """The next session's run starts from these (trainer/snapshots/README.md): they must load with this code.
+    Registration snapshots are 3D SPAC models; a segmentation one loads as a segmentation model."""
+    from steprl.modelfile import read_card
     from steprl.registration.model import load_spac
+    from steprl.segmentation.model import load_segmenter
 
     snapshots = sorted((repo_root / "trainer" / "snapshots").glob("*.safetensors"))
     assert snapshots, "trainer/snapshots holds the latest weights of every model still in training"
     for path in snapshots:
-        spac = load_spac(path)
-        training = spac.card["training"]
-        assert training["command"].startswith("steprl train registration"), path.name
+        if read_card(path)["method"] == "spac":
+            spac = load_spac(path)
+            training, task = spac.card["training"], "registration"
+            assert spac.config.ndim == 3
+        else:
+            training, task = load_segmenter(path).card["training"], "segmentation"
+        assert training["command"].startswith(f"steprl train {task}"), path.name
         runs = training.get("record", {}).get("runs") or training.get("earlier_runs")
         assert runs, path.name  # every run that led to these weights
-        assert spac.config.ndim == 3

@@ -1,6 +1,8 @@
 """Copy a trained model into steprl's bundled models with a complete model card.
 
     python trainer/tools/bundle_model.py runs/spac2d_oasis spac2d_brain --card-extra card_extra.json
+    python trainer/tools/bundle_model.py runs/wm pixeldrl_wm --card-extra extra.json --which last \
+        --to trainer/snapshots --training-record pixeldrl_wm      # any method: SPAC, PixelDRL-MG, U-Net
 
 Takes ``RUN/model_best.safetensors`` (+ its card), verifies it loads, and writes
 ``trainer/steprl/models/NAME.safetensors`` + ``NAME.json``. The card keeps everything training
@@ -50,13 +52,14 @@ def merge_card(card: dict, extra: dict) -> dict:
 
 def record_summary(name: str) -> dict:
     """The committed training record ``name`` for a card: totals, and per run its command, updates,
-    CPU-hours and validation curve (hard Dice at steps 0 / 1 / 10 / 20 against the updates)."""
+    CPU-hours and validation curve against the updates (registration: hard Dice at steps 0 / 1 / 10 /
+    20; segmentation: pooled Dice after the first and the last step and at the best step)."""
     from training_record import load
 
     record = load(name)
     if not record["runs"]:
         raise SystemExit(f"refusing: no training record named {name!r} (trainer/tools/training_record.py add)")
-    keys = ("updates", "dice_identity", "dice_step1", "dice_step10", "dice_final")
+    keys = ("updates", "dice_identity", "dice_step1", "dice_step10", "dice_final", "dice_best_step")
     runs = [{"run": r["run"], "command": r["command"], "init_from": r.get("init_from"),
              "updates": r["updates"], "cpu_hours": r.get("cpu_hours"),
              "curve": [{k: p[k] for k in keys if k in p} for p in r["curve"]]} for r in record["runs"]]

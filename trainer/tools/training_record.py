@@ -8,9 +8,13 @@ against the total number of updates across all runs:
 
     python trainer/tools/training_record.py add runs/spac3d --name spac3d_brain
     python trainer/tools/training_record.py show --name spac3d_brain
+    python trainer/tools/training_record.py add runs/wm --name pixeldrl_wm     # segmentation runs alike
 
 Files: ``trainer/benchmarks/results/training_record_<name>.{json,md,png}``. ``add`` replaces
-the entry of the same run folder (a resumed run grows in place) and keeps run order.
+the entry of the same run folder (a resumed run grows in place) and keeps run order. A record
+holds the runs of one model, so of one method: registration (SPAC) records show the validation
+Dice at steps 0 / 1 / 10 / 20 and folding, segmentation records (PixelDRL-MG, U-Net) the pooled
+Dice after the first and the last step and at the best step.
 """
 
 from __future__ import annotations
@@ -25,9 +29,32 @@ from steprl.atomic import write_text
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
+#: What a record's text says, and its validation columns (heading, validation key), by kind of model.
+INTRO = {
+    "spac": "Updates are optimiser updates of the registration loss; validation Dice is the mean over the 32 "
+            "SynthSeg structures of held-out subjects, on the run's own network grid (hard Dice: nearest-neighbour "
+            "labels), after 1, 10 and 20 steps (identity: no step). Runs on different grids have different identity "
+            "values: compare each run with its own identity column.",
+    "segmentation": "Updates are optimiser updates (PixelDRL-MG: one per episode of t_max steps; U-Net: one per "
+                    "batch); validation Dice is the pooled Dice over the run's validation slices (held-out subjects), "
+                    "on the run's own network grid, after the first and the last step and at the best step.",
+}
+CURVE_COLUMNS = {
+    "spac": (("identity", "dice_identity"), ("step 1", "dice_step1"), ("step 10", "dice_step10"),
+             ("step 20", "dice_final"), ("folding %", "folding_percent")),
+    "segmentation": (("step 1", "dice_step1"), ("last step", "dice_final"), ("best step", "dice_best_step")),
+}
+
+
+def record_kind(record: dict) -> str:
+    """``spac`` or ``segmentation``: the method of the record's runs (entries written before it was kept: spac)."""
+    method = next((r["method"] for r in record["runs"] if r.get("method")), "spac")
+    return "spac" if method == "spac" else "segmentation"
+
 
 def updates_per_episode(training: dict) -> int:
-    """Optimiser updates of the registration loss per training episode (iteration)."""
+    """Optimiser updates per training episode (iteration): for registration, those of the registration
+    loss (one per step, or per ``unroll`` window); segmentation settings have no ``episode_steps``: 1."""
     steps, unroll = int(training.get("episode_steps", 1)), int(training.get("unroll", 0))
     return math.ceil(steps / unroll) if unroll > 0 else steps
 
@@ -48,8 +75,9 @@ def read_run(run: Path, label: str | None = None) -> dict:
     card_path = run / "model_last.json"
     card = json.loads(card_path.read_text(encoding="utf-8")) if card_path.is_file() else {}
     card_training = card.get("training", {})
-    return {"run": label or run.name, "command": card_training.get("command", ""),
-            "init_from": cfg.get("data", {}).get("init_from"), "network": cfg.get("network", {}),
+    grid = cfg.get("network", {}).get("grid") or cfg.get("data", {}).get("size") or []
+    return {"run": label or run.name, "method": cfg.get("method", "spac"), "command": card_training.get("command", ""),
+            "init_from": cfg.get("data", {}).get("init_from"), "network": cfg.get("network", {}), "grid": grid,
             "training": training, "updates_per_episode": per_episode,
             "episodes": curve[-1]["episodes"] if curve else 0, "updates": curve[-1]["updates"] if curve else 0,
             "cpu_hours": card_training.get("cpu_hours"), "device": card_training.get("device"),
@@ -63,18 +91,16 @@ def load(name: str) -> dict:
 
 def render(record: dict) -> str:
     """Markdown: one row per run, then the validation curve over the cumulative updates."""
+    kind = record_kind(record)
+    columns = CURVE_COLUMNS[kind]
     lines = [f"# Training record: {record['model']}", "",
-             "Written by `trainer/tools/training_record.py` from each run's `history.jsonl`. Updates are "
-             "optimiser updates of the registration loss; validation Dice is the mean over the 32 SynthSeg "
-             "structures of held-out subjects, on the run's own network grid (hard Dice: nearest-neighbour labels), "
-             "after 1, 10 and 20 steps (identity: no step). Runs on different grids have different identity "
-             "values: compare each run with its own identity column.",
+             f"Written by `trainer/tools/training_record.py` from each run's `history.jsonl`. {INTRO[kind]}",
              "Updates/s: the run's updates over its wall time (data synthesis and validation included; "
              "2 threads on this project's 2-core CPU unless the command says otherwise).",
              "", "| # | run | grid | init from | episodes | updates | updates/s | CPU-hours | device | command |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for k, run in enumerate(record["runs"], 1):
-        grid = "x".join(str(n) for n in run.get("network", {}).get("grid", [])) or "-"
+        grid = "x".join(str(n) for n in run.get("grid") or run.get("network", {}).get("grid", [])) or "-"
         rate = f"{run['updates'] / run['wall_seconds']:.3f}" if run.get("wall_seconds") else "-"
         lines.append(f"| {k} | {run['run']} | {grid} | {run.get('init_from') or '-'} | {run['episodes']} | "
                      f"{run['updates']} | {rate} | {run.get('cpu_hours') or '-'} | {run.get('device') or '-'} | "
@@ -82,14 +108,13 @@ def render(record: dict) -> str:
     total_updates = sum(r["updates"] for r in record["runs"])
     total_hours = sum(r.get("cpu_hours") or 0 for r in record["runs"])
     lines += ["", f"Total: {total_updates} updates, {total_hours:.2f} CPU-hours.", "",
-              "| run | updates (cumulative) | identity | step 1 | step 10 | step 20 | folding % |",
-              "|---|---|---|---|---|---|---|"]
+              "| run | updates (cumulative) | " + " | ".join(heading for heading, _ in columns) + " |",
+              "|---|---|" + "---|" * len(columns)]
     offset = 0
     for run in record["runs"]:
         for point in run["curve"]:
-            lines.append(f"| {run['run']} | {offset + point['updates']} | {point.get('dice_identity', '-')} | "
-                         f"{point.get('dice_step1', '-')} | {point.get('dice_step10', '-')} | "
-                         f"{point.get('dice_final', '-')} | {point.get('folding_percent', '-')} |")
+            values = " | ".join(str(point.get(key, "-")) for _, key in columns)
+            lines.append(f"| {run['run']} | {offset + point['updates']} | {values} |")
         offset += run["updates"]
     return "\n".join(lines) + "\n"
 

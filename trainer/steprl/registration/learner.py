@@ -38,7 +38,6 @@ from __future__ import annotations
 import copy
 import logging
 import sys
-import time
 
 import numpy as np
 import torch
@@ -52,6 +51,7 @@ from steprl.registration.environment import RegistrationEnv
 from steprl.registration.networks import Critic, SPACPolicy, count_parameters, squash
 from steprl.registration.replay import ReplayBuffer
 from steprl.training.distributed import DistInfo, average_gradients
+from steprl.training.record import carried_runs, check_same_layout, counting_seconds, cpu_hours
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,6 @@ class SPACLearner:
         the model's training record is carried into this run's card, so a model trained over
         many runs keeps the whole history of its commands, updates and CPU-hours.
         """
-        from steprl.errors import ModelFileError
         from steprl.modelfile import check_state_dict, load_model, resolve_model_path
 
         path = resolve_model_path(model)
@@ -110,25 +109,17 @@ class SPACLearner:
         if not theirs.get("field_input") and ours["field_input"]:  # grow the input layer, same function
             state = _with_field_input(state, self.policy)
             theirs["field_input"] = True
-        if theirs != ours:
-            diff = ", ".join(f"{k}: {theirs.get(k)!r} there, {ours[k]!r} here"
-                             for k in ours if theirs.get(k) != ours[k])
-            raise ModelFileError(f"--init-from {path.name} has another network layout ({diff}).",
-                                 "Give the same network options as the model (see `steprl info MODEL`).")
+        check_same_layout(path, theirs, ours, "Give the same network options as the model (see `steprl info MODEL`).")
         check_state_dict(self.policy, state, path)
         self.policy.to(self.device)
-        training = card.get("training", {})
-        self.earlier_runs = [*training.get("earlier_runs", []), _run_summary(training)]
+        self.earlier_runs = carried_runs(card)
         if self.dist.is_main:
             log.info("initialised the policy from %s (%d earlier runs)", path, len(self.earlier_runs))
 
     # ---- the Learner protocol -------------------------------------------------------
     def train_iteration(self, iteration: int) -> dict[str, float]:
-        start = time.perf_counter()
-        try:
+        with counting_seconds(self):
             return self._train_iteration(iteration)
-        finally:
-            self.seconds += time.perf_counter() - start
 
     def _training_env(self, batch) -> RegistrationEnv:
         """An episode's environment: the training clamp; hard-Dice rewards with the distance loss."""
@@ -162,11 +153,8 @@ class SPACLearner:
 
     def validate(self) -> dict[str, float]:
         """Deterministic rollouts on the fixed validation pairs; ``score`` = final mean Dice."""
-        start = time.perf_counter()
-        try:
+        with counting_seconds(self):
             return self._validate()
-        finally:
-            self.seconds += time.perf_counter() - start
 
     def _validate(self) -> dict[str, float]:
         """Deterministic rollouts with the test clamp: HARD Dice (nearest-neighbour labels) per step, NCC, folding."""
@@ -206,7 +194,7 @@ class SPACLearner:
             "normalisation": {"kind": "percentile", "percentiles": [0.5, 99.5]},
             "training": {**self.cfg.to_dict(), "labels": "real" if self.source.labels_are_real else "kmeans-3",
                          "data": self.data_description, "command": " ".join(["steprl", *sys.argv[1:]]),
-                         "cpu_hours": round(self.seconds * torch.get_num_threads() / 3600, 3),
+                         "cpu_hours": cpu_hours(self.seconds),
                          "device": self.device.type,
                          **({"earlier_runs": self.earlier_runs} if self.earlier_runs else {})},
         }
@@ -395,12 +383,6 @@ def _with_field_input(state: dict[str, torch.Tensor], policy: SPACPolicy) -> dic
             pad = tensor.new_zeros(tensor.shape[0], wanted.shape[1] - tensor.shape[1], *tensor.shape[2:])
             out[name] = torch.cat([tensor, pad], dim=1)
     return out
-
-
-def _run_summary(training: dict) -> dict:
-    """One earlier run of a model's training record: command, updates, CPU-hours, final validation."""
-    keys = ("command", "epoch", "global_step", "cpu_hours", "device", "validation", "unroll", "episode_steps")
-    return {k: training[k] for k in keys if k in training}
 
 
 def _append(logs: dict[str, list[float]], values: dict[str, float]) -> None:

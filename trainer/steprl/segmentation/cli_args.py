@@ -115,6 +115,11 @@ def _add_train(tsub, add_common) -> None:
                    help="--synthseg: use only the first N training subjects (quick smoke tests)")
     r.add_argument("--data-licence", default=None, help="licence / attribution of the training data, kept in the "
                                                         "model card")
+    r.add_argument("--init-from", default=None, metavar="MODEL",
+                   help="start from the network weights of a segmentation model file or bundled model (same --method "
+                        "and network options; --size may differ), e.g. to fine-tune pixeldrl_wm on your own scans or "
+                        "carry training over runs; its training record goes into the new card. Ignored when --out "
+                        "holds a run to resume")
     r.add_argument("--no-resume", action="store_true",
                    help="start afresh even if --out holds an interrupted run (its files are overwritten)")
     r.add_argument("--no-tensorboard", action="store_true")

@@ -16,6 +16,10 @@ Options that deviate from the paper (off by default, recorded in the config and 
 small objects, :func:`steprl.segmentation.pa3c.class_weights`) and ``SegTrainConfig.grad_clip``
 (global gradient-norm clipping; the norm itself is always logged as ``grad_norm``).
 
+Warm start (``--init-from``, :meth:`_SliceLearner.init_from`): a run may start from the
+network weights of a model of the same method and layout; the model's training record comes
+along into this run's card (:mod:`steprl.training.record`).
+
 Learning rate (both, as in the paper): ``lr * lr_decay ** ((epoch - 1) // lr_decay_every)``,
 i.e. 1e-3 x 0.9 every 25 epochs. It is recomputed from the iteration number before every
 update rather than kept in a scheduler, because the fit loop does not checkpoint schedulers:
@@ -32,6 +36,7 @@ import numpy as np
 import torch
 
 from steprl.device import autocast
+from steprl.errors import ModelFileError
 from steprl.segmentation.config import PA3CConfig, PixelDRLConfig, SegTrainConfig
 from steprl.segmentation.data import NORMALISATION_CARD, SliceBatch, SliceSource, pooled_dice
 from steprl.segmentation.networks import PixelDRLNet, count_parameters, format_parameter_summary
@@ -44,6 +49,7 @@ from steprl.segmentation.pa3c import (
     make_optimizer,
 )
 from steprl.training.distributed import DistInfo, average_gradients
+from steprl.training.record import carried_runs, check_same_layout, counting_seconds, cpu_hours
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +61,13 @@ def learning_rate(cfg: SegTrainConfig, iteration: int) -> float:
 
 
 class _SliceLearner:
-    """What both learners share: RNG, device, learning rate, pooled-Dice validation, the card."""
+    """What both learners share: RNG, device, learning rate, pooled-Dice validation, warm starts,
+    the card (with the CPU-hours and the earlier runs of a warm start)."""
 
     method = ""
+    #: What to do when ``--init-from`` names a model of another network layout.
+    layout_fix = "Give the same network options as the model (see `steprl info MODEL`)."
+    net: torch.nn.Module
 
     def __init__(self, cfg: SegTrainConfig, source: SliceSource, dist: DistInfo) -> None:
         self.cfg, self.source, self.dist, self.device = cfg, source, dist, dist.device
@@ -65,6 +75,57 @@ class _SliceLearner:
         self.data_description: dict = dict(getattr(source, "description", {}))
         self.modules: dict[str, torch.nn.Module] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.earlier_runs: list[dict] = []  # the training record of the model this run started from
+        self.seconds = 0.0  # wall time spent in training and validation, over resumes
+
+    def network_config(self) -> dict:
+        """The network's layout as the card's ``config`` stores it (JSON values)."""
+        raise NotImplementedError
+
+    def _layout_of(self, config: dict) -> dict:
+        """A card's ``config`` in the form :meth:`network_config` returns (defaults filled in)."""
+        return dict(config)
+
+    def init_from(self, model) -> None:
+        """Start from the network weights of a model file or bundled model (``--init-from``).
+
+        The model must be of this learner's method and network layout (its ``config``); the grid
+        may differ (both networks are fully convolutional). PixelDRL-MG's reward-map kernel is
+        not in a model file: it starts afresh. The model's training record is carried into this
+        run's card. The global torch RNG is left as it was, so the run draws what it would have
+        drawn without the warm start.
+
+        Raises:
+            ModelFileError: a missing or broken model, one of another task, method or layout.
+        """
+        from steprl.modelfile import check_state_dict
+        from steprl.segmentation.model import load_segmenter
+
+        with torch.random.fork_rng(devices=[]):  # building the model's network draws initial weights
+            loaded = load_segmenter(model)
+        if loaded.method != self.method:
+            raise ModelFileError(f"--init-from {loaded.path.name} is a {loaded.method} model, but this run trains "
+                                 f"{self.method}.", f"Give --method {loaded.method} to continue that model, or "
+                                                    f"a {self.method} model.")
+        check_same_layout(loaded.path, self._layout_of(loaded.card["config"]), self.network_config(), self.layout_fix)
+        check_state_dict(self.net, loaded.net.state_dict(), loaded.path)
+        self.earlier_runs = carried_runs(loaded.card)
+        if self.dist.is_main:
+            log.info("initialised the network from %s (%d earlier runs)", loaded.path, len(self.earlier_runs))
+
+    def train_iteration(self, iteration: int) -> dict[str, float]:
+        with counting_seconds(self):
+            return self._train_iteration(iteration)
+
+    def validate(self) -> dict[str, float]:
+        with counting_seconds(self):
+            return self._validate()
+
+    def _train_iteration(self, iteration: int) -> dict[str, float]:
+        raise NotImplementedError
+
+    def _validate(self) -> dict[str, float]:
+        raise NotImplementedError
 
     def _set_lr(self, iteration: int) -> float:
         lr = learning_rate(self.cfg, iteration)
@@ -98,23 +159,28 @@ class _SliceLearner:
         """Nothing to do: the learning rate is a function of the iteration (see the module docstring)."""
 
     def state(self) -> dict:
-        return {"rng": self.rng.bit_generator.state}
+        return {"rng": self.rng.bit_generator.state, "seconds": self.seconds, "earlier_runs": self.earlier_runs}
 
     def load_state(self, state: dict) -> None:
+        """Restore :meth:`state` (checkpoints written before the training record lack its keys)."""
         if "rng" in state:
             self.rng.bit_generator.state = state["rng"]
+        self.seconds = float(state.get("seconds", 0.0))
+        self.earlier_runs = list(state.get("earlier_runs", []))
 
-    def _card(self, net: torch.nn.Module, config: dict, inference: dict, extra_training: dict) -> dict:
+    def _card(self, inference: dict, extra_training: dict) -> dict:
         return {
             "method": self.method,
             "ndim": 2,
-            "config": config,
+            "config": self.network_config(),
             "inference": {"size": list(self.source.size), **inference},
             "normalisation": dict(NORMALISATION_CARD),
             "labels": {"object": self.data_description.get("object", "labels > 0")},
-            "parameters_trainable": count_parameters(net),
+            "parameters_trainable": count_parameters(self.net),
             "training": {**self.cfg.to_dict(), **extra_training, "data": self.data_description,
-                         "world_size": self.dist.world_size, "command": " ".join(["steprl", *sys.argv[1:]])},
+                         "world_size": self.dist.world_size, "command": " ".join(["steprl", *sys.argv[1:]]),
+                         "cpu_hours": cpu_hours(self.seconds), "device": self.device.type,
+                         **({"earlier_runs": self.earlier_runs} if self.earlier_runs else {})},
         }
 
 
@@ -122,6 +188,8 @@ class PixelDRLLearner(_SliceLearner):
     """PA3C on PixelDRL-MG (see the module docstring). Implements :class:`steprl.training.loop.Learner`."""
 
     method = "pixeldrl-mg"
+    layout_fix = ("Give the model's network options (--widths, --head-widths, --head-depths, --norm, --attention, "
+                  "--fusion, --fusion-width, --fusion-depth; see `steprl info MODEL`).")
 
     def __init__(self, net_cfg: PixelDRLConfig, pa3c: PA3CConfig, cfg: SegTrainConfig, source: SliceSource,
                  dist: DistInfo) -> None:
@@ -138,7 +206,7 @@ class PixelDRLLearner(_SliceLearner):
         if dist.is_main:
             log.info("PixelDRL-MG (%s fusion): %s", self.net.cfg.fusion, format_parameter_summary(self.net))
 
-    def train_iteration(self, iteration: int) -> dict[str, float]:
+    def _train_iteration(self, iteration: int) -> dict[str, float]:
         lr = self._set_lr(iteration)
         batch = self.source.sample(self.cfg.batch, self.rng).to(self.device)
         self.net.train()
@@ -156,7 +224,7 @@ class PixelDRLLearner(_SliceLearner):
         return out
 
     @torch.no_grad()
-    def validate(self) -> dict[str, float]:
+    def _validate(self) -> dict[str, float]:
         """Greedy rollouts on the validation slices; ``score`` = pooled Dice after the last step."""
         self.net.eval()
         per_step: list[list[torch.Tensor]] = []
@@ -177,13 +245,20 @@ class PixelDRLLearner(_SliceLearner):
         centre = self.pa3c.reward_conv_size // 2
         extra = {"pa3c": asdict(self.pa3c),
                  "reward_conv_centre_weight": float(self.reward_conv.kernel[0, 0, centre, centre].detach().cpu())}
-        return state, self._card(self.net, self.net.cfg.to_dict(), inference, extra)
+        return state, self._card(inference, extra)
+
+    def network_config(self) -> dict:
+        return self.net.cfg.to_dict()
+
+    def _layout_of(self, config: dict) -> dict:
+        return PixelDRLConfig.from_dict(config).to_dict()  # defaults filled in (head_widths, older cards)
 
 
 class UNetLearner(_SliceLearner):
     """The MONAI U-Net baseline, Dice + BCE. Implements :class:`steprl.training.loop.Learner`."""
 
     method = "unet"
+    layout_fix = "Give the model's --unet-channels (see `steprl info MODEL`)."
 
     def __init__(self, unet_cfg: dict, cfg: SegTrainConfig, source: SliceSource, dist: DistInfo) -> None:
         from steprl.segmentation.unet import build_unet, check_grid, dice_ce_loss
@@ -199,7 +274,7 @@ class UNetLearner(_SliceLearner):
         if dist.is_main:
             log.info("U-Net baseline: %.2fM parameters", count_parameters(self.net) / 1e6)
 
-    def train_iteration(self, iteration: int) -> dict[str, float]:
+    def _train_iteration(self, iteration: int) -> dict[str, float]:
         lr = self._set_lr(iteration)
         batch = self.source.sample(self.cfg.batch, self.rng).to(self.device)
         self.net.train()
@@ -211,7 +286,7 @@ class UNetLearner(_SliceLearner):
                 "lr": lr}
 
     @torch.no_grad()
-    def validate(self) -> dict[str, float]:
+    def _validate(self) -> dict[str, float]:
         """``score`` = pooled Dice of the thresholded predictions (probability >= 0.5)."""
         self.net.eval()
         preds, refs = [], []
@@ -225,4 +300,7 @@ class UNetLearner(_SliceLearner):
 
     def export_model(self) -> tuple[dict[str, torch.Tensor], dict]:
         state = {k: v.detach().cpu() for k, v in self.net.state_dict().items()}
-        return state, self._card(self.net, dict(self.unet_cfg), {"steps": 1}, {"loss": "Dice + BCE (MONAI DiceCELoss)"})
+        return state, self._card({"steps": 1}, {"loss": "Dice + BCE (MONAI DiceCELoss)"})
+
+    def network_config(self) -> dict:
+        return dict(self.unet_cfg)

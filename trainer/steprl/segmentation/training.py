@@ -4,6 +4,7 @@
     steprl train segmentation --images imgs/ --labels labs/ --out runs/unet --method unet
     steprl train segmentation --synthetic 64 64 --out runs/ellipses --epochs 4       # self-check
     steprl train segmentation --synthseg ../shared/data/synthseg --out runs/wm     # white matter, synthetic MRI
+    steprl train segmentation --synthseg ../shared/data/synthseg --out runs/wm2 --init-from pixeldrl_wm ...
 
 Checkpoints, resume, validation, TensorBoard and torchrun (DDP: every rank draws its own
 batches from ``seed + 1000 * rank``, gradients are averaged) come from
@@ -53,23 +54,29 @@ def build_source(args):
                                val_slices=args.val_slices, seed=args.seed, augment=not args.no_augment)
 
 
-def build_learner(method: str, source, dist, *, unet_channels=None, **settings):
+def build_learner(method: str, source, dist, *, unet_channels=None, init_from=None, **settings):
     """A :class:`PixelDRLLearner` or :class:`UNetLearner` and the JSON config that ``fit`` compares on resume.
 
     ``settings`` are fields of :class:`~steprl.segmentation.config.SegTrainConfig`,
     :class:`~steprl.segmentation.config.PA3CConfig` and
     :class:`~steprl.segmentation.config.PixelDRLConfig` by name (e.g. ``batch=2, t_max=3,
     widths=(4, 8, 16, 32)``); the others keep their defaults. ``unet_channels``: the U-Net's
-    widths per level (default :data:`steprl.segmentation.config.UNET_CHANNELS`).
+    widths per level (default :data:`steprl.segmentation.config.UNET_CHANNELS`). ``init_from``: a
+    model file or bundled model name to start from (``--init-from``, same method and layout).
     """
     from steprl.segmentation.config import segmentation_configs
 
     cfg, pa3c, network = segmentation_configs(**settings)
-    return make_learner(method, source, dist, cfg, pa3c, network, unet_channels)
+    return make_learner(method, source, dist, cfg, pa3c, network, unet_channels, init_from)
 
 
-def make_learner(method: str, source, dist, cfg, pa3c, network, unet_channels=None):
-    """:func:`build_learner` from the three configs (``SegTrainConfig``, ``PA3CConfig``, ``PixelDRLConfig``)."""
+def make_learner(method: str, source, dist, cfg, pa3c, network, unet_channels=None, init_from=None):
+    """:func:`build_learner` from the three configs (``SegTrainConfig``, ``PA3CConfig``, ``PixelDRLConfig``).
+
+    With ``init_from`` the learner starts from that model's weights and record
+    (:meth:`~steprl.segmentation.learner.PixelDRLLearner.init_from`), and the data description (in
+    the config and the card) names it. A run that resumes loads its checkpoint over these weights.
+    """
     from steprl.segmentation.learner import PixelDRLLearner, UNetLearner
 
     method = METHODS.get(method, method)
@@ -90,8 +97,11 @@ def make_learner(method: str, source, dist, cfg, pa3c, network, unet_channels=No
         network_dict, extra = unet_cfg, {}
     else:
         raise InputError(f"Unknown segmentation method {method!r}.", "Use --method pixeldrl or --method unet.")
-    config = {"method": method, "network": network_dict, "training": cfg.to_dict(), "data": source.description,
-              **extra}
+    if init_from:
+        learner.init_from(init_from)
+        learner.data_description["init_from"] = str(init_from)
+    config = {"method": method, "network": network_dict, "training": cfg.to_dict(),
+              "data": learner.data_description, **extra}
     return learner, config
 
 
@@ -114,10 +124,10 @@ def train_segmentation(args) -> None:
     dist = init_distributed(args.device)
     try:
         source = build_source(args)
-        learner, config = make_learner(args.method, source, dist, *configs_from_args(args), args.unet_channels)
+        learner, config = make_learner(args.method, source, dist, *configs_from_args(args), args.unet_channels,
+                                       args.init_from)
         if args.data_licence:
-            learner.data_description["licence"] = args.data_licence
-            config["data"] = learner.data_description
+            learner.data_description["licence"] = args.data_licence  # config["data"] is this dict
         result = train(learner, config, args.out, epochs=args.epochs, dist=dist, resume=not args.no_resume,
                        tensorboard=not args.no_tensorboard, progress=not args.quiet)
         if dist.is_main:
