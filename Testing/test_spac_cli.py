@@ -191,7 +191,7 @@ def test_register_with_labels_writes_consistent_outputs(assets, tmp_path, capsys
 
     # one accumulated field per step, and nothing else; the last one is the final field
     steps = sorted(p.name for p in (out / "steps").iterdir())
-    assert steps == [f"displacement_step_{k:03d}.nii.gz" for k in range(1, STEPS + 1)]
+    assert steps == [f"displacement_step_{k:03d}.nii" for k in range(1, STEPS + 1)]
     last_step = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "steps" / steps[-1]), sitk.sitkVectorFloat64))
     np.testing.assert_allclose(last_step, disp_array, atol=1e-6)
 
@@ -267,7 +267,7 @@ def test_register_rerun_leaves_no_stale_step_fields(assets, tmp_path, capsys):
     assert run_cli(capsys, *args, "--steps", "3")[0] == 0
     assert run_cli(capsys, *args, "--steps", "1")[0] == 0
     assert len(json.loads((out / "metrics.json").read_text())["steps"]) == 2
-    assert sorted(p.name for p in (out / "steps").iterdir()) == ["displacement_step_001.nii.gz"]
+    assert sorted(p.name for p in (out / "steps").iterdir()) == ["displacement_step_001.nii"]
 
 
 # ---- register: bad inputs ----------------------------------------------------------------

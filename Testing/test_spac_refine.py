@@ -17,7 +17,7 @@ from steprl.geometry import Geometry, Image
 from steprl.metrics import local_ncc
 from steprl.registration.inference import register
 from steprl.registration.networks import SPACConfig, SPACPolicy
-from steprl.registration.refine import RefineSettings, field_on, refine, refine_grid
+from steprl.registration.refine import RefineSettings, SingleTensorAdam, field_on, refine, refine_grid
 from steprl.synth.toy import gaussian_blur
 
 GRID = (32, 32)
@@ -52,6 +52,21 @@ def test_refine_recovers_a_smooth_shift():
     assert after > before + 0.2, (before, after)
     inner = fields[-1][..., 8:-8, 8:-8].mean((2, 3))[0]  # away from the border, where nothing is known
     np.testing.assert_allclose(inner.numpy(), [1.5, -1.0], atol=0.35)
+
+
+def test_single_tensor_adam_gives_torch_adam_iterates():
+    """The refinement's own Adam (kept to avoid torch.optim's 1.5 s import) follows torch.optim.Adam."""
+    gen = torch.Generator().manual_seed(0)
+    target = torch.randn(2, 3, 5, generator=gen)
+    ours, theirs = torch.zeros(2, 3, 5), torch.zeros(2, 3, 5, requires_grad=True)
+    mine, reference = SingleTensorAdam(ours, lr=0.15), torch.optim.Adam([theirs], lr=0.15)
+    for _ in range(25):
+        mine.step(2 * (ours - target) ** 3)
+        reference.zero_grad()
+        ((theirs - target) ** 4 / 2).sum().backward()
+        reference.step()
+    assert not torch.equal(ours, torch.zeros_like(ours))
+    torch.testing.assert_close(ours, theirs.detach(), rtol=1e-5, atol=1e-6)
 
 
 def test_refine_grid_keeps_the_box_and_fields_keep_their_physical_meaning():

@@ -84,13 +84,44 @@ def refine(fixed: torch.Tensor, moving: torch.Tensor, start: torch.Tensor, steps
         base = F.interpolate(start.float(), size=coarse_shape, mode=mode, align_corners=True)
         residual0 = start.float() - F.interpolate(base, size=full, mode=mode, align_corners=True)
     params = base.clone().requires_grad_(True)
-    optimiser = torch.optim.Adam([params], lr=settings.lr)
+    optimiser = SingleTensorAdam(params, lr=settings.lr)
     with torch.enable_grad():
         for _ in range(steps):
             field = F.interpolate(params, size=full, mode=mode, align_corners=True) + residual0
             loss = ncc_loss(fixed, spatial.warp(moving, field), settings.window)
             loss = loss + settings.smooth * gradient_penalty(field)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
+            (grad,) = torch.autograd.grad(loss, params)
+            optimiser.step(grad)
             yield field.detach()
+
+
+class SingleTensorAdam:
+    """Adam (Kingma & Ba; the update of ``torch.optim.Adam`` with its defaults) on one tensor, in place.
+
+    Why not ``torch.optim.Adam``: constructing the first ``torch.optim`` optimiser of a process
+    imports ``torch._dynamo``, 1.5 s of the 10 s that issue 11 gives the whole ``steprl register``
+    command; the refinement needs nothing of it. ``Testing/test_spac_refine.py`` checks that the two
+    give the same iterates.
+
+    Args:
+        param: the tensor to optimise (updated in place, under ``no_grad``).
+        lr, betas, eps: as ``torch.optim.Adam``.
+    """
+
+    def __init__(self, param: torch.Tensor, lr: float, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8) -> None:
+        self.param, self.lr, self.betas, self.eps = param, lr, betas, eps
+        self.first = torch.zeros_like(param)
+        self.second = torch.zeros_like(param)
+        self.count = 0
+
+    @torch.no_grad()
+    def step(self, grad: torch.Tensor) -> None:
+        """One update with the loss gradient ``grad`` (same shape as the parameter)."""
+        b1, b2 = self.betas
+        self.count += 1
+        self.first.lerp_(grad, 1 - b1)
+        self.second.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        step_size = self.lr / (1 - b1 ** self.count)
+        denominator = (self.second / (1 - b2 ** self.count)).sqrt_().add_(self.eps)
+        self.param.addcdiv_(self.first, denominator, value=-step_size)
