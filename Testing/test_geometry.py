@@ -458,6 +458,33 @@ def test_voxel_physical_displacement_conversions(ndim: int) -> None:
         assert np.isclose(np.linalg.norm(expected), geom.spacing[itk_axis])
 
 
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_resample_between_grids_of_one_box_is_a_plain_resize(ndim: int, monkeypatch) -> None:
+    """Onto a grid spanning the same voxel-centre corners (a network grid and its fixed grid), the
+    resize shortcut gives what the general sampler gives; a shifted or flipped grid does not take it."""
+    from steprl import spatial
+
+    fine = Geometry((24, 20, 18)[:ndim], (1.0, 1.5, 2.0)[:ndim], (-10.0, 4.0, 2.5)[:ndim], np.eye(ndim))
+    coarse = fine.axis_aligned((9, 7, 8)[:ndim])
+    field = torch.randn(1, ndim, *coarse.shape, dtype=torch.float64)
+    calls, resize = [], spatial._interpolate
+    monkeypatch.setattr(spatial, "_interpolate", lambda *a: calls.append(a) or resize(*a))
+    fast = spatial.resample(field, coarse, fine)
+    assert len(calls) == 1  # the shortcut was taken
+    calls.clear()
+    shifted = Geometry(fine.shape, fine.spacing, tuple(np.add(fine.origin, 0.3)), np.eye(ndim))
+    spatial.resample(field, coarse, shifted)  # not the same box: the general path
+    flipped = Geometry(fine.shape, fine.spacing, fine.origin, np.diag([-1.0] + [1.0] * (ndim - 1)))
+    spatial.resample(field, coarse, flipped)
+    spatial.resample(field, coarse, fine, mode="nearest")
+    assert not calls
+    monkeypatch.undo()
+    monkeypatch.setattr(spatial, "_same_box", lambda *a: False)
+    general = spatial.resample(field, coarse, fine)
+    torch.testing.assert_close(fast, general, rtol=0, atol=1e-9)
+    assert not torch.equal(fast[..., :1], fast[..., -1:])
+
 # ---- 5. Geometry: resized, matches, validation ----------------------------------------
 @pytest.mark.parametrize("ndim", [2, 3])
 def test_resized_keeps_corner_voxel_centres_and_direction(ndim: int) -> None:

@@ -93,6 +93,14 @@ def _check_2d(name: str, array: np.ndarray, shape: tuple[int, ...] | None = None
     return array
 
 
+def preload() -> None:
+    """Import the parts of matplotlib the figures use, e.g. on a background thread while a command
+    computes, so that drawing at its end does not wait 0.4-0.9 s for the import."""
+    import matplotlib.backends.backend_agg  # noqa: F401
+    import matplotlib.colors  # noqa: F401
+    import matplotlib.figure  # noqa: F401
+
+
 def _one_colour(colour: str):
     """A colormap of one colour (for overlays of a boolean mask)."""
     from matplotlib.colors import ListedColormap

@@ -85,6 +85,7 @@ def run_and_write(fixed: Image, moving: Image, model, out, *, steps: int | None 
     from steprl import io
     from steprl.background_writes import BackgroundWrites
     from steprl.device import default_inference_bf16, resolve_device
+    from steprl.plotting import preload as preload_plotting
     from steprl.plotting import select_steps
     from steprl.registration.inference import register
     from steprl.registration.model import load_spac
@@ -111,6 +112,7 @@ def run_and_write(fixed: Image, moving: Image, model, out, *, steps: int | None 
         start = time.perf_counter()
         with tqdm(total=n_steps, desc="SPAC", unit="step", disable=quiet, dynamic_ncols=True) as bar, \
                 BackgroundWrites() as writes:
+            writes.submit(preload_plotting)  # overlaps the steps; steps.png is drawn at the end
             for result in register(fixed, moving, spac, n_policy, dev, fixed_labels=fixed_labels,
                                    moving_labels=moving_labels, prealign=prealign, max_step=max_step,
                                    early_stop=early_stop, refine_steps=n_refine, bf16=bf16):
