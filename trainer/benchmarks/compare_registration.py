@@ -531,6 +531,10 @@ def report(results: dict, args, argv: list[str], started: str, load_start: tuple
              "itk-elastix default affine + B-spline maps (10 mm grid, 256 iterations x 3 resolutions, 2048 samples) "
              "(`steprl.registration.baselines` documents every value). SPAC: deterministic policy (plan mean), "
              "affine pre-alignment (SimpleITK, Mattes MI) in 3D, none in 2D. Time counts every method's affine stage.",
+             "- Repeatability: SPAC and Elastix (fixed seed) give the same Dice run after run; ANTs SyN does not, "
+             "its affine stage's sampling is seeded from the clock (ANTsPy's `set_ants_deterministic` did not make "
+             "two runs agree on a test pair). On the held-out synthetic pair seg_20 -> seg_19 SyN gave 0.598 in one "
+             "run of this script and 0.296 in the next: read SyN's per-case rows with that in mind.",
              "- Metrics: Dice of the moving labels pulled through each method's field (nearest neighbour, same code "
              "for all), HD95 mean over labels (mm), % det J <= 0 and std log det J of the total transform on the "
              "fixed grid, local NCC (9-voxel window) on the fixed grid, seconds until the result exists.",
