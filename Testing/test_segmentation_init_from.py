@@ -158,13 +158,15 @@ def test_the_record_tools_read_a_segmentation_run_and_bundle_a_snapshot(first_ru
     run = tmp_path / "wm"
     assert _train(run, "--init-from", str(first_run / "model_last.safetensors"), size=24) == 0
     assert record_tool.main(["add", str(first_run), "--name", "wm_test"]) == 0
-    assert record_tool.main(["add", str(run), "--name", "wm_test"]) == 0
+    assert record_tool.main(["add", str(run), "--name", "wm_test", "--note", "validated on T1 only"]) == 0
+    assert record_tool.main(["add", str(run), "--name", "wm_test"]) == 0  # re-added: the note stays
     record = json.loads((tmp_path / "results" / "training_record_wm_test.json").read_text())
     assert [r["method"] for r in record["runs"]] == ["pixeldrl-mg", "pixeldrl-mg"]
     assert [r["updates"] for r in record["runs"]] == [1, 1] and record["runs"][1]["grid"] == [24, 24]
     assert record["runs"][1]["init_from"] == str(first_run / "model_last.safetensors")
     text = (tmp_path / "results" / "training_record_wm_test.md").read_text()
     assert "| run | updates (cumulative) | step 1 | last step | best step |" in text and "| 2 | wm | 24x24 |" in text
+    assert "- wm: validated on T1 only" in text and record["runs"][1]["note"] == "validated on T1 only"
 
     extra = tmp_path / "extra.json"
     extra.write_text(json.dumps({"licence_of_weights": "test data, no licence needed"}))

@@ -105,6 +105,9 @@ def render(record: dict) -> str:
         lines.append(f"| {k} | {run['run']} | {grid} | {run.get('init_from') or '-'} | {run['episodes']} | "
                      f"{run['updates']} | {rate} | {run.get('cpu_hours') or '-'} | {run.get('device') or '-'} | "
                      f"`{run['command']}` |")
+    notes = [f"- {run['run']}: {run['note']}" for run in record["runs"] if run.get("note")]
+    if notes:
+        lines += ["", "Notes:", *notes]
     total_updates = sum(r["updates"] for r in record["runs"])
     total_hours = sum(r.get("cpu_hours") or 0 for r in record["runs"])
     lines += ["", f"Total: {total_updates} updates, {total_hours:.2f} CPU-hours.", "",
@@ -147,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     add = sub.add_parser("add", help="add (or update) a run folder's entry, then render")
     add.add_argument("run", type=Path)
     add.add_argument("--label", default=None, help="the run's name in the record (default: the folder name)")
+    add.add_argument("--note", default=None,
+                     help="what this run tried or changed, and what its curve means (kept when the run is re-added "
+                          "without a note)")
     for q in (add, sub.add_parser("show", help="render the record again")):
         q.add_argument("--name", required=True, help="the model's name, e.g. spac3d_brain")
     args = p.parse_args(argv)
@@ -156,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {args.run} holds no history.jsonl: not a finished epoch of a training run", file=sys.stderr)
             return 2
         entry = read_run(args.run, args.label)
+        earlier = next((r for r in record["runs"] if r["run"] == entry["run"]), {})
+        note = args.note if args.note is not None else earlier.get("note")
+        if note:
+            entry["note"] = note
         runs = [r for r in record["runs"] if r["run"] != entry["run"]]
         index = next((i for i, r in enumerate(record["runs"]) if r["run"] == entry["run"]), len(runs))
         runs.insert(index, entry)
