@@ -115,11 +115,10 @@ def resample(
     mov_a, mov_b = moving_geometry.physical_to_tensor_index()
     aff_m, aff_t = (np.eye(nd), np.zeros(nd)) if affine is None else (affine[:nd, :nd], affine[:nd, nd])
     to_index = mov_a @ aff_m  # physical point before the affine -> moving index
-    if displacement is None and mode == "linear" and _same_box(to_index @ ref_a, to_index @ ref_b + mov_a @ aff_t
-                                                              + mov_b, moving.shape[2:], reference.shape):
+    linear, offset = to_index @ ref_a, to_index @ ref_b + mov_a @ aff_t + mov_b  # reference index -> moving index
+    if displacement is None and mode == "linear" and _same_box(linear, offset, moving.shape[2:], reference.shape):
         return _interpolate(moving, reference.shape)
-    lin = _matrix(to_index @ ref_a, like)
-    off = _matrix(to_index @ ref_b + mov_a @ aff_t + mov_b, like)
+    lin, off = _matrix(linear, like), _matrix(offset, like)
     grid = identity_coords(reference.shape, like.device, like.dtype)
     coords = _apply(lin, grid) + off.view((1, nd) + (1,) * nd)
     if displacement is not None:
@@ -143,7 +142,7 @@ def _interpolate(volume: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
 
     The same values as :func:`sample` at the resized grid's coordinates (align_corners
     convention), without building them: 4x faster for a 64^3 field onto a 160x192x144 grid,
-    which ``steprl register`` does for its outputs and every label warp.
+    which ``steprl register`` does for every warp onto the fixed grid (outputs, label Dice).
     """
     if tuple(volume.shape[2:]) == tuple(shape):
         return volume.clone()
@@ -164,9 +163,9 @@ def total_displacement(displacement: torch.Tensor | None, reference: Geometry,
         if displacement is None:
             raise ValueError("need a displacement or an affine")
         return displacement
-    like = displacement if displacement is not None else torch.zeros(1, reference.ndim, *reference.shape)
+    device, dtype = (displacement.device, displacement.dtype) if displacement is not None else (None, torch.float32)
     flat = tuple(float(v) for v in np.asarray(affine, dtype=np.float64).ravel())
-    linear, offset = _affine_terms(reference, flat, like.device, like.dtype)
+    linear, offset = _affine_terms(reference, flat, device, dtype)
     if displacement is None:
         return offset.clone()
     return _apply(linear, displacement) + offset
