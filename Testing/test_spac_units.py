@@ -301,6 +301,8 @@ def test_learner_validate_keys(trained_weights):
     metrics = trained_weights["a"][2].validate()
     for key in ("score", "dice_identity", "dice_step1", "dice_final"):
         assert 0.0 <= metrics[key] <= 1.0, key
+    assert 0.0 <= metrics["folding_percent"] <= 100.0
+    assert 0.0 <= metrics["std_log_jacobian"] < 5.0  # finite: folded voxels enter clipped, not as -inf
     assert metrics["score"] == metrics["dice_final"]
 
 

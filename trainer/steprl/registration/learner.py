@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from steprl import spatial
+from steprl import metrics, spatial
 from steprl.losses import field_mse, gradient_penalty, kl_to_standard_normal, ncc_loss
 from steprl.registration.config import LAYOUT_FIELDS, TEST_STEPS, SPACConfig, SPACTrainConfig
 from steprl.registration.data import PairSource
@@ -157,7 +157,8 @@ class SPACLearner:
             return self._validate()
 
     def _validate(self) -> dict[str, float]:
-        """Deterministic rollouts with the test clamp: HARD Dice (nearest-neighbour labels) per step, NCC, folding."""
+        """Deterministic rollouts with the test clamp: HARD Dice (nearest-neighbour labels) per step, NCC, and the
+        final field's folding (% det J <= 0) and std log det J (the smoothness the acceptance bounds)."""
         batch = self.source.validation().to(self.device)
         env = RegistrationEnv(batch.fixed, batch.moving, batch.fixed_labels, batch.moving_labels,
                               self.source.num_labels, self.cfg.val_steps, self.cfg.test_max_step, score="hard",
@@ -171,11 +172,11 @@ class SPACLearner:
                 state = env.step(step).state
                 curve.append(env.dice.mean().item())
             ncc = -ncc_loss(batch.fixed, env.warped(), self.cfg.ncc_window).item()
-            folding = (spatial.jacobian_determinant(env.field) <= 0).float().mean().item() * 100
+            jacobian = metrics.jacobian_stats(spatial.jacobian_determinant(env.field))
             soft = env.dice_of(env.field).mean().item()
         self.policy.train()
         out = {"score": curve[-1], "dice_identity": curve[0], "dice_step1": curve[1], "dice_final": curve[-1],
-               "soft_dice_final": soft, "ncc_final": ncc, "folding_percent": folding}
+               "soft_dice_final": soft, "ncc_final": ncc, **jacobian}
         if len(curve) > 10:
             out["dice_step10"] = curve[10]
         return out
