@@ -92,11 +92,41 @@ class Case:
 
 
 # ---- (a) synthetic 3D pairs from held-out SynthSeg subjects ------------------------------------
-def synth_cases(args, model) -> list[Case]:
+def synthetic_heads(folder: Path, subjects: list[Path], spacing: float, size: int, seed: int,
+                    strip: bool = False) -> list[tuple]:
+    """``(name, T1-like image, brain labels)`` per SynthSeg subject, on a centred ``size``^3 cube of ``spacing`` mm.
+
+    ``strip``: paint everything outside the brain labels as background (a brain-extracted scan).
+    """
     import torch
     from steprl.geometry import Geometry, Image
     from steprl.synth import synthseg
     from steprl.synth.from_labels import IntensityModel, synthesize
+
+    intensity = IntensityModel.from_synthseg_folder(folder)
+    table = synthseg.lookup_table({v: v for v in synthseg.BRAIN_STRUCTURES})
+    rng = np.random.default_rng(seed)
+    images = []
+    for path in subjects:
+        labels, grid, _ = synthseg.load_canonical(path, spacing, size)
+        half = np.asarray(grid.spacing) * (np.asarray(grid.shape) - 1) / 2
+        centred = Geometry(grid.shape, grid.spacing, tuple(-half), grid.direction)
+        with torch.no_grad():
+            image = synthesize(labels[None, None].long(), intensity, rng, t1_probability=1.0)[0, 0].numpy()
+        brain = table[labels.numpy().astype(np.int64).clip(0, len(table) - 1)].astype(np.int32)
+        if strip:
+            image = image * (brain > 0)
+        images.append((path.name.removesuffix(".nii.gz"), Image(image, centred), Image(brain, centred)))
+    return images
+
+
+def cyclic_pairs(n: int) -> list[tuple[int, int]]:
+    """``(fixed, moving)`` index pairs: subject k+1 onto subject k (one pair for two subjects)."""
+    return [(k, (k + 1) % n) for k in range(n if n > 2 else 1)]
+
+
+def synth_cases(args, model) -> list[Case]:
+    from steprl.synth import synthseg
 
     folder = args.synthseg
     split = synthseg.split_subjects(synthseg.list_label_maps(folder))
@@ -106,22 +136,9 @@ def synth_cases(args, model) -> list[Case]:
     if leaked:
         raise SystemExit(f"held-out subjects {leaked} were used to train {model.path.name}: not a fair test")
     subjects = split.test[: 2 if args.quick else len(split.test)]
-    intensity = IntensityModel.from_synthseg_folder(folder)
-    table = synthseg.lookup_table({v: v for v in synthseg.BRAIN_STRUCTURES})
-    rng = np.random.default_rng(args.seed)
-    images = []
-    for path in subjects:
-        labels, grid, _ = synthseg.load_canonical(path, args.spacing, args.size)
-        half = np.asarray(grid.spacing) * (np.asarray(grid.shape) - 1) / 2
-        centred = Geometry(grid.shape, grid.spacing, tuple(-half), grid.direction)
-        with torch.no_grad():
-            image = synthesize(labels[None, None].long(), intensity, rng, t1_probability=1.0)[0, 0].numpy()
-        brain = table[labels.numpy().astype(np.int64).clip(0, len(table) - 1)].astype(np.int32)
-        images.append((path.name.removesuffix(".nii.gz"), Image(image, centred), Image(brain, centred)))
-    n = len(images)
-    pairs = [(k, (k + 1) % n) for k in range(n if n > 2 else 1)]
+    images = synthetic_heads(folder, subjects, args.spacing, args.size, args.seed)
     return [Case("synth", f"{images[m][0]} -> {images[f][0]}", images[f][1], images[m][1], model, True,
-                 images[f][2], images[m][2]) for f, m in pairs]
+                 images[f][2], images[m][2]) for f, m in cyclic_pairs(len(images))]
 
 
 # ---- (b) real 2D OASIS slices ----------------------------------------------------------------------
