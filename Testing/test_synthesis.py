@@ -172,3 +172,26 @@ def test_synthseg_known_pairs_carry_the_field_that_registers_them(shared_data, s
     mixed = source.sample(16, np.random.default_rng(1))
     assert 0 < int(mixed.field_known.sum()) < 16
     assert mixed.true_field[~mixed.field_known].abs().max() == 0  # no field where none is known
+
+
+def test_bright_fat_puts_some_extracerebral_tissue_above_white_matter_and_is_off_by_default(shared_data):
+    """Issue 12: real T1 fat is brighter than white matter; with bright_fat 1 every T1-like draw has
+    1-3 extra-cerebral classes at 1.1-1.8x white matter, at 0 the draws (and the seeds) are unchanged."""
+    from steprl.synth.from_labels import EXTRACEREBRAL_FROM
+
+    model = IntensityModel.from_synthseg_folder(shared_data / "synthseg")
+    values = np.flatnonzero(model.classes)
+    extra = np.unique(model.classes[values[values >= EXTRACEREBRAL_FROM]])
+    wm = model.classes[2]
+    ratios_on, ratios_off = [], []
+    for seed in range(40):
+        means_on, _ = draw_contrast(model, np.random.default_rng(seed), t1_probability=1.0, bright_fat=1.0)
+        means_off, _ = draw_contrast(model, np.random.default_rng(seed), t1_probability=1.0)
+        plain, _ = draw_contrast(model, np.random.default_rng(seed), t1_probability=1.0, bright_fat=0.0)
+        np.testing.assert_array_equal(means_off, plain)
+        ratios_on.append(means_on[extra].max() / means_on[wm])
+        ratios_off.append(means_off[extra].max() / means_off[wm])
+        brain = np.setdiff1d(np.arange(model.n_classes), extra)
+        np.testing.assert_array_equal(means_on[brain], means_off[brain])  # only extra-cerebral classes change
+    assert min(ratios_on) >= 1.1 - 1e-9 and max(ratios_on) <= 1.8 + 1e-9
+    assert np.median(ratios_off) < 1.1  # SynthSeg's T1 priors alone rarely do it

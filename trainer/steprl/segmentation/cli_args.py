@@ -111,6 +111,9 @@ def _add_train(tsub, add_common) -> None:
                    help="--synthseg: synthetic volumes per batch, the batch's slices spread over them (default 2)")
     r.add_argument("--synth-t1", type=float, default=0.5, metavar="P",
                    help="--synthseg: share of T1-like contrasts, the rest random contrasts (default 0.5)")
+    r.add_argument("--synth-bright-fat", type=float, default=0.0, metavar="P",
+                   help="--synthseg: share of T1-like volumes whose fat is brighter than white matter, as in real "
+                        "T1 whole-head scans (default 0; e.g. 0.5)")
     r.add_argument("--synth-subjects", type=int, default=None, metavar="N",
                    help="--synthseg: use only the first N training subjects (quick smoke tests)")
     r.add_argument("--data-licence", default=None, help="licence / attribution of the training data, kept in the "

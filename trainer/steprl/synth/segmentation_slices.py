@@ -120,6 +120,8 @@ class SynthSegSliceSource:
         fov_mm: range of the in-plane field of view of a training slice.
         rotation_deg: random rotation range of the spatial augmentation.
         strip_probability: share of volumes synthesised skull-stripped (:func:`skull_strip`).
+        bright_fat: share of the T1-like volumes whose fat is brighter than white matter, as in real
+            T1 scans (:func:`steprl.synth.from_labels.draw_contrast`; default 0).
     """
 
     def __init__(self, folder: str | Path, size: Sequence[int] = (128, 128), *,
@@ -127,7 +129,7 @@ class SynthSegSliceSource:
                  empty_fraction: float = 0.2, volumes_per_batch: int = 2, t1_probability: float = 0.5,
                  max_train_subjects: int | None = None, validation: int = 3, test: int = 3,
                  fov_mm: Sequence[float] = FOV_MM, rotation_deg: float = 12.0,
-                 strip_probability: float = 0.3) -> None:
+                 strip_probability: float = 0.3, bright_fat: float = 0.0) -> None:
         from steprl.synth.from_labels import IntensityModel
         from steprl.synth.synthseg import WHITE_MATTER, list_label_maps, split_subjects
 
@@ -142,6 +144,10 @@ class SynthSegSliceSource:
         self.volumes_per_batch = int(volumes_per_batch)
         self.t1_probability = float(t1_probability)
         self.strip_probability = float(strip_probability)
+        self.bright_fat = float(bright_fat)
+        if not 0 <= self.bright_fat <= 1:
+            raise InputError(f"bright_fat must be a share in [0, 1], got {bright_fat}.",
+                             "Use e.g. --synth-bright-fat 0.5.")
         self.fov_mm = (float(fov_mm[0]), float(fov_mm[1]))
         self.augment = spatial_augment(rotation_deg)
         self.split = split_subjects(list_label_maps(self.folder), validation=validation, test=test)
@@ -166,6 +172,8 @@ class SynthSegSliceSource:
             "val_slices": len(self._val), "axis": "axial",
             "licence": SYNTHSEG_LICENCE,
         }
+        if self.bright_fat > 0:  # only when used: runs started before the option still resume
+            self.description["bright_fat"] = self.bright_fat
 
     # -- volumes ------------------------------------------------------------------------------
 
@@ -186,7 +194,8 @@ class SynthSegSliceSource:
         if rng.random() < self.strip_probability:
             resampled = skull_strip(resampled)
         probability = self.t1_probability if t1 is None else float(bool(t1))
-        image = synthesize(resampled, self.intensity, rng, t1_probability=probability)[0, 0].numpy()
+        image = synthesize(resampled, self.intensity, rng, t1_probability=probability,
+                           bright_fat=self.bright_fat)[0, 0].numpy()
         values = resampled[0, 0].numpy()
         return normalise_percentile(image), np.isin(values, self.label_values)
 
