@@ -31,17 +31,19 @@ RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
 #: What a record's text says, and its validation columns (heading, validation key), by kind of model.
 INTRO = {
-    "spac": "Updates are optimiser updates of the registration loss; validation Dice is the mean over the 32 "
-            "SynthSeg structures of held-out subjects, on the run's own network grid (hard Dice: nearest-neighbour "
-            "labels), after 1, 10 and 20 steps (identity: no step). Runs on different grids have different identity "
-            "values: compare each run with its own identity column.",
+    "spac": "Updates are optimiser updates of the registration loss; validation Dice is the mean over the labels "
+            "of the run's validation pairs (--synthseg: the 32 SynthSeg structures of held-out subjects; image "
+            "folders: their label maps, or 3-class K-means pseudo-labels without them), on the run's own network "
+            "grid (hard Dice: nearest-neighbour labels), after 1, 10 and 20 steps (identity: no step); folding and "
+            "std log det J are the final field's (runs before std log det J was validated show '-'). Runs on "
+            "different grids have different identity values: compare each run with its own identity column.",
     "segmentation": "Updates are optimiser updates (PixelDRL-MG: one per episode of t_max steps; U-Net: one per "
                     "batch); validation Dice is the pooled Dice over the run's validation slices (held-out subjects), "
                     "on the run's own network grid, after the first and the last step and at the best step.",
 }
 CURVE_COLUMNS = {
     "spac": (("identity", "dice_identity"), ("step 1", "dice_step1"), ("step 10", "dice_step10"),
-             ("step 20", "dice_final"), ("folding %", "folding_percent")),
+             ("step 20", "dice_final"), ("folding %", "folding_percent"), ("std log det J", "std_log_jacobian")),
     "segmentation": (("step 1", "dice_step1"), ("last step", "dice_final"), ("best step", "dice_best_step")),
 }
 
