@@ -176,6 +176,8 @@ def test_the_record_tools_read_a_segmentation_run_and_bundle_a_snapshot(first_ru
     snapshot = snapshots / "wm_warmstart.safetensors"
     _, card = modelfile.load_model(snapshot, method="pixeldrl-mg")
     assert [r["run"] for r in card["training"]["record"]["runs"]] == [first_run.name, "wm"]
+    assert card["training"]["record"]["runs"][1]["note"] == "validated on T1 only"  # the record's notes travel too
+    assert "note" not in card["training"]["record"]["runs"][0]
     assert card["training"]["record"]["total_updates"] == 2 and len(card["training"]["earlier_runs"]) == 1
     learner, _ = _learner("pixeldrl", init_from=snapshot)  # the snapshot warm-starts the next run
     assert len(learner.earlier_runs) == 2

@@ -52,8 +52,9 @@ def merge_card(card: dict, extra: dict) -> dict:
 
 def record_summary(name: str) -> dict:
     """The committed training record ``name`` for a card: totals, and per run its command, updates,
-    CPU-hours and validation curve against the updates (registration: hard Dice at steps 0 / 1 / 10 /
-    20; segmentation: pooled Dice after the first and the last step and at the best step)."""
+    CPU-hours, note (what it tried, when the record has one) and validation curve against the
+    updates (registration: hard Dice at steps 0 / 1 / 10 / 20; segmentation: pooled Dice after the
+    first and the last step and at the best step)."""
     from training_record import load
 
     record = load(name)
@@ -62,6 +63,7 @@ def record_summary(name: str) -> dict:
     keys = ("updates", "dice_identity", "dice_step1", "dice_step10", "dice_final", "dice_best_step")
     runs = [{"run": r["run"], "command": r["command"], "init_from": r.get("init_from"),
              "updates": r["updates"], "cpu_hours": r.get("cpu_hours"),
+             **({"note": r["note"]} if r.get("note") else {}),
              "curve": [{k: p[k] for k in keys if k in p} for p in r["curve"]]} for r in record["runs"]]
     return {"file": f"trainer/benchmarks/results/training_record_{name}.md", "runs": runs,
             "total_updates": sum(r["updates"] for r in runs),
