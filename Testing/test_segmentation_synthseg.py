@@ -118,7 +118,7 @@ def test_bundled_white_matter_model_loads_with_a_complete_card():
 
     model = load_segmenter("pixeldrl_wm")
     card = model.card
-    assert model.is_rl and model.size == (96, 96) and card["parameters"] < 25e6 / 4  # < 25 MB in fp32
+    assert model.is_rl and model.size == (128, 128) and card["parameters"] < 25e6 / 4  # < 25 MB in fp32
     for key in ("task", "modality", "grid", "training_data", "training_command", "training_time",
                 "validation", "intended_use", "limitations"):
         assert card.get(key), key
