@@ -49,7 +49,6 @@ def test_source_gives_normalised_slices_with_white_matter_and_holds_test_subject
     assert "Apache-2.0" in description["licence"] and "white matter" in description["object"]
 
 
-
 @pytest.mark.parametrize("t1_probability,expected", [(1.0, {True}), (0.0, {False}), (0.5, {True, False})])
 def test_validation_draws_the_contrasts_the_training_draws(synthseg, monkeypatch, t1_probability, expected):
     """A T1-first stage is validated on T1-like slices only; a mixed one on both contrasts."""
@@ -66,6 +65,7 @@ def test_validation_draws_the_contrasts_the_training_draws(synthseg, monkeypatch
     source = segmentation_slices.SynthSegSliceSource(synthseg, (24, 24), seed=0, val_slices=4, max_train_subjects=1,
                                                      validation=1, t1_probability=t1_probability)
     assert set(drawn) == expected and len(source.validation()) == 4
+
 
 def test_skull_strip_keeps_only_brain_labels():
     from steprl.synth.segmentation_slices import skull_strip

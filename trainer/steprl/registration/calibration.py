@@ -87,7 +87,8 @@ def calibrate_prior_scale(model, pairs: Sequence[LabelledPair], scales: Sequence
     if not pairs or not scales:
         raise ValueError("calibration needs at least one validation pair and one scale")
     previous = prior_scale_of(model)
-    scores = [score_scale(model, pairs, s, **kw) for s in scales]
+    steps = kw.pop("steps", None) or model.default_steps
+    scores = [score_scale(model, pairs, s, steps=steps, **kw) for s in scales]
     admissible = [s for s in scores if s["std_log_jacobian"] <= MAX_STD_LOG_JACOBIAN
                   and s["folding_percent"] < MAX_FOLDING_PERCENT]
     if not admissible:
@@ -96,5 +97,4 @@ def calibrate_prior_scale(model, pairs: Sequence[LabelledPair], scales: Sequence
                          f"< {MAX_FOLDING_PERCENT} %: try smaller scales")
     best = max(admissible, key=lambda s: s["dice"])
     set_prior_scale(model, best["scale"])
-    steps = kw.get("steps") or model.default_steps
     return {"previous": previous, "chosen": best["scale"], "steps": steps, "scores": scores}
