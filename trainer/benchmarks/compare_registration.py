@@ -185,7 +185,7 @@ def mricron_templates(cache: Path, download: bool) -> Path:
     return templates
 
 
-def _tissue_kmeans(t1: np.ndarray, brain: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[float]]:
+def tissue_kmeans(t1: np.ndarray, brain: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[float]]:
     """GM and WM masks from a 3-class intensity K-means of a T1 inside its brain mask.
 
     Classes by mean intensity: darkest = CSF (left out), middle = GM, brightest = WM. Uses
@@ -202,7 +202,7 @@ def _tissue_kmeans(t1: np.ndarray, brain: np.ndarray) -> tuple[np.ndarray, np.nd
     return gm, wm, means
 
 
-def _brain_cube(image, masks: list[np.ndarray], spacing: float, size: int):
+def brain_cube(image, masks: list[np.ndarray], spacing: float, size: int):
     """Image and tissue labels on an axis-aligned ``size``^3 cube of ``spacing`` mm centred on the brain.
 
     ``masks`` are the 1 mm tissue masks (GM, WM) on the image grid; each is resampled linearly
@@ -252,9 +252,9 @@ def real_cases(args, model) -> list[Case]:
     mni_masks = [(gm >= 0.5) & (gm >= wm), (wm >= 0.5) & (wm > gm)]
     templates = mricron_templates(args.cache, not args.no_download)
     ch2 = io.read_image(templates / "ch2bet.nii.gz", name="Colin27 brain T1")
-    colin_gm, colin_wm, means = _tissue_kmeans(ch2.array, ch2.array > 0)
-    mni_img, mni_lab = _brain_cube(t1, [m.astype(np.float32) for m in mni_masks], args.spacing, args.size)
-    col_img, col_lab = _brain_cube(ch2, [colin_gm.astype(np.float32), colin_wm.astype(np.float32)], args.spacing,
+    colin_gm, colin_wm, means = tissue_kmeans(ch2.array, ch2.array > 0)
+    mni_img, mni_lab = brain_cube(t1, [m.astype(np.float32) for m in mni_masks], args.spacing, args.size)
+    col_img, col_lab = brain_cube(ch2, [colin_gm.astype(np.float32), colin_wm.astype(np.float32)], args.spacing,
                                    args.size)
     notes = {"colin_kmeans_means": means}
     return [Case("real", "Colin27 -> MNI152", mni_img, col_img, model, True, mni_lab, col_lab, notes),

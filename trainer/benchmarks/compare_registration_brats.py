@@ -37,7 +37,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "brats2013"
+from compare_registration import DEFAULT_DATA, brain_cube, tissue_kmeans  # noqa: E402  (the MNI152 <-> Colin27 helpers)
+
+DATA = DEFAULT_DATA / "brats2013"
 PATIENTS = (3, 4, 5, 6)
 ORDERED_PAIRS = ((4, 3), (3, 4), (6, 5), (5, 6))  # (moving, fixed)
 VESSEL_CLIP_PERCENTILE = 98.0
@@ -46,7 +48,6 @@ VESSEL_CLIP_PERCENTILE = 98.0
 def patient_cube(folder: Path, spacing: float = 2.0, size: int = 106):
     """``(image, labels)`` of one patient on the benchmark cube: T1c inside the brain (background 0),
     labels 1 = GM, 2 = WM (tumour left out; module docstring)."""
-    from compare_registration import _brain_cube, _tissue_kmeans
     from steprl import io
     from steprl.geometry import Image
 
@@ -56,8 +57,8 @@ def patient_cube(folder: Path, spacing: float = 2.0, size: int = 106):
     image = np.where(brain, t1c.array - t1c.array[brain].min(), 0).astype(np.float32)
     tissue = brain & ~tumour
     clipped = np.minimum(image, np.percentile(image[tissue], VESSEL_CLIP_PERCENTILE))
-    gm, wm, _ = _tissue_kmeans(clipped, tissue)
-    return _brain_cube(Image(image, t1c.geometry), [gm.astype(np.float32), wm.astype(np.float32)], spacing, size)
+    gm, wm, _ = tissue_kmeans(clipped, tissue)
+    return brain_cube(Image(image, t1c.geometry), [gm.astype(np.float32), wm.astype(np.float32)], spacing, size)
 
 
 def run(args) -> list[dict]:
