@@ -29,6 +29,12 @@ _MIN_LEVEL_SIZE = 16
 #: heads lose 0.019 after the affine alone (0.477 -> 0.458) but not after the policy's 20 steps
 #: (0.592 -> 0.591) nor the refinement (0.629 -> 0.627).
 _FINEST_LEVEL_SIZE = 64
+#: Fraction of the voxels the Mattes MI metric samples. 10 % rather than 20 %: with SimpleITK on one
+#: thread (reproducibility, :func:`affine_prealign`), 20 % took 1.8x as long as the earlier
+#: two-thread run and 10 % 0.9x, on the 160x192x144 benchmark pair; the two matrices moved the
+#: corners of a 160 mm cube by 1.07 and 1.09 mm from the earlier run's, whose own runs differed by
+#: up to 0.77 mm from one another.
+_SAMPLING = 0.1
 
 
 def _finest_shrink(shape: tuple[int, ...]) -> int:
@@ -47,27 +53,39 @@ def _shrink_factors(shape: tuple[int, ...]) -> list[int]:
     return [f for f in (4, 2) if smallest // f >= _MIN_LEVEL_SIZE] + [1]
 
 
-def affine_prealign(fixed: Image, moving: Image, *, iterations: int = 200, seed: int = 0) -> np.ndarray:
+def affine_prealign(fixed: Image, moving: Image, *, iterations: int = 200, seed: int = 1) -> np.ndarray:
     """Affine fixed -> moving point map ``(ndim + 1, ndim + 1)`` by Mattes mutual information.
 
     Both images are first block-averaged to at most ~64 voxels along their longest axis, then
     registered multi-resolution (shrink 4, 2, 1 as far as the size allows), centre-of-mass
-    initialisation, a rigid stage then the affine one, 20% random sampling (fixed ``seed`` for
-    reproducibility). Works across modalities and intensity ranges. If the optimised affine
-    matches the images WORSE than no transform at all (an optimisation that went astray), the
-    identity is returned, with a warning.
+    initialisation, a rigid stage then the affine one, 10% random sampling. Works across
+    modalities and intensity ranges. If the optimised affine matches the images WORSE than no
+    transform at all (an optimisation that went astray), the identity is returned, with a warning.
+
+    The same inputs give the same matrix, bit for bit: the sampling uses ``seed`` (>= 1:
+    SimpleITK reads a seed of 0 as "seed from the wall clock") and SimpleITK runs on one thread
+    here (its multi-threaded sums change in the last bits from run to run). Why: with the wall
+    clock seed that this function used until 2026-12, two runs on the same BraTS pair differed
+    by up to 10 mm, and Dice after 20 policy steps by up to 0.03. On images of at most ~64
+    voxels a side and 10 % sampling, one thread is as fast as two were at 20 % (``_SAMPLING``).
     """
     import SimpleITK as sitk
 
-    f = _shrunk(sitk.Cast(fixed.to_sitk(), sitk.sitkFloat32), fixed.geometry.shape)
-    m = _shrunk(sitk.Cast(moving.to_sitk(), sitk.sitkFloat32), moving.geometry.shape)
+    if seed < 1:
+        raise ValueError(f"seed must be >= 1 (SimpleITK reads 0 as the wall clock), got {seed}")
+    threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
     try:
+        f = _shrunk(sitk.Cast(fixed.to_sitk(), sitk.sitkFloat32), fixed.geometry.shape)
+        m = _shrunk(sitk.Cast(moving.to_sitk(), sitk.sitkFloat32), moving.geometry.shape)
         return _register(f, m, iterations, seed)
     except RuntimeError as err:  # SimpleITK reports its failures as RuntimeError
         first = str(err).strip().splitlines()[-1][:200]
         raise InputError(f"Affine pre-alignment failed ({first}).",
                          "Check that the two images overlap and show the same anatomy, or run without --prealign.") \
             from err
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
 
 
 def _shrunk(image, shape: tuple[int, ...]):
@@ -94,7 +112,7 @@ def _register(f, m, iterations: int, seed: int) -> np.ndarray:
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     reg.SetMetricSamplingStrategy(reg.RANDOM)
-    reg.SetMetricSamplingPercentage(0.2, seed)
+    reg.SetMetricSamplingPercentage(_SAMPLING, seed)
     reg.SetInterpolator(sitk.sitkLinear)
     reg.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-4, numberOfIterations=iterations,
                                                  gradientMagnitudeTolerance=1e-6)
