@@ -195,3 +195,28 @@ def test_bright_fat_puts_some_extracerebral_tissue_above_white_matter_and_is_off
         np.testing.assert_array_equal(means_on[brain], means_off[brain])  # only extra-cerebral classes change
     assert min(ratios_on) >= 1.1 - 1e-9 and max(ratios_on) <= 1.8 + 1e-9
     assert np.median(ratios_off) < 1.1  # SynthSeg's T1 priors alone rarely do it
+
+
+def test_soft_grey_brings_grey_matter_toward_white_matter_and_is_off_by_default(shared_data):
+    """Issue 12: real T1 grey matter sits at ~0.78 of white matter, SynthSeg's T1 priors at ~0.6. With
+    soft_grey 1 every T1-like draw squeezes the grey classes toward white matter (CSF, white matter and
+    the classes brighter than it unchanged); at 0 the draws and the seeds are unchanged."""
+    from steprl.synth.from_labels import GREY_FROM
+
+    model = IntensityModel.from_synthseg_folder(shared_data / "synthseg")
+    wm, cortex, csf = model.classes[2], model.classes[3], model.classes[24]
+    on_ratios, off_ratios = [], []
+    for seed in range(40):
+        on, _ = draw_contrast(model, np.random.default_rng(seed), t1_probability=1.0, soft_grey=1.0)
+        off, _ = draw_contrast(model, np.random.default_rng(seed), t1_probability=1.0)
+        np.testing.assert_array_equal(off, draw_contrast(model, np.random.default_rng(seed), t1_probability=1.0,
+                                                         soft_grey=0.0)[0])
+        assert on[wm] == off[wm]
+        if off[csf] < GREY_FROM * off[wm]:
+            assert on[csf] == off[csf]
+        untouched = (off >= off[wm]) | (off < GREY_FROM * off[wm])
+        np.testing.assert_array_equal(on[untouched], off[untouched])
+        assert np.all(on[~untouched] >= off[~untouched]) and np.all(on[~untouched] < on[wm])
+        on_ratios.append(on[cortex] / on[wm])
+        off_ratios.append(off[cortex] / off[wm])
+    assert np.median(off_ratios) < 0.65 < 0.7 < np.median(on_ratios)

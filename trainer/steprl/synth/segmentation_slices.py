@@ -122,6 +122,8 @@ class SynthSegSliceSource:
         strip_probability: share of volumes synthesised skull-stripped (:func:`skull_strip`).
         bright_fat: share of the T1-like volumes whose fat is brighter than white matter, as in real
             T1 scans (:func:`steprl.synth.from_labels.draw_contrast`; default 0).
+        soft_grey: share of the T1-like volumes whose grey matter is brought toward white matter, as
+            flat as in real T1 scans (``draw_contrast``; default 0).
     """
 
     def __init__(self, folder: str | Path, size: Sequence[int] = (128, 128), *,
@@ -129,7 +131,7 @@ class SynthSegSliceSource:
                  empty_fraction: float = 0.2, volumes_per_batch: int = 2, t1_probability: float = 0.5,
                  max_train_subjects: int | None = None, validation: int = 3, test: int = 3,
                  fov_mm: Sequence[float] = FOV_MM, rotation_deg: float = 12.0,
-                 strip_probability: float = 0.3, bright_fat: float = 0.0) -> None:
+                 strip_probability: float = 0.3, bright_fat: float = 0.0, soft_grey: float = 0.0) -> None:
         from steprl.synth.from_labels import IntensityModel
         from steprl.synth.synthseg import WHITE_MATTER, list_label_maps, split_subjects
 
@@ -144,10 +146,11 @@ class SynthSegSliceSource:
         self.volumes_per_batch = int(volumes_per_batch)
         self.t1_probability = float(t1_probability)
         self.strip_probability = float(strip_probability)
-        self.bright_fat = float(bright_fat)
-        if not 0 <= self.bright_fat <= 1:
-            raise InputError(f"bright_fat must be a share in [0, 1], got {bright_fat}.",
-                             "Use e.g. --synth-bright-fat 0.5.")
+        self.bright_fat, self.soft_grey = float(bright_fat), float(soft_grey)
+        for name, share in (("bright-fat", self.bright_fat), ("soft-grey", self.soft_grey)):
+            if not 0 <= share <= 1:
+                raise InputError(f"--synth-{name} must be a share in [0, 1], got {share}.",
+                                 f"Use e.g. --synth-{name} 0.5.")
         self.fov_mm = (float(fov_mm[0]), float(fov_mm[1]))
         self.augment = spatial_augment(rotation_deg)
         self.split = split_subjects(list_label_maps(self.folder), validation=validation, test=test)
@@ -172,8 +175,9 @@ class SynthSegSliceSource:
             "val_slices": len(self._val), "axis": "axial",
             "licence": SYNTHSEG_LICENCE,
         }
-        if self.bright_fat > 0:  # only when used: runs started before the option still resume
-            self.description["bright_fat"] = self.bright_fat
+        for key in ("bright_fat", "soft_grey"):  # only when used: runs started before the option still resume
+            if getattr(self, key) > 0:
+                self.description[key] = getattr(self, key)
 
     # -- volumes ------------------------------------------------------------------------------
 
@@ -195,7 +199,7 @@ class SynthSegSliceSource:
             resampled = skull_strip(resampled)
         probability = self.t1_probability if t1 is None else float(bool(t1))
         image = synthesize(resampled, self.intensity, rng, t1_probability=probability,
-                           bright_fat=self.bright_fat)[0, 0].numpy()
+                           bright_fat=self.bright_fat, soft_grey=self.soft_grey)[0, 0].numpy()
         values = resampled[0, 0].numpy()
         return normalise_percentile(image), np.isin(values, self.label_values)
 
