@@ -62,10 +62,16 @@ def patient_cube(folder: Path, spacing: float = 2.0, size: int = 106):
 
 
 def run(args) -> list[dict]:
-    """Every method on every ordered pair; returns the rows of ``compare_case`` (one per pair and method)."""
+    """Every method on every ordered pair; returns the rows of ``compare_case`` (one per pair and method).
+
+    SimpleITK (our affine pre-alignment) gets ``args.threads`` too, as in ``compare_registration.py``:
+    the same threads for every method, and on one thread the affine is exactly reproducible.
+    """
+    import SimpleITK as sitk
     from steprl.registration.evaluation import compare_case
     from steprl.registration.model import load_spac
 
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
     model = load_spac(args.model, "cpu")
     refine = model.default_refine_steps if args.refine is None else args.refine
     cubes = {p: patient_cube(args.data / f"brats_2013_pat{p:04d}_1") for p in PATIENTS}

@@ -29,11 +29,11 @@ _MIN_LEVEL_SIZE = 16
 #: heads lose 0.019 after the affine alone (0.477 -> 0.458) but not after the policy's 20 steps
 #: (0.592 -> 0.591) nor the refinement (0.629 -> 0.627).
 _FINEST_LEVEL_SIZE = 64
-#: Fraction of the voxels the Mattes MI metric samples. 10 % rather than 20 %: with SimpleITK on one
-#: thread (reproducibility, :func:`affine_prealign`), 20 % took 1.8x as long as the earlier
-#: two-thread run and 10 % 0.9x, on the 160x192x144 benchmark pair; the two matrices moved the
-#: corners of a 160 mm cube by 1.07 and 1.09 mm from the earlier run's, whose own runs differed by
-#: up to 0.77 mm from one another.
+#: Fraction of the voxels the Mattes MI metric samples. 10 % rather than 20 %: with the fixed seed
+#: (:func:`affine_prealign`) 20 % took 1.5x as long as the earlier wall-clock-seeded runs and 10 %
+#: 1.13x, on the 160x192x144 benchmark pair on 2 threads (the optimiser's iterations depend on the
+#: sample); both moved the corners of a 160 mm cube by 0.3 mm from an earlier run's, whose own runs
+#: differed by up to 0.5 mm from one another.
 _SAMPLING = 0.1
 
 
@@ -53,7 +53,8 @@ def _shrink_factors(shape: tuple[int, ...]) -> list[int]:
     return [f for f in (4, 2) if smallest // f >= _MIN_LEVEL_SIZE] + [1]
 
 
-def affine_prealign(fixed: Image, moving: Image, *, iterations: int = 200, seed: int = 1) -> np.ndarray:
+def affine_prealign(fixed: Image, moving: Image, *, iterations: int = 200, seed: int = 1,
+                    threads: int | None = None) -> np.ndarray:
     """Affine fixed -> moving point map ``(ndim + 1, ndim + 1)`` by Mattes mutual information.
 
     Both images are first block-averaged to at most ~64 voxels along their longest axis, then
@@ -62,19 +63,22 @@ def affine_prealign(fixed: Image, moving: Image, *, iterations: int = 200, seed:
     modalities and intensity ranges. If the optimised affine matches the images WORSE than no
     transform at all (an optimisation that went astray), the identity is returned, with a warning.
 
-    The same inputs give the same matrix, bit for bit: the sampling uses ``seed`` (>= 1:
-    SimpleITK reads a seed of 0 as "seed from the wall clock") and SimpleITK runs on one thread
-    here (its multi-threaded sums change in the last bits from run to run). Why: with the wall
-    clock seed that this function used until 2026-12, two runs on the same BraTS pair differed
-    by up to 10 mm, and Dice after 20 policy steps by up to 0.03. On images of at most ~64
-    voxels a side and 10 % sampling, one thread is as fast as two were at 20 % (``_SAMPLING``).
+    The sampling uses ``seed`` (>= 1: SimpleITK reads a seed of 0 as "seed from the wall clock",
+    which this function passed until 2026-12: two runs on the same BraTS pair then differed by up
+    to 10 mm, and Dice after 20 policy steps by up to 0.03). With a fixed seed, what remains is
+    SimpleITK's multi-threaded sums changing in their last bits: 0.001-0.003 mm between runs on the
+    160x192x144 benchmark pair; ``threads=1`` makes it exact, at twice the time (2.1 s instead
+    of 1.2 s on that pair with this CPU's 2 cores, where the whole command has 10 s).
+
+    ``threads``: SimpleITK's threads for this call (None: its default, all cores).
     """
     import SimpleITK as sitk
 
     if seed < 1:
         raise ValueError(f"seed must be >= 1 (SimpleITK reads 0 as the wall clock), got {seed}")
-    threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    default_threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    if threads is not None:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(int(threads))
     try:
         f = _shrunk(sitk.Cast(fixed.to_sitk(), sitk.sitkFloat32), fixed.geometry.shape)
         m = _shrunk(sitk.Cast(moving.to_sitk(), sitk.sitkFloat32), moving.geometry.shape)
@@ -85,7 +89,7 @@ def affine_prealign(fixed: Image, moving: Image, *, iterations: int = 200, seed:
                          "Check that the two images overlap and show the same anatomy, or run without --prealign.") \
             from err
     finally:
-        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(default_threads)
 
 
 def _shrunk(image, shape: tuple[int, ...]):
