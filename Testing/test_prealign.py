@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from steprl import spatial
 from steprl.geometry import Geometry, Image
@@ -64,8 +65,6 @@ def test_prealign_is_reproducible():
     """Same inputs, same matrix: a fixed sampling seed (SimpleITK reads 0 as the wall clock); bit for bit on
     one thread, to far below a voxel on several (threaded sums). With the wall-clock seed, two runs on
     this pair differed in every entry."""
-    import pytest
-
     rng = np.random.default_rng(11)
     geom = Geometry((40, 44, 36), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0), np.eye(3))
     base, _ = blob_image(geom.shape, rng, n_blobs=(6, 8))

@@ -205,18 +205,19 @@ def test_soft_grey_brings_grey_matter_toward_white_matter_and_is_off_by_default(
 
     model = IntensityModel.from_synthseg_folder(shared_data / "synthseg")
     wm, cortex, csf = model.classes[2], model.classes[3], model.classes[24]
-    on_ratios, off_ratios = [], []
+    assert model.t1_means[0, model.contrast_class[24]] < GREY_FROM * model.t1_means[0, model.contrast_class[2]]
+    on_ratios, off_ratios, csf_kept = [], [], 0
     for seed in range(40):
         on, _ = draw_contrast(model, np.random.default_rng(seed), t1_probability=1.0, soft_grey=1.0)
         off, _ = draw_contrast(model, np.random.default_rng(seed), t1_probability=1.0)
         np.testing.assert_array_equal(off, draw_contrast(model, np.random.default_rng(seed), t1_probability=1.0,
                                                          soft_grey=0.0)[0])
         assert on[wm] == off[wm]
-        if off[csf] < GREY_FROM * off[wm]:
-            assert on[csf] == off[csf]
         untouched = (off >= off[wm]) | (off < GREY_FROM * off[wm])
         np.testing.assert_array_equal(on[untouched], off[untouched])
+        csf_kept += int(on[csf] == off[csf])
         assert np.all(on[~untouched] >= off[~untouched]) and np.all(on[~untouched] < on[wm])
         on_ratios.append(on[cortex] / on[wm])
         off_ratios.append(off[cortex] / off[wm])
     assert np.median(off_ratios) < 0.65 < 0.7 < np.median(on_ratios)
+    assert csf_kept >= 36  # CSF stays dark in (nearly) every draw

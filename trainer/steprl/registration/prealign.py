@@ -32,7 +32,7 @@ _FINEST_LEVEL_SIZE = 64
 #: Fraction of the voxels the Mattes MI metric samples. 10 % rather than 20 %: with the fixed seed
 #: (:func:`affine_prealign`) 20 % took 1.5x as long as the earlier wall-clock-seeded runs and 10 %
 #: 1.13x, on the 160x192x144 benchmark pair on 2 threads (the optimiser's iterations depend on the
-#: sample); both moved the corners of a 160 mm cube by 0.3 mm from an earlier run's, whose own runs
+#: sample); both moved the corners of an 80 mm cube by 0.3 mm from an earlier run's, whose own runs
 #: differed by up to 0.5 mm from one another.
 _SAMPLING = 0.1
 

@@ -225,7 +225,8 @@ def _brighten_fat(cls_mean: np.ndarray, model: IntensityModel, rng: np.random.Ge
 
 
 #: :func:`_soften_grey` moves the T1 classes whose mean lies between this share of white matter's and
-#: white matter's own (cortex, deep grey nuclei; not CSF, about 0.28) toward white matter.
+#: white matter's own toward white matter: cortex and deep grey nuclei, and the extra-cerebral classes
+#: in that range too (not CSF, about 0.28).
 GREY_FROM = 0.45
 #: Range of the factor that multiplies those classes' distance below white matter (1: unchanged).
 GREY_SQUEEZE = (0.45, 1.0)
@@ -234,8 +235,9 @@ GREY_SQUEEZE = (0.45, 1.0)
 def _soften_grey(cls_mean: np.ndarray, model: IntensityModel, rng: np.random.Generator) -> None:
     """Bring the grey-matter-like T1 classes toward white matter by one random factor, in place.
 
-    ``mean <- wm - (wm - mean) * k``, ``k`` uniform in :data:`GREY_SQUEEZE`, for the classes
-    between :data:`GREY_FROM` x and 1 x white matter's mean.
+    ``mean <- wm - (wm - mean) * k``, ``k`` uniform in :data:`GREY_SQUEEZE`, for every class
+    between :data:`GREY_FROM` x and 1 x white matter's mean (extra-cerebral ones included: the
+    task only needs the brain's grey and white levels right).
     Why (issue 12): SynthSeg's T1 priors put the cortex at 0.60 of white matter (means 96 and 160
     of 255); real T1 scans are flatter (MNI152 2009a: grey matter at 0.78 of white matter). A model
     trained on the priors alone put its white-matter border at about 0.8 x white matter's
