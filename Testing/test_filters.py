@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from steprl.filters import filter_axis, separable
+from steprl.filters import SHIFT_BOX_MAX, box_sum_axis, filter_axis, separable
 from steprl.metrics import local_ncc
 from steprl.synth.toy import gaussian_blur
 
@@ -57,3 +57,18 @@ def test_local_ncc_of_an_image_with_itself_and_its_negative():
     assert local_ncc(x, -x, 5).item() < -0.99
     with pytest.raises(ValueError, match="odd"):
         filter_axis(x, 2, [1.0, 1.0])
+
+
+@pytest.mark.parametrize("k", [3, 5, 9, 13, SHIFT_BOX_MAX + 2])
+def test_box_sum_equals_the_zero_border_filter_with_gradients(k):
+    """The shifted-addition box sum (and its self-adjoint backward) equals the banded product,
+    including boxes wider than the axis (13 and 17 on axes of 5-8 voxels)."""
+    torch.manual_seed(2)
+    t = torch.rand(1, 2, 6, 8, 5, dtype=torch.float64)
+    for axis in (2, 3, 4):
+        torch.testing.assert_close(box_sum_axis(t, axis, k), _conv_reference(t, axis, [1.0] * k, "zero"))
+    x = t[:, :1, :4, :5, :3].clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda v: box_sum_axis(box_sum_axis(v, 3, k), 4, k), (x,))
+    assert torch.autograd.gradgradcheck(lambda v: box_sum_axis(v, 2, k), (x,))
+    with pytest.raises(ValueError, match="odd"):
+        box_sum_axis(t, 2, 4)

@@ -8,6 +8,12 @@ same sums (to float rounding) about 7x faster at 64^3 (a sigma-3 blur of 3 chann
 policy's NCC-gradient feature, the refinement and the NCC losses are dominated by these
 filters.
 
+Box sums (the local-NCC windows, 3-15 voxels) are cheaper still as ``k`` shifted additions per
+axis (:func:`box_sum_axis`): ``O(k)`` per voxel instead of the matrix product's ``O(n)``. At 64^3
+with a 5-voxel window that is 6x faster forward (5 maps, 2 cores, ratio in one process); its
+backward is the same box sum (a symmetric kernel with zero border is self-adjoint), where
+autograd through the slices would allocate and scatter a padded gradient per shift.
+
 Border rules: ``"replicate"`` (the edge value extends outwards, as ``F.pad(mode="replicate")``)
 and ``"zero"`` (outside counts 0: window SUMS over the in-image part).
 """
@@ -53,3 +59,46 @@ def separable(t: torch.Tensor, kernels: Sequence[Sequence[float] | None], border
         if kernel is not None and len(kernel) > 1:
             t = filter_axis(t, 2 + axis, kernel, border)
     return t
+
+
+#: Widest box computed by shifted additions; wider ones use the banded matrix product.
+SHIFT_BOX_MAX = 15
+
+
+def _shifted_box_sum(t: torch.Tensor, axis: int, k: int) -> torch.Tensor:
+    """Sum of ``t`` over ``k`` neighbours along ``axis`` (centred, zero outside the tensor)."""
+    r, n = k // 2, t.shape[axis]
+    pad_shape = list(t.shape)
+    pad_shape[axis] = r
+    zeros = t.new_zeros(pad_shape)
+    padded = torch.cat([zeros, t, zeros], dim=axis)
+    out = padded.narrow(axis, 0, n).clone()
+    for offset in range(1, k):
+        out += padded.narrow(axis, offset, n)
+    return out
+
+
+class _BoxSum(torch.autograd.Function):
+    """Zero-border box sum along one axis; the backward pass is the same box sum of the gradient."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, axis: int, k: int) -> torch.Tensor:
+        ctx.axis, ctx.k = axis, k
+        return _shifted_box_sum(t, axis, k)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _BoxSum.apply(grad, ctx.axis, ctx.k), None, None
+
+
+def box_sum_axis(t: torch.Tensor, axis: int, k: int) -> torch.Tensor:
+    """Sum over a centred window of ``k`` voxels (odd) along tensor dimension ``axis``, counting 0
+    outside the tensor: the same as ``filter_axis(t, axis, [1.0] * k, border="zero")``, faster for
+    ``k <= SHIFT_BOX_MAX`` (module docstring); differentiable."""
+    if k % 2 == 0 or k < 1:
+        raise ValueError(f"the box must have an odd positive length, got {k}")
+    if k == 1:
+        return t
+    if k > SHIFT_BOX_MAX:
+        return filter_axis(t, axis, [1.0] * k, border="zero")
+    return _BoxSum.apply(t, axis, k)

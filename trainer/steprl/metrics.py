@@ -244,14 +244,14 @@ def jacobian_stats(jacobian_det: Any) -> dict[str, float]:
 def _box_mean(maps: torch.Tensor, window: tuple[int, ...]) -> torch.Tensor:
     """Mean of ``maps`` ``(B, C, *S)`` over a box window clipped to the image, per voxel and channel.
 
-    Separable: one banded matrix product per axis (:mod:`steprl.filters`; cost ``O(N * n)`` per
+    Separable: one box sum per axis (:func:`steprl.filters.box_sum_axis`; cost ``O(N * k)`` per
     axis, not ``O(N * prod(window))``). Zero padding gives the in-image SUM; dividing by the
     in-image voxel count (a product of per-axis counts) gives the mean over the window's part
     inside the image.
     """
     import torch
 
-    from steprl.filters import filter_axis
+    from steprl.filters import box_sum_axis
 
     nd = maps.dim() - 2
     out = maps
@@ -259,7 +259,7 @@ def _box_mean(maps: torch.Tensor, window: tuple[int, ...]) -> torch.Tensor:
     for axis, k in enumerate(window):
         n, radius = maps.shape[2 + axis], k // 2
         if k > 1:
-            out = filter_axis(out, 2 + axis, [1.0] * k, border="zero")
+            out = box_sum_axis(out, 2 + axis, k)
         idx = torch.arange(n, device=maps.device)
         per_axis = ((idx + radius).clamp(max=n - 1) - (idx - radius).clamp(min=0) + 1).to(maps.dtype)
         view = [1] * nd
