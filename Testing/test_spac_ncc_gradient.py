@@ -11,7 +11,7 @@ import torch
 from steprl import spatial
 from steprl.metrics import local_ncc
 from steprl.registration.networks import SPACConfig, SPACPolicy, planner_input
-from steprl.registration.similarity_gradient import ncc_gradient
+from steprl.registration.similarity_gradient import iterated_ncc_gradient, ncc_gradient
 from steprl.synth.toy import gaussian_blur
 
 
@@ -82,3 +82,23 @@ def test_prior_scale_is_learned_and_checked():
     with pytest.raises(ValueError, match="direction"):
         planner_input(torch.rand(1, 2, 8, 8), "ncc-gradient")
     assert SPACConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="prior_iterations"):
+        SPACConfig(ndim=2, grid=(32, 32), features="ncc-gradient", prior_iterations=0)
+
+
+def test_inner_iterations_reach_further_along_the_shift():
+    """Two inner iterations (SPACConfig.prior_iterations) move a 3-voxel shift further than one, in the
+    right direction, and one iteration is exactly the plain direction."""
+    fixed = _blobs((32, 32), seed=3)
+    true = torch.zeros(1, 2, 32, 32)
+    true[:, 0] = -3.0
+    moving = spatial.warp(fixed, -true)
+    one = ncc_gradient(fixed, moving, 5, 1.0)
+    torch.testing.assert_close(iterated_ncc_gradient(fixed, moving, 5, 1.0, 1, 2.0), one)
+    two = iterated_ncc_gradient(fixed, moving, 5, 1.0, 2, 2.0)
+    inner = (slice(None), 0, slice(8, -8), slice(8, -8))
+    assert two[inner].mean() < one[inner].mean() < 0
+    cfg = SPACConfig(ndim=2, grid=(32, 32), channels=(8, 16, 16), plan_dim=4, features="ncc-gradient",
+                     prior_scale=2.0, prior_sigma=1.0, prior_iterations=2)
+    _, _, skips = SPACPolicy(cfg).planner(torch.cat([fixed, moving], 1))
+    torch.testing.assert_close(skips.direction, two)

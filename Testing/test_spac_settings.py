@@ -107,7 +107,7 @@ def test_the_learner_settings_are_stored_whole():
     older = {**config, "training": {k: v for k, v in stored.items() if k != "bf16"},
              "network": {k: v for k, v in config["network"].items() if not k.startswith("prior_")}}
     assert missing_settings(older) == ["network.prior_scale", "network.prior_window", "network.prior_sigma",
-                                       "training.bf16"]
+                                       "network.prior_iterations", "training.bf16"]
 
 
 def test_the_feature_table_matches_the_choices():

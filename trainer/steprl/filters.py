@@ -66,15 +66,14 @@ SHIFT_BOX_MAX = 15
 
 
 def _shifted_box_sum(t: torch.Tensor, axis: int, k: int) -> torch.Tensor:
-    """Sum of ``t`` over ``k`` neighbours along ``axis`` (centred, zero outside the tensor)."""
-    r, n = k // 2, t.shape[axis]
-    pad_shape = list(t.shape)
-    pad_shape[axis] = r
-    zeros = t.new_zeros(pad_shape)
-    padded = torch.cat([zeros, t, zeros], dim=axis)
-    out = padded.narrow(axis, 0, n).clone()
-    for offset in range(1, k):
-        out += padded.narrow(axis, offset, n)
+    """Sum of ``t`` over ``k`` neighbours along ``axis`` (centred, zero outside the tensor): the
+    tensor plus its shifts by ``1..k//2`` both ways, each added in place over the overlap (no
+    padded copy)."""
+    n = t.shape[axis]
+    out = t.clone()
+    for offset in range(1, min(k // 2, n - 1) + 1):
+        out.narrow(axis, offset, n - offset).add_(t.narrow(axis, 0, n - offset))
+        out.narrow(axis, 0, n - offset).add_(t.narrow(axis, offset, n - offset))
     return out
 
 

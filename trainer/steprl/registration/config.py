@@ -72,6 +72,14 @@ class SPACConfig:
             line gives it the loss's ``ncc_window``).
         prior_sigma: the Gaussian smoothing of the ``ncc-gradient`` feature, in voxels of the
             network grid.
+        prior_iterations: inner iterations of the ``ncc-gradient`` direction within one step
+            (1: the gradient at the current warp). With K > 1 the warped image is moved on by
+            ``prior_scale`` (the configured start, a constant) times the direction so far, the
+            gradient is taken again there and added: K small demons-like iterations per step, so
+            20 steps reach further where the gradient is weak. Why: on the real MNI152 <->
+            Colin27 pair the trained K = 1 policy stopped 0.014 Dice short of Elastix; applying
+            K = 2 / 3 at test time alone gave +0.010 / +0.015 there, and cost 0.027 s per extra
+            iteration at 64^3 on 2 cores.
     """
 
     ndim: int = 2
@@ -90,6 +98,7 @@ class SPACConfig:
     prior_scale: float = 0.0
     prior_window: int = 5
     prior_sigma: float = 2.0
+    prior_iterations: int = 1
 
     def __post_init__(self) -> None:
         if self.ndim not in (2, 3):
@@ -110,6 +119,8 @@ class SPACConfig:
             raise ValueError(f"stem and step_bound must be >= 0, got {self.stem} and {self.step_bound}")
         if self.prior_scale < 0 or (self.prior_scale > 0 and self.features != "ncc-gradient"):
             raise ValueError(f"prior_scale must be >= 0 and needs features 'ncc-gradient', got {self.prior_scale}")
+        if self.prior_iterations < 1:
+            raise ValueError(f"prior_iterations must be >= 1, got {self.prior_iterations}")
         if self.prior_window < 1 or self.prior_window % 2 == 0 or self.prior_sigma < 0:
             raise ValueError(f"prior_window must be odd and prior_sigma >= 0, got {self.prior_window}, "
                              f"{self.prior_sigma}")

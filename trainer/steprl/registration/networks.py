@@ -122,13 +122,15 @@ class Planner(nn.Module):
         self.log_std_range = cfg.log_std_range
         self.features = cfg.features
         self.prior_window, self.prior_sigma = cfg.prior_window, cfg.prior_sigma
+        self.prior_iterations, self.inner_scale = cfg.prior_iterations, cfg.prior_scale
 
     def forward(self, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, PlannerFeatures]:
         direction = None
         if self.features == "ncc-gradient":
-            from steprl.registration.similarity_gradient import ncc_gradient
+            from steprl.registration.similarity_gradient import iterated_ncc_gradient
 
-            direction = ncc_gradient(state[:, :1], state[:, 1:2], self.prior_window, self.prior_sigma)
+            direction = iterated_ncc_gradient(state[:, :1], state[:, 1:2], self.prior_window, self.prior_sigma,
+                                              self.prior_iterations, self.inner_scale)
         skips = PlannerFeatures([], direction)
         x = self.stem(planner_input(state, self.features, direction))
         for level in self.levels:

@@ -43,3 +43,20 @@ def ncc_gradient(fixed: torch.Tensor, warped: torch.Tensor, window: int, sigma: 
     axes = tuple(range(2, warped.ndim))
     image_gradient = torch.stack(torch.gradient(warped.detach().float()[:, 0], dim=tuple(a - 1 for a in axes)), 1)
     return gaussian_blur(d_warped * image_gradient, sigma)
+
+
+def iterated_ncc_gradient(fixed: torch.Tensor, warped: torch.Tensor, window: int, sigma: float,
+                          iterations: int = 1, scale: float = 1.0) -> torch.Tensor:
+    """The sum of ``iterations`` :func:`ncc_gradient` directions, each taken after moving ``warped`` on
+    by ``scale`` times the sum so far (``SPACConfig.prior_iterations``; 1 = :func:`ncc_gradient`).
+
+    ``warped`` is re-warped here (the feature only, never the environment's image), with the
+    same units and shapes as :func:`ncc_gradient`: ``(B, ndim, *S)`` voxels of the network grid.
+    """
+    from steprl import spatial
+
+    total = ncc_gradient(fixed, warped, window, sigma)
+    for _ in range(iterations - 1):
+        moved = spatial.warp(warped.detach().float(), scale * total)
+        total = total + ncc_gradient(fixed, moved, window, sigma)
+    return total
