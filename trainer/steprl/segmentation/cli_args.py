@@ -53,6 +53,9 @@ def _add_slicing(p) -> None:
 def _add_precision(p) -> None:
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bfloat16 autocast (default: on for CUDA and CPUs with native bf16)")
+    p.add_argument("--match-levels", action=argparse.BooleanOptionalAction, default=True,
+                   help="remap the image's grey / white levels to the training data's first, when the model "
+                        "card gives them (a one-step first pass finds them; default on)")
 
 
 def _add_segment(sub, add_common) -> None:

@@ -42,12 +42,13 @@ def case_names(paths: Sequence[str | Path]) -> list[str]:
 
 
 def evaluate_case(image, labels, model, *, steps=None, device="auto", axis="axial", batch_slices=16,
-                  bf16=None) -> dict:
+                  bf16=None, match_levels=True) -> dict:
     """Segment one image (``labels`` already on its grid, > 0 = object); the row of the table."""
     from steprl import metrics
     from steprl.segmentation.inference import segment
 
-    history = list(segment(image, model, steps, device, axis, batch_slices, labels=labels, bf16=bf16))
+    history = list(segment(image, model, steps, device, axis, batch_slices, labels=labels, bf16=bf16,
+                           match_levels=match_levels))
     last = history[-1]
     reference = np.asarray(labels.array) > 0
     row = {"steps": last.step, **metrics.segmentation_metrics(last.mask.array, reference, image.geometry.spacing)}
@@ -94,7 +95,7 @@ def brain_mask(image, labels: np.ndarray, mask_path: Path | None = None,
 
 def evaluate_dataset(images: Sequence[Path], labels: Sequence[Path], model, *, steps=None, device="auto",
                      axis="axial", batch_slices=16, label_values=None, bf16=None, quiet=False,
-                     baselines: Sequence[str] = (), brain_masks: Sequence[Path] | None = None,
+                     baselines: Sequence[str] = (), match_levels=True, brain_masks: Sequence[Path] | None = None,
                      brain_from_labels: bool = False) -> list[dict]:
     """Rows of :func:`evaluate_case` for image / label-map files matched by order.
 
@@ -124,7 +125,7 @@ def evaluate_dataset(images: Sequence[Path], labels: Sequence[Path], model, *, s
         mask = Image(object_mask(lab.array, label_values).astype(np.uint8), image.geometry)
         row = {"case": names[k], **({"method": loaded.method} if baselines else {})}
         row.update(evaluate_case(image, mask, loaded, steps=steps, device=dev, axis=axis,
-                                 batch_slices=batch_slices, bf16=bf16))
+                                 batch_slices=batch_slices, bf16=bf16, match_levels=match_levels))
         rows.append(row)
         if baselines:
             brain, source = brain_mask(image, lab.array, brain_masks[k] if brain_masks else None, brain_from_labels)
@@ -192,7 +193,7 @@ def evaluate_command(args) -> int:
                          "Add --baselines otsu kmeans atropos, or drop them.")
     rows = evaluate_dataset(images, labels, args.model, steps=args.steps, device=args.device, axis=args.axis,
                             batch_slices=args.batch_slices, label_values=args.label_values, bf16=args.bf16,
-                            quiet=args.quiet, baselines=baselines, brain_masks=masks,
+                            quiet=args.quiet, baselines=baselines, brain_masks=masks, match_levels=args.match_levels,
                             brain_from_labels=args.brain_from_labels)
     print(format_table(rows))
     if args.json:

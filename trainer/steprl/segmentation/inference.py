@@ -139,6 +139,39 @@ def _step_count(loaded: LoadedSegmenter, steps: int | None) -> int:
     return n_steps
 
 
+def _active_slices(case: CaseSlices, skip_constant: bool) -> np.ndarray:
+    """Indices of the slices the network runs on (all, or the non-constant ones)."""
+    return np.flatnonzero(~case.constant) if skip_constant else np.arange(case.images.shape[0])
+
+
+def _levels_matched(image: Image, loaded: LoadedSegmenter, runner: _Runner, axis: str | int, batch_slices: int,
+                    skip_constant: bool) -> Image:
+    """``image`` normalised and remapped to the training data's grey / white ratio, when the card's
+    ``normalisation.tissue_levels.grey_to_white`` gives one; else ``image`` itself. The levels come
+    from a one-step first pass (:mod:`steprl.segmentation.tissue_levels`); implausible ones leave
+    the image as it is, with a warning."""
+    from steprl.preprocess import normalise_percentile
+    from steprl.segmentation import tissue_levels
+
+    target = loaded.card.get("normalisation", {}).get("tissue_levels", {}).get("grey_to_white")
+    if target is None:
+        return image
+    case = prepare_case(image, None, size=loaded.size, axis=axis, name="image")
+    active = _active_slices(case, skip_constant)
+    first = _step_mask(runner.run_slices(case, active, 1, batch_slices, None)[0], case, active, batch_slices,
+                       image.ndim)
+    normalised = normalise_percentile(image.array)
+    levels = tissue_levels.tissue_levels(normalised, first != 0)
+    if not tissue_levels.plausible(levels):
+        log.warning("Grey / white levels not found (%s): segmenting the image without matching them. Is it a "
+                    "T1-weighted scan?", "no first-pass mask" if levels is None else
+                    f"ratio {levels[0] / levels[1]:.2f}")
+        return image
+    log.info("grey / white levels %.3f / %.3f (ratio %.2f) matched to the training data's ratio %.2f",
+             levels[0], levels[1], levels[0] / levels[1], float(target))
+    return Image(tissue_levels.match_levels(normalised, *levels, float(target)), image.geometry)
+
+
 def _step_mask(net_masks: torch.Tensor, case: CaseSlices, active: np.ndarray, batch_slices: int,
                ndim: int) -> np.ndarray:
     """One step's network-grid masks ``(N, 1, h, w)`` brought back onto the image's grid, as a volume."""
@@ -170,6 +203,7 @@ def segment(
     channels_last: bool | None = None,
     skip_constant: bool = True,
     progress: Callable[[int, int], None] | None = None,
+    match_levels: bool = True,
 ) -> Iterator[SegmentationStep]:
     """Segment ``image`` step by step; yields ``steps + 1`` :class:`SegmentationStep` (see the module docstring).
 
@@ -186,6 +220,9 @@ def segment(
         bf16, channels_last: ``None`` = the measured default for the device.
         skip_constant: leave slices of one constant value out (background).
         progress: called with ``(slices done, slices total)`` while the network runs.
+        match_levels: when the card gives ``normalisation.tissue_levels``, first remap the image's
+            grey / white levels to the training data's (:mod:`steprl.segmentation.tissue_levels`;
+            a one-step first pass of the model finds them). False: the image as it is.
 
     Raises:
         InputError: an image that cannot be segmented (empty, constant, NaN, vector, wrong
@@ -208,9 +245,12 @@ def segment(
     if use_cl:
         loaded.net.to(memory_format=torch.channels_last)
     start = time.perf_counter()
+    runner = _Runner(loaded, dev, use_bf16, use_cl)
+    geometry = image.geometry
+    if match_levels:
+        image = _levels_matched(image, loaded, runner, axis, batch_slices, skip_constant)
     case = prepare_case(image, None, size=loaded.size, axis=axis, name="image")
     reference = None if labels is None else np.asarray(labels.array) > 0
-    geometry = image.geometry
 
     def result(step: int, mask: np.ndarray, changed: np.ndarray) -> SegmentationStep:
         metrics = {"seconds": time.perf_counter() - start, "object_fraction": float(mask.mean()),
@@ -224,12 +264,10 @@ def segment(
     if n_steps == 0:
         return
 
-    n_slices = case.images.shape[0]
-    active = np.flatnonzero(~case.constant) if skip_constant else np.arange(n_slices)
-    skipped = n_slices - len(active)
+    active = _active_slices(case, skip_constant)
+    skipped = case.images.shape[0] - len(active)
     if skipped:
-        log.info("%d of %d slices are constant: background, not segmented.", skipped, n_slices)
-    runner = _Runner(loaded, dev, use_bf16, use_cl)
+        log.info("%d of %d slices are constant: background, not segmented.", skipped, case.images.shape[0])
     net_masks = runner.run_slices(case, active, n_steps, batch_slices, progress)
     for t in range(n_steps):
         mask = _step_mask(net_masks[t], case, active, batch_slices, image.ndim)

@@ -71,7 +71,8 @@ def take(array: np.ndarray, index: int, axis: int) -> np.ndarray:
 
 def run_and_write(image: Image, model, out, *, steps: int | None = None, device="auto", axis: str | int = "axial",
                   batch_slices: int = 16, labels: Image | None = None, fmt: str = "nii.gz", step_masks: bool = True,
-                  bf16: bool | None = None, quiet: bool = False, inputs: dict | None = None) -> dict:
+                  bf16: bool | None = None, quiet: bool = False, inputs: dict | None = None,
+                  match_levels: bool = True) -> dict:
     """Segment ``image`` and write the outputs listed in the module docstring; returns the metrics summary.
 
     ``labels``: a binary object mask (or label map, > 0 = object) on ``image``'s grid.
@@ -114,7 +115,7 @@ def run_and_write(image: Image, model, out, *, steps: int | None = None, device=
                 bar.refresh()
 
             for result in segment(image, loaded, n_steps, dev, axis, batch_slices, labels=labels, bf16=bf16,
-                                  progress=progress):
+                                  progress=progress, match_levels=match_levels):
                 if step_masks and result.step > 0:
                     io.write_image(result.mask, staging / step_file(result.step, fmt))
                 records.append({"step": result.step, **result.metrics})
@@ -128,6 +129,7 @@ def run_and_write(image: Image, model, out, *, steps: int | None = None, device=
             "model": {"path": str(loaded.path), "sha256": loaded.card.get("sha256"), "method": loaded.method},
             "inputs": inputs or {},
             "device": str(dev),
+            "match_levels": bool(match_levels and loaded.card.get("normalisation", {}).get("tissue_levels")),
             "axis": {"requested": str(axis), "array_axis": array_axis},
             "constant_slices": CONSTANT_SLICE_RULE,
             "steps": records,

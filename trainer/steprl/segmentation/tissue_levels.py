@@ -1,0 +1,64 @@
+"""Match a scan's own grey / white-matter levels to those the model was trained on (issue 12).
+
+Why: a white-matter model trained on synthetic T1 volumes learns where the grey / white border
+lies in THOSE volumes. SynthSeg's T1 priors put the cortex at about 0.55-0.6 of white matter;
+real T1 scans sit at 0.75-0.8 (MNI152 0.81, Colin27 0.78, measured as below). The bundled model
+then put its border too far into the grey matter and over-segmented every real scan (MNI152:
+predicted volume 1.11x the reference), and training on softened synthetic grey matter only moved
+the border to the other side (0.78x): the border follows the training contrast, not each scan's
+own levels. Remapping each scan so that its grey / white ratio equals the training data's, with
+the SAME estimator on both, removes that mismatch without retraining.
+
+The estimator (:func:`tissue_levels`) needs no brain mask: a first pass of the model itself
+(one step) gives a white-matter mask; white = the median intensity inside it, grey = the median
+in a 2-voxel ring around it (mostly cortex and deep grey matter, which is what surrounds white
+matter). Intensities are the 0..1 percentile-normalised image the network reads
+(:func:`steprl.preprocess.normalise_percentile`).
+
+The card records the target (``normalisation.tissue_levels.grey_to_white``), computed by
+``trainer/tools/calibrate_tissue_levels.py`` on training-split synthetic T1 volumes.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+#: Ring width around the first-pass mask, in voxels, where the grey level is read.
+RING_VOXELS = 2
+#: Fewest first-pass mask voxels (and ring voxels) for a level estimate.
+MIN_VOXELS = 500
+#: Grey / white ratios outside this range are not a T1 grey / white pair: no remapping.
+PLAUSIBLE_RATIO = (0.3, 0.95)
+
+
+def tissue_levels(normalised: np.ndarray, white_mask: np.ndarray) -> tuple[float, float] | None:
+    """``(grey, white)`` median levels of ``normalised`` (2D or 3D, 0..1), read around and inside the
+    boolean ``white_mask`` (same shape); ``None`` when the mask or its ring is too small."""
+    from scipy import ndimage
+
+    white_mask = np.asarray(white_mask, dtype=bool)
+    if white_mask.sum() < MIN_VOXELS:
+        return None
+    ring = ndimage.binary_dilation(white_mask, iterations=RING_VOXELS) & ~white_mask
+    if ring.sum() < MIN_VOXELS:
+        return None
+    return float(np.median(normalised[ring])), float(np.median(normalised[white_mask]))
+
+
+def match_levels(normalised: np.ndarray, grey: float, white: float, grey_to_white: float) -> np.ndarray:
+    """``normalised`` (0..1) remapped piecewise linearly: ``0 -> 0``, ``grey -> grey_to_white * white``,
+    ``white -> white`` and everything from ``white`` up unchanged. float32, same shape."""
+    top = max(1.0, white + 1e-3)
+    return np.interp(normalised, [0.0, grey, white, top], [0.0, grey_to_white * white, white, top]).astype(np.float32)
+
+
+def plausible(levels: tuple[float, float] | None) -> bool:
+    """Whether ``(grey, white)`` looks like a T1 grey / white pair (:data:`PLAUSIBLE_RATIO`)."""
+    if levels is None or levels[1] <= 0:
+        return False
+    lo, hi = PLAUSIBLE_RATIO
+    return lo <= levels[0] / levels[1] <= hi
