@@ -89,3 +89,15 @@ def test_implausible_levels_leave_the_image_and_warn(caplog):
 @pytest.mark.parametrize("bad", [0.0, 0.29, 0.96])
 def test_plausible_range(bad):
     assert not plausible((bad, 1.0))
+
+
+def test_ring_stays_within_the_slices_of_the_mask():
+    """With ``slice_axis`` the grey ring grows in-plane only: a mask on some slices reads grey on those
+    slices, not from the (different) slices above and below."""
+    image, core = _phantom()
+    some_slices = np.zeros_like(core)
+    some_slices[4:9] = core[4:9]
+    image[2:4] = image[9:11] = 0.2  # neighbours that a through-plane ring would pick up
+    grey, _ = tissue_levels(image, some_slices, slice_axis=0)
+    assert abs(grey - 0.78) < 0.02
+    assert tissue_levels(image, some_slices)[0] < 0.7

@@ -6,8 +6,8 @@
 Why: :mod:`steprl.segmentation.tissue_levels`. Each T1-like synthetic volume of the model's
 VALIDATION subjects (never the held-out test subjects that the comparisons score; ``--seeds``
 volumes each) is remapped to every candidate ratio with the SAME estimator that inference
-applies to a user's scan (a one-step first pass of this model, median white inside its mask,
-median grey in the 2-voxel ring around it) and segmented; the ratio with the best mean Dice wins.
+applies to a user's scan (:func:`steprl.segmentation.inference.first_pass_levels`) and
+segmented; the ratio with the best mean Dice wins.
 Synthetic T1 ratios spread widely (0.38-0.75 on the training subjects), so the ratio the model
 works best at is measured, not assumed. ``--write`` stores ``normalisation.tissue_levels``
 (the ratio, the table, this command) in the card next to the weights, atomically, weights
@@ -31,8 +31,8 @@ def validation_table(model, folder: Path, seeds: int, ratios: list[float]) -> li
     from steprl.geometry import Image
     from steprl.metrics import dice
     from steprl.preprocess import normalise_percentile
-    from steprl.segmentation.inference import segment
-    from steprl.segmentation.tissue_levels import match_levels, tissue_levels
+    from steprl.segmentation.inference import first_pass_levels, segment
+    from steprl.segmentation.tissue_levels import match_levels
     from steprl.synth import synthseg
     from steprl.synth.segmentation_slices import synth_case
 
@@ -44,7 +44,7 @@ def validation_table(model, folder: Path, seeds: int, ratios: list[float]) -> li
         for s in range(seeds):
             image, mask = synth_case(path, folder, seed=7000 + 10 * k + s, t1=True)
             normalised, truth = normalise_percentile(image.array), mask.array != 0
-            levels = tissue_levels(normalised, final(image, 1))
+            levels = first_pass_levels(image, model)
             if levels is None:
                 print(f"{path.name} seed {s}: no first-pass mask, left out", flush=True)
                 continue
@@ -80,8 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     entry = {"grey_to_white": float(best), "validation_dice": round(means[best], 4),
              "validation_dice_as_is": round(float(np.mean([row["as_is"] for row in rows])), 4),
              "mean_dice_by_ratio": {r: round(d, 4) for r, d in means.items()}, "volumes": len(rows),
-             "estimator": "one-step first pass of this model: median grey in a 2-voxel ring around its mask / "
-                          "median white inside it, on the 0.5-99.5 percentile-normalised image",
+             "estimator": "steprl.segmentation.inference.first_pass_levels (one-step first pass of this model on "
+                          "<= 32 slices: median grey in a 2-voxel in-slice ring around its mask / median white "
+                          "inside it, on the 0.5-99.5 percentile-normalised image)",
              "data": "T1-like synthetic volumes of the validation subjects "
                      "(steprl.synth.segmentation_slices.synth_case)",
              "command": shlex.join(["python", "trainer/tools/calibrate_tissue_levels.py", *(argv or sys.argv[1:])])}

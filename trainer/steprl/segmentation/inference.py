@@ -144,24 +144,48 @@ def _active_slices(case: CaseSlices, skip_constant: bool) -> np.ndarray:
     return np.flatnonzero(~case.constant) if skip_constant else np.arange(case.images.shape[0])
 
 
+def _first_pass_levels(image: Image, loaded: LoadedSegmenter, runner: _Runner, axis: str | int, batch_slices: int,
+                       skip_constant: bool) -> tuple[np.ndarray, tuple[float, float] | None]:
+    """The percentile-normalised image and its ``(grey, white)`` levels from a one-step first pass on at
+    most ``LEVEL_SLICES`` evenly spread slices (:mod:`steprl.segmentation.tissue_levels`)."""
+    from steprl.preprocess import normalise_percentile
+    from steprl.segmentation import tissue_levels
+
+    case = prepare_case(image, None, size=loaded.size, axis=axis, name="image")
+    active = _active_slices(case, skip_constant)
+    sampled = active[:: max(1, -(-len(active) // tissue_levels.LEVEL_SLICES))]
+    first = _step_mask(runner.run_slices(case, sampled, 1, batch_slices, None)[0], case, sampled, batch_slices,
+                       image.ndim)
+    normalised = normalise_percentile(image.array)
+    slice_axis = case.axis if image.ndim == 3 else None
+    return normalised, tissue_levels.tissue_levels(normalised, first != 0, slice_axis)
+
+
+def first_pass_levels(image: Image, model: LoadedSegmenter | str | Path, device: str | torch.device = "auto",
+                      axis: str | int = "axial", batch_slices: int = 16) -> tuple[float, float] | None:
+    """``(grey, white)`` levels of ``image`` as :func:`segment` reads them before matching (``None``: not
+    found); for calibrating a card's ``normalisation.tissue_levels`` with the same estimator."""
+    from steprl.device import resolve_device
+
+    dev = resolve_device(device)
+    loaded = load_segmenter(model)
+    loaded.net.to(dev)
+    use_bf16 = default_inference_bf16(dev)
+    runner = _Runner(loaded, dev, use_bf16, channels_last=False)
+    return _first_pass_levels(image, loaded, runner, axis, batch_slices, True)[1]
+
+
 def _levels_matched(image: Image, loaded: LoadedSegmenter, runner: _Runner, axis: str | int, batch_slices: int,
                     skip_constant: bool) -> Image:
     """``image`` normalised and remapped to the training data's grey / white ratio, when the card's
-    ``normalisation.tissue_levels.grey_to_white`` gives one; else ``image`` itself. The levels come
-    from a one-step first pass (:mod:`steprl.segmentation.tissue_levels`); implausible ones leave
-    the image as it is, with a warning."""
-    from steprl.preprocess import normalise_percentile
+    ``normalisation.tissue_levels.grey_to_white`` gives one; else ``image`` itself. Implausible
+    levels leave the image as it is, with a warning."""
     from steprl.segmentation import tissue_levels
 
     target = loaded.card.get("normalisation", {}).get("tissue_levels", {}).get("grey_to_white")
     if target is None:
         return image
-    case = prepare_case(image, None, size=loaded.size, axis=axis, name="image")
-    active = _active_slices(case, skip_constant)
-    first = _step_mask(runner.run_slices(case, active, 1, batch_slices, None)[0], case, active, batch_slices,
-                       image.ndim)
-    normalised = normalise_percentile(image.array)
-    levels = tissue_levels.tissue_levels(normalised, first != 0)
+    normalised, levels = _first_pass_levels(image, loaded, runner, axis, batch_slices, skip_constant)
     if not tissue_levels.plausible(levels):
         log.warning("Grey / white levels not found (%s): segmenting the image without matching them. Is it a "
                     "T1-weighted scan?", "no first-pass mask" if levels is None else
