@@ -134,3 +134,23 @@ def test_bundled_white_matter_model_loads_with_a_complete_card():
     volume = Image(rng.random((4, 40, 36)).astype(np.float32), geometry)
     steps = list(segment(volume, model, steps=2, device="cpu"))
     assert len(steps) == 3 and steps[-1].mask.array.shape == (4, 40, 36)
+
+
+def test_match_levels_brings_every_t1_volume_to_the_ratio(synthseg):
+    """--synth-match-levels: each T1-like training volume is remapped to the grey / white ratio that
+    segment() then remaps users' scans to (read the same way, around and inside the white matter)."""
+    from steprl.errors import InputError
+    from steprl.segmentation.tissue_levels import tissue_levels
+    from steprl.synth.segmentation_slices import SynthSegSliceSource
+
+    source = SynthSegSliceSource(synthseg, (64, 64), seed=0, val_slices=2, max_train_subjects=1, validation=1,
+                                 match_levels=0.6)
+    assert source.description["match_levels"] == 0.6
+    ratios = []
+    for seed in range(3):
+        image, white = source.synth_volume(source.train_labels[0], np.random.default_rng(seed), t1=True)
+        grey_level, white_level = tissue_levels(image, white, slice_axis=0)
+        ratios.append(grey_level / white_level)
+    assert np.allclose(ratios, 0.6, atol=0.01), ratios
+    with pytest.raises(InputError, match="match-levels"):
+        SynthSegSliceSource(synthseg, (32, 32), max_train_subjects=1, validation=1, match_levels=1.2)

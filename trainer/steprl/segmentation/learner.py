@@ -168,13 +168,21 @@ class _SliceLearner:
         self.seconds = float(state.get("seconds", 0.0))
         self.earlier_runs = list(state.get("earlier_runs", []))
 
+    def _normalisation(self) -> dict:
+        """The card's ``normalisation``; with ``--synth-match-levels`` also the ratio inference remaps to."""
+        ratio = self.data_description.get("match_levels")
+        if not ratio:
+            return dict(NORMALISATION_CARD)
+        return {**NORMALISATION_CARD, "tissue_levels": {
+            "grey_to_white": float(ratio), "source": "the training data's own ratio (--synth-match-levels)"}}
+
     def _card(self, inference: dict, extra_training: dict) -> dict:
         return {
             "method": self.method,
             "ndim": 2,
             "config": self.network_config(),
             "inference": {"size": list(self.source.size), **inference},
-            "normalisation": dict(NORMALISATION_CARD),
+            "normalisation": self._normalisation(),
             "labels": {"object": self.data_description.get("object", "labels > 0")},
             "parameters_trainable": count_parameters(self.net),
             "training": {**self.cfg.to_dict(), **extra_training, "data": self.data_description,

@@ -124,6 +124,11 @@ class SynthSegSliceSource:
             T1 scans (:func:`steprl.synth.from_labels.draw_contrast`; default 0).
         soft_grey: share of the T1-like volumes whose grey matter is brought toward white matter, as
             flat as in real T1 scans (``draw_contrast``; default 0).
+        match_levels: grey / white ratio every T1-like volume is remapped to, as inference remaps a
+            user's scan (:mod:`steprl.segmentation.tissue_levels`; here the levels are read around and
+            inside the TRUE white matter); 0 = off. Why: SynthSeg's T1 priors spread the ratio over
+            0.38-0.75, and the network learns one border for all of them; trained at one ratio, with
+            every scan brought to it, the border need not be a compromise.
     """
 
     def __init__(self, folder: str | Path, size: Sequence[int] = (128, 128), *,
@@ -131,7 +136,8 @@ class SynthSegSliceSource:
                  empty_fraction: float = 0.2, volumes_per_batch: int = 2, t1_probability: float = 0.5,
                  max_train_subjects: int | None = None, validation: int = 3, test: int = 3,
                  fov_mm: Sequence[float] = FOV_MM, rotation_deg: float = 12.0,
-                 strip_probability: float = 0.3, bright_fat: float = 0.0, soft_grey: float = 0.0) -> None:
+                 strip_probability: float = 0.3, bright_fat: float = 0.0, soft_grey: float = 0.0,
+                 match_levels: float = 0.0) -> None:
         from steprl.synth.from_labels import IntensityModel
         from steprl.synth.synthseg import WHITE_MATTER, list_label_maps, split_subjects
 
@@ -151,6 +157,10 @@ class SynthSegSliceSource:
             if not 0 <= share <= 1:
                 raise InputError(f"--synth-{name} must be a share in [0, 1], got {share}.",
                                  f"Use e.g. --synth-{name} 0.5.")
+        self.match_levels = float(match_levels)
+        if self.match_levels and not 0.3 <= self.match_levels <= 0.95:
+            raise InputError(f"--synth-match-levels must be a grey / white ratio in [0.3, 0.95], got {match_levels}.",
+                             "Use e.g. --synth-match-levels 0.6, or 0 for none.")
         self.fov_mm = (float(fov_mm[0]), float(fov_mm[1]))
         self.augment = spatial_augment(rotation_deg)
         self.split = split_subjects(list_label_maps(self.folder), validation=validation, test=test)
@@ -175,7 +185,8 @@ class SynthSegSliceSource:
             "val_slices": len(self._val), "axis": "axial",
             "licence": SYNTHSEG_LICENCE,
         }
-        for key in ("bright_fat", "soft_grey"):  # only when used: runs started before the option still resume
+        # only when used: runs started before an option still resume
+        for key in ("bright_fat", "soft_grey", "match_levels"):
             if getattr(self, key) > 0:
                 self.description[key] = getattr(self, key)
 
@@ -201,7 +212,18 @@ class SynthSegSliceSource:
         image = synthesize(resampled, self.intensity, rng, t1_probability=probability,
                            bright_fat=self.bright_fat, soft_grey=self.soft_grey)[0, 0].numpy()
         values = resampled[0, 0].numpy()
-        return normalise_percentile(image), np.isin(values, self.label_values)
+        obj = np.isin(values, self.label_values)
+        return self._matched(normalise_percentile(image), obj), obj
+
+    def _matched(self, normalised: np.ndarray, white: np.ndarray) -> np.ndarray:
+        """``normalised`` remapped to ``match_levels`` (levels read in-slice around and inside ``white``,
+        the object); as it is when off or when the levels are not a T1 grey / white pair."""
+        from steprl.segmentation.tissue_levels import match_levels, plausible, tissue_levels
+
+        if not self.match_levels:
+            return normalised
+        levels = tissue_levels(normalised, white, slice_axis=0)
+        return match_levels(normalised, *levels, self.match_levels) if plausible(levels) else normalised
 
     def _pick(self, image: np.ndarray, obj: np.ndarray, count: int, rng: np.random.Generator) -> list[int]:
         has_object = obj.any(axis=(1, 2))
