@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         _, card_path = model_paths(args.model)
         card = json.loads(card_path.read_text())
         card.setdefault("normalisation", {})["tissue_levels"] = entry
-        write_text(card_path, json.dumps(card, indent=2, sort_keys=True) + "\n")
+        write_text(card_path, json.dumps(card, indent=2) + "\n")  # the card's own key order: a small diff
         print(f"written to {card_path}")
     return 0
 
