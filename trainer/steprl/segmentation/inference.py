@@ -191,7 +191,7 @@ def _levels_matched(image: Image, loaded: LoadedSegmenter, runner: _Runner, axis
                     "T1-weighted scan?", "no first-pass mask" if levels is None else
                     f"ratio {levels[0] / levels[1]:.2f}")
         return image
-    log.info("grey / white levels %.3f / %.3f (ratio %.2f) matched to the training data's ratio %.2f",
+    log.info("grey / white levels %.3f / %.3f (ratio %.2f) matched to the model card's ratio %.2f",
              levels[0], levels[1], levels[0] / levels[1], float(target))
     return Image(tissue_levels.match_levels(normalised, *levels, float(target)), image.geometry)
 
