@@ -47,21 +47,30 @@ def tissue_levels(normalised: np.ndarray, white_mask: np.ndarray, slice_axis: in
     ``slice_axis``: the ring grows within the slices across this array axis only (the mask may
     cover only some slices); ``None``: in every direction.
     """
-    from scipy import ndimage
-
     white_mask = np.asarray(white_mask, dtype=bool)
     if white_mask.sum() < MIN_VOXELS:
         return None
-    structure = ndimage.generate_binary_structure(white_mask.ndim, 1)
-    if slice_axis is not None:
-        centre = [slice(None)] * white_mask.ndim
-        for side in (0, 2):
-            centre[slice_axis] = side
-            structure[tuple(centre)] = False
-    ring = ndimage.binary_dilation(white_mask, structure, iterations=RING_VOXELS) & ~white_mask
+    axes = [a for a in range(white_mask.ndim) if a != slice_axis]
+    ring = _grown(white_mask, RING_VOXELS, axes) & ~white_mask
     if ring.sum() < MIN_VOXELS:
         return None
     return float(np.median(normalised[ring])), float(np.median(normalised[white_mask]))
+
+
+def _grown(mask: np.ndarray, iterations: int, axes: list[int]) -> np.ndarray:
+    """``mask`` dilated ``iterations`` times by the 6- (4-) neighbour cross along ``axes`` (numpy only:
+    Slicer's Python has no scipy)."""
+    out = mask.copy()
+    for _ in range(iterations):
+        grown = out.copy()
+        for axis in axes:
+            ahead = [slice(None)] * mask.ndim
+            behind = [slice(None)] * mask.ndim
+            ahead[axis], behind[axis] = slice(1, None), slice(None, -1)
+            grown[tuple(ahead)] |= out[tuple(behind)]
+            grown[tuple(behind)] |= out[tuple(ahead)]
+        out = grown
+    return out
 
 
 def match_levels(normalised: np.ndarray, grey: float, white: float, grey_to_white: float) -> np.ndarray:
