@@ -12,6 +12,10 @@ model's network grid (isotropic pixels covering the slice), run the policy, and 
 step's mask back onto the slice grid (bilinear, >= 0.5). The output has the input's array
 shape and geometry (spacing, origin, direction) whatever the orientation.
 
+- **Grey / white level matching** (when the card gives ``normalisation.tissue_levels``; off with
+  ``match_levels=False``): a one-step first pass on at most 32 slices finds the scan's grey and
+  white levels and the image is remapped to the card's ratio before the pass that is yielded
+  (:mod:`steprl.segmentation.tissue_levels` says why: +0.04-0.06 Dice on every real scan here).
 - **Step 0** is the initial mask ``f(0) = 1`` everywhere (PixelDRL-MG's start: every pixel
   is object until it zeroes itself); steps ``1..steps`` apply the greedy (most probable)
   action of every pixel. A U-Net model runs through the same entry point with one step.
