@@ -133,6 +133,16 @@ class _Runner:
         return net_masks
 
 
+def _make_runner(loaded: LoadedSegmenter, dev: torch.device, bf16: bool | None = None,
+                 channels_last: bool | None = None) -> _Runner:
+    """The runner with the measured precision defaults for ``dev`` (``None``); channels-last moves the net."""
+    use_bf16 = default_inference_bf16(dev) if bf16 is None else bool(bf16)
+    use_cl = (dev.type == "cpu" and use_bf16) if channels_last is None else bool(channels_last)
+    if use_cl:
+        loaded.net.to(memory_format=torch.channels_last)
+    return _Runner(loaded, dev, use_bf16, use_cl)
+
+
 def _step_count(loaded: LoadedSegmenter, steps: int | None) -> int:
     """The steps to run: the card's default for None, checked; a U-Net takes one."""
     n_steps = loaded.default_steps if steps is None else int(steps)
@@ -174,9 +184,7 @@ def first_pass_levels(image: Image, model: LoadedSegmenter | str | Path, device:
     dev = resolve_device(device)
     loaded = load_segmenter(model)
     loaded.net.to(dev)
-    use_bf16 = default_inference_bf16(dev)
-    runner = _Runner(loaded, dev, use_bf16, channels_last=False)
-    return _first_pass_levels(image, loaded, runner, axis, batch_slices, True)[1]
+    return _first_pass_levels(image, loaded, _make_runner(loaded, dev), axis, batch_slices, True)[1]
 
 
 def _levels_matched(image: Image, loaded: LoadedSegmenter, runner: _Runner, axis: str | int, batch_slices: int,
@@ -249,8 +257,8 @@ def segment(
         skip_constant: leave slices of one constant value out (background).
         progress: called with ``(slices done, slices total)`` while the network runs.
         match_levels: when the card gives ``normalisation.tissue_levels``, first remap the image's
-            grey / white levels to the training data's (:mod:`steprl.segmentation.tissue_levels`;
-            a one-step first pass of the model finds them). False: the image as it is.
+            grey / white levels to the card's ratio (:mod:`steprl.segmentation.tissue_levels`; a
+            one-step first pass of the model finds them). False: the image as it is.
 
     Raises:
         InputError: an image that cannot be segmented (empty, constant, NaN, vector, wrong
@@ -268,12 +276,8 @@ def segment(
     n_steps = _step_count(loaded, steps)
     if batch_slices < 1:
         raise InputError(f"batch_slices must be >= 1, got {batch_slices}.", "Use e.g. --batch-slices 16.")
-    use_bf16 = default_inference_bf16(dev) if bf16 is None else bool(bf16)
-    use_cl = (dev.type == "cpu" and use_bf16) if channels_last is None else bool(channels_last)
-    if use_cl:
-        loaded.net.to(memory_format=torch.channels_last)
     start = time.perf_counter()
-    runner = _Runner(loaded, dev, use_bf16, use_cl)
+    runner = _make_runner(loaded, dev, bf16, channels_last)
     geometry = image.geometry
     if match_levels:
         image = _levels_matched(image, loaded, runner, axis, batch_slices, skip_constant)
