@@ -36,8 +36,8 @@ def validation_table(model, folder: Path, seeds: int, ratios: list[float]) -> li
     from steprl.synth import synthseg
     from steprl.synth.segmentation_slices import synth_case
 
-    def final(image: Image, steps=None):
-        return list(segment(image, model, steps, match_levels=False))[-1].mask.array != 0
+    def final(image: Image):
+        return list(segment(image, model, None, match_levels=False))[-1].mask.array != 0
 
     rows = []
     for k, path in enumerate(synthseg.split_subjects(synthseg.list_label_maps(folder)).validation):

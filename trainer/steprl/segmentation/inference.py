@@ -189,7 +189,7 @@ def first_pass_levels(image: Image, model: LoadedSegmenter | str | Path, device:
 
 def _levels_matched(image: Image, loaded: LoadedSegmenter, runner: _Runner, axis: str | int, batch_slices: int,
                     skip_constant: bool) -> Image:
-    """``image`` normalised and remapped to the training data's grey / white ratio, when the card's
+    """``image`` normalised and remapped to the card's grey / white ratio, when its
     ``normalisation.tissue_levels.grey_to_white`` gives one; else ``image`` itself. Implausible
     levels leave the image as it is, with a warning."""
     from steprl.segmentation import tissue_levels

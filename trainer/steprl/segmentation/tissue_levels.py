@@ -1,13 +1,13 @@
-"""Match a scan's own grey / white-matter levels to those the model was trained on (issue 12).
+"""Match a scan's own grey / white-matter levels to the ratio the model segments best at (issue 12).
 
 Why: a white-matter model trained on synthetic T1 volumes learns where the grey / white border
-lies in THOSE volumes. SynthSeg's T1 priors put the cortex at about 0.55-0.6 of white matter;
-real T1 scans sit at 0.75-0.8 (MNI152 0.81, Colin27 0.78, measured as below). The bundled model
-then put its border too far into the grey matter and over-segmented every real scan (MNI152:
-predicted volume 1.11x the reference), and training on softened synthetic grey matter only moved
-the border to the other side (0.78x): the border follows the training contrast, not each scan's
-own levels. Remapping each scan so that its grey / white ratio equals the training data's, with
-the SAME estimator on both, removes that mismatch without retraining.
+lies in THOSE volumes. SynthSeg's T1 priors spread grey / white over 0.38-0.75, most volumes near
+0.6; real T1 scans sit at 0.78-0.82 (MNI152 0.82, Colin27 0.79-0.80, by the estimator below). The
+bundled model then put its border too far into the grey matter and over-segmented every real scan
+(MNI152: predicted volume 1.11x the reference), and training on softened synthetic grey matter
+only moved the border to the other side (0.78x): the border follows the training contrast, not
+each scan's own levels. Remapping each scan to one ratio, read with the SAME estimator that chose
+that ratio, removes the mismatch without retraining.
 
 The estimator (:func:`tissue_levels`) needs no brain mask: a first pass of the model itself
 (one step, on every few slices: :data:`LEVEL_SLICES`) gives a white-matter mask; white = the
@@ -15,10 +15,13 @@ median intensity inside it, grey = the median in a 2-voxel ring around it within
 (mostly cortex and deep grey matter, which is what surrounds white matter). Intensities are the
 0..1 percentile-normalised image the network reads (:func:`steprl.preprocess.normalise_percentile`).
 Medians need no more than a few dozen slices: the first pass on all 180 slices of a 256x256x180
-head cost 5 s of a 13-15 s command (2 cores), on 32 of them about 1 s.
+head cost 5 s of a 13-15 s command (2 cores); on 32 of them the command takes about 0.7 s more
+than without matching.
 
-The card records the target (``normalisation.tissue_levels.grey_to_white``), computed by
-``trainer/tools/calibrate_tissue_levels.py`` on training-split synthetic T1 volumes.
+The card records the target (``normalisation.tissue_levels.grey_to_white``):
+``trainer/tools/calibrate_tissue_levels.py`` chooses it on the model's VALIDATION subjects (the
+ratio with the best Dice after remapping), or ``--synth-match-levels`` trains at one ratio and
+writes that.
 """
 
 from __future__ import annotations
