@@ -71,7 +71,9 @@ class SPACConfig:
         prior_window: the local NCC window of the ``ncc-gradient`` feature, in voxels (the command
             line gives it the loss's ``ncc_window``).
         prior_sigma: the Gaussian smoothing of the ``ncc-gradient`` feature, in voxels of the
-            network grid.
+            network grid. Training never changes it; ``trainer/tools/calibrate_prior_scale.py
+            --sigmas`` chooses it after training (``spac3d_brain``: trained at 3, calibrated to 2,
+            which aligns the cortex more closely at the same smoothness bounds).
         prior_iterations: inner iterations of the ``ncc-gradient`` direction within one step
             (1: the gradient at the current warp). With K > 1 the warped image is moved on by
             ``prior_scale`` (the configured start, a constant) times the direction so far, the
