@@ -37,6 +37,25 @@ def test_info_is_readable_by_default(capsys):
     assert len(text.splitlines()) < 60 and '"config"' not in text
 
 
+def test_info_shows_a_registration_model_s_limits_and_its_calibration(capsys):
+    """spac3d_brain's card says ``limits`` (not ``limitations``) and was calibrated after training: a user
+    reading ``steprl info`` must see both, or the training command's --prior-sigma would mislead."""
+    import json
+
+    from steprl.modelfile import resolve_model_path
+
+    card = json.loads(resolve_model_path("spac3d_brain").with_suffix(".json").read_text())
+    assert main(["info", "spac3d_brain"]) == 0
+    text = capsys.readouterr().out
+    assert re.search(r"^  limits ", text, re.M)
+    calibrated = re.search(r"^  calibrated +prior scale (\S+), sigma (\S+) voxels", text, re.M)
+    assert calibrated, text
+    cal = card["calibration"]
+    assert (float(calibrated[1]), float(calibrated[2])) == (cal["chosen"], cal["chosen_sigma"])
+    assert cal["chosen_sigma"] == card["config"]["prior_sigma"]
+    assert len(text.splitlines()) < 60
+
+
 def test_segment_uses_the_bundled_model_by_default(tmp_path, capsys):
     assert build_parser().parse_args(["segment", str(FIXED), "--out", "x"]).model == "pixeldrl_wm"
     assert main(["segment", str(FIXED), "--out", str(tmp_path / "out"), "--steps", "1", "--quiet"]) == 0

@@ -54,6 +54,18 @@ def _method_line(card: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def _calibration_line(card: dict[str, Any]) -> str | None:
+    """What ``calibrate_prior_scale.py`` changed after training (a SPAC prior's scale and smoothing), and how."""
+    cal = card.get("calibration")
+    if not isinstance(cal, dict) or "chosen" not in cal:
+        return None
+    sigma = f", sigma {cal['chosen_sigma']:g} voxels" if "chosen_sigma" in cal else ""
+    was = f"{cal['previous']:g}" + (f", {cal['previous_sigma']:g}" if "previous_sigma" in cal else "")
+    pairs = f" on {len(cal['pairs'])} validation pairs" if cal.get("pairs") else ""
+    contrast = f" ({cal['contrast']} contrast)" if cal.get("contrast") else ""
+    return f"prior scale {cal['chosen']:g}{sigma} (was {was}){pairs}{contrast}: {cal.get('command', '')}".rstrip(": ")
+
+
 def describe(card: dict[str, Any], path: Path, parameters: str | None = None) -> str:
     """The readable card (see the module docstring); ``parameters`` replaces the card's count."""
     training = card.get("training") or {}
@@ -65,8 +77,10 @@ def describe(card: dict[str, Any], path: Path, parameters: str | None = None) ->
                          ("modality", card.get("modality")), ("segment", (card.get("segment") or {}).get("name")),
                          ("data", data), ("licence", licence),
                          ("metrics", card.get("validation") or card.get("metrics")),
-                         ("intended use", card.get("intended_use")), ("limits", card.get("limitations")),
+                         ("intended use", card.get("intended_use")),
+                         ("limits", card.get("limitations") or card.get("limits")),
                          ("trained with", card.get("training_command") or training.get("command")),
+                         ("calibrated", _calibration_line(card)),
                          ("training time", card.get("training_time")),
                          ("file", f"{path} (steprl {card.get('steprl_version', '?')}, created "
                                   f"{card.get('created', '?')})"),
