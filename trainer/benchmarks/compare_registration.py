@@ -100,7 +100,7 @@ def synthetic_heads(folder: Path, subjects: list[Path], spacing: float, size: in
     ``same_contrast``: one T1-like contrast draw for every subject (scans of one sequence, as a real
     study's), instead of a draw per subject. Independent draws from SynthSeg's T1 priors often
     invert the low-contrast deep nuclei between two subjects (pallidum 152 +- 20 against white
-    matter 160 +- 22 of 255), which real T1 pairs never do. Blur, bias, gamma and noise are drawn
+    matter 160 +- 22 of 255), which two scans of one sequence do not. Blur, bias, gamma and noise are drawn
     per subject either way.
     """
     import torch

@@ -63,7 +63,8 @@ def _calibration_line(card: dict[str, Any]) -> str | None:
     was = f"{cal['previous']:g}" + (f", {cal['previous_sigma']:g}" if "previous_sigma" in cal else "")
     pairs = f" on {len(cal['pairs'])} validation pairs" if cal.get("pairs") else ""
     contrast = f" ({cal['contrast']} contrast)" if cal.get("contrast") else ""
-    return f"prior scale {cal['chosen']:g}{sigma} (was {was}){pairs}{contrast}: {cal.get('command', '')}".rstrip(": ")
+    line = f"prior scale {cal['chosen']:g}{sigma} (was {was}){pairs}{contrast}"
+    return f"{line}: {cal['command']}" if cal.get("command") else line
 
 
 def describe(card: dict[str, Any], path: Path, parameters: str | None = None) -> str:

@@ -73,16 +73,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     model = load_spac(args.model, "cpu")
     pairs = validation_pairs(model, args.synthseg, args.spacing, args.size, args.seed, args.contrast == "same")
-    print(f"{len(pairs)} validation pairs ({args.contrast} contrast), scales {args.scales}, sigmas "
-          f"{args.sigmas or 'the model own'}", flush=True)
+    sigmas = args.sigmas or "the model's own"
+    print(f"{len(pairs)} validation pairs ({args.contrast} contrast), scales {args.scales}, sigmas {sigmas}",
+          flush=True)
     try:
         result = calibrate_prior_scale(model, pairs, args.scales, args.sigmas, threads=args.threads)
     except ValueError as err:
         print(f"refusing: {err}", file=sys.stderr)
         return 2
-    for s in result["scores"]:
-        print(f"scale {s['scale']:g} sigma {s['sigma']:g}: Dice {s['dice']:.4f}, std log det J "
-              f"{s['std_log_jacobian']:.3f}, folding {s['folding_percent']:.3f} %", flush=True)
     print(f"chosen scale {result['chosen']:g} sigma {result['chosen_sigma']:g} (was {result['previous']:g}, "
           f"{result['previous_sigma']:g})")
     card = dict(model.card)
