@@ -47,8 +47,9 @@ def no_model_loading(monkeypatch):
 
 
 # ---- never delete what the tool did not write ------------------------------------------------
-@pytest.mark.parametrize(("command", "skip_steps"), [(register, "--no-step-fields"), (segment, "--no-step-masks")])
-def test_a_users_steps_folder_survives(tmp_path, capsys, command, skip_steps):
+@pytest.mark.parametrize(("command", "skip_steps", "step_files"),
+                         [(register, "--no-step-fields", 2), (segment, "--no-step-masks", 3)])  # + pixeldrl_wm's border
+def test_a_users_steps_folder_survives(tmp_path, capsys, command, skip_steps, step_files):
     out = tmp_path / "X"
     (out / "steps").mkdir(parents=True)
     (out / "steps" / "mine.txt").write_text("keep")
@@ -59,7 +60,7 @@ def test_a_users_steps_folder_survives(tmp_path, capsys, command, skip_steps):
     code, err = run(capsys, *command(out))  # with step files, into the same folder
     assert code == 0, err
     assert (out / "steps" / "mine.txt").read_text() == "keep"
-    assert len(list((out / "steps").iterdir())) == 3  # mine.txt and the two step files
+    assert len(list((out / "steps").iterdir())) == 1 + step_files  # mine.txt and the step files
 
 
 def test_a_rerun_replaces_only_the_files_of_the_previous_run(tmp_path, capsys):

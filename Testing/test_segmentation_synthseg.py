@@ -133,7 +133,8 @@ def test_bundled_white_matter_model_loads_with_a_complete_card():
     geometry = Geometry((4, 40, 36), (1.2, 1.0, 3.0), (0, 0, 0), np.eye(3))
     volume = Image(rng.random((4, 40, 36)).astype(np.float32), geometry)
     steps = list(segment(volume, model, steps=2, device="cpu"))
-    assert len(steps) == 3 and steps[-1].mask.array.shape == (4, 40, 36)
+    assert [s.metrics["stage"] for s in steps] == ["start", "policy", "policy", "border"]  # the card asks for it
+    assert steps[-1].step == 3 and steps[-1].mask.array.shape == (4, 40, 36)
 
 
 def test_match_levels_brings_every_t1_volume_to_the_ratio(synthseg):

@@ -166,6 +166,11 @@ def test_the_install_list_covers_every_model_kind(tmp_path, unet_model):
                               text=True, timeout=300)
         events = [json.loads(line) for line in proc.stdout.splitlines()]
         assert proc.returncode == 0 and events[-1]["event"] == "done", (method, events[-1:], proc.stderr[-2000:])
+        if method == "pixeldrl-mg":  # its card asks for the border: the last step, counted in every total
+            started = next(e for e in events if e["event"] == "started")
+            last = [e for e in events if e["event"] == "step"][-1]
+            assert last["metrics"]["stage"] == "border" and last["step"] == last["total"] == started["results"]
+            assert started["results"] == started["steps"] + 1
 
 
 def test_keep_job_folder_keeps_the_inputs_job_and_step_files(tmp_path):

@@ -16,7 +16,9 @@ changed files read into one labelmap item of the step sequence (:mod:`.steps`), 
 
 Timing (worker): step 0 (the all-object start) comes at once; steps 1..n all arrive together
 after the network has run over every slice, so meanwhile ``run.progress`` counts slices and
-``run.progress_text`` says e.g. "Slices 32 of 155, about 3 s left".
+``run.progress_text`` says e.g. "Slices 32 of 155, about 3 s left". With ``pixeldrl_wm`` a last
+item, "step 11 (border)", follows: the policy's mask with its border re-decided at the scan's
+resolution (``steprl.segmentation.border``; not a policy step), and the run's result.
 """
 
 from __future__ import annotations
@@ -127,6 +129,8 @@ class SegmentationLogic(WorkerLogic, description=DESCRIPTION):
     def add_step(self, run: SegmentationRun, event: StepEvent) -> None:
         volume = run.request.volume
         node = steps.read_step(event.mask, event.changed, volume, event.step)
+        if event.metrics.get("stage") == "border":  # not a policy step: say so on the slider's item
+            node.SetName(f"step {event.step} (border)")
         if run.nodes is not None:
             stepresults.add_step(run.nodes, event.step, node, event.metrics, self.sequences_logic)
             return

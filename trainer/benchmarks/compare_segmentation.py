@@ -194,15 +194,18 @@ def training_seconds(run: Path | None, card: dict) -> float | None:
     return float(value) if value is not None else None
 
 
-def score(case: Case, masks: list[np.ndarray], seconds: float) -> dict:
+def score(case: Case, masks: list[np.ndarray], seconds: float, bordered: bool = False) -> dict:
     """The metrics of the last of ``masks`` (bool, the image's shape) and the Dice of each (the
-    per-step curve), inside the case's region when it has one."""
+    per-step curve), inside the case's region when it has one. ``bordered``: the last mask is the
+    native-resolution border after the policy's steps (its Dice before it: ``dice_policy``)."""
     from steprl.metrics import dice, segmentation_metrics
 
     ref = case.reference if case.roi is None else case.reference & case.roi
     masks = masks if case.roi is None else [m & case.roi for m in masks]
     row = segmentation_metrics(masks[-1], ref, case.image.geometry.spacing)
-    row.update(dice_per_step=[round(dice(m, ref), 4) for m in masks], seconds=seconds)
+    row.update(dice_per_step=[round(dice(m, ref), 4) for m in masks], seconds=seconds, border=bordered)
+    if bordered:
+        row["dice_policy"] = row["dice_per_step"][-2]
     return row
 
 
@@ -216,9 +219,9 @@ def _run_cases(method: str, cases: list[Case], run) -> dict:
     out, last = {}, None
     for case in cases:
         if last is None or case.image is not last.image or case.brain is not last.brain:
-            masks, seconds = run(case)
+            masks, seconds, bordered = run(case)
             last = case
-        row = score(case, masks, seconds)
+        row = score(case, masks, seconds, bordered)
         out[case.name] = row
         if case.name == "mni152":
             MASKS[method] = (case.image.array, case.reference, masks[-1])
@@ -226,7 +229,7 @@ def _run_cases(method: str, cases: list[Case], run) -> dict:
     return out
 
 
-def evaluate_model(model_arg: str, cases: list[Case], steps: int | None) -> dict:
+def evaluate_model(model_arg: str, cases: list[Case], steps: int | None, border: bool = True) -> dict:
     """Segment every case with one model: per-case metrics and Dice per step."""
     from steprl.segmentation.inference import segment
     from steprl.segmentation.model import load_segmenter
@@ -237,8 +240,9 @@ def evaluate_model(model_arg: str, cases: list[Case], steps: int | None) -> dict
 
     def run_model(case: Case):
         start = time.perf_counter()
-        history = list(segment(case.image, model, steps, "cpu"))
-        return [h.mask.array != 0 for h in history], time.perf_counter() - start
+        history = list(segment(case.image, model, steps, "cpu", border=border))
+        bordered = history[-1].metrics["stage"] == "border"
+        return [h.mask.array != 0 for h in history], time.perf_counter() - start, bordered
 
     return {"method": model.method, "model": model_path, "parameters": count_parameters(model.net, False),
             "training_seconds": training_seconds(run, model.card), "grid": list(model.size),
@@ -253,7 +257,7 @@ def evaluate_baseline(method: str, cases: list[Case]) -> dict:
     def run_baseline(case: Case):
         start = time.perf_counter()
         mask = white_matter(method, case.image.array, case.brain, case.image.geometry.spacing)
-        return [mask], time.perf_counter() - start
+        return [mask], time.perf_counter() - start, False
 
     return {"method": method, "parameters": 0, "training_seconds": None, "cases": _run_cases(method, cases,
                                                                                             run_baseline)}
@@ -319,13 +323,16 @@ def format_report(results: list[dict], cases: list[Case]) -> str:
                 f"{mean_over(rows, m):>6.3f}" if m != "hd95" else f"{mean_over(rows, m):>7.2f}" for m in METRICS)
                 + f" {params} {'-' if train is None else round(train):>8} {mean_over(rows, 'seconds'):>8.1f}")
     lines.append("")
-    lines.append("Dice per step (models; step 0 = the all-object start; mean over the group's cases):")
+    lines.append("Dice per step (models; step 0 = the all-object start; after '|': the native-resolution "
+                 "border; mean over the group's cases):")
     for res in results:
         for group, names in groups(cases).items():
             curves = [res["cases"][n]["dice_per_step"] for n in names]
             if len(curves[0]) > 1:
-                lines.append(f"  {res['method']:<12} {group:<40} " + " ".join(
-                    f"{c:.3f}" for c in np.mean(curves, axis=0)))
+                text = [f"{c:.3f}" for c in np.mean(curves, axis=0)]
+                if res["cases"][names[0]].get("border"):
+                    text.insert(len(text) - 1, "|")
+                lines.append(f"  {res['method']:<12} {group:<40} " + " ".join(text))
     lines.append("")
     lines.append("Per case (Dice):")
     for res in results:
@@ -352,11 +359,15 @@ def plot_steps(results: list[dict], cases: list[Case], path: Path) -> None:
                 curve = np.mean([res["cases"][n]["dice_per_step"] for n in grouped[group]], axis=0)
                 if len(curve) > 1:
                     style = "-o" if res["method"] == "pixeldrl-mg" else "--s"
-                    ax.plot(range(len(curve)), curve, style, color=colour, ms=3, label=f"{res['method']}: {group}")
+                    bordered = res["cases"][grouped[group][0]].get("border")
+                    policy = curve[:-1] if bordered else curve
+                    ax.plot(range(len(policy)), policy, style, color=colour, ms=3, label=f"{res['method']}: {group}")
+                    if bordered:  # not a policy step: its own marker, no line to it
+                        ax.plot([len(curve) - 1], curve[-1:], "*", color=colour, ms=8)
                 else:
                     ax.axhline(curve[-1], color=colour, lw=0.8, ls=":", alpha=0.8)
                     ax.annotate(res["method"], (10, curve[-1]), fontsize=6, color=colour, va="bottom", ha="right")
-        ax.set_xlabel("step (dotted: baselines, labelled at the right)")
+        ax.set_xlabel("step (star: the native-resolution border; dotted: baselines, labelled at the right)")
         ax.set_ylabel("Dice")
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
@@ -387,6 +398,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="intensity baselines (default: all; none: --baselines with no name)")
     parser.add_argument("--synthseg", type=Path, default=DEFAULT_SYNTHSEG, help="SynthSeg folder (held-out cases)")
     parser.add_argument("--steps", type=int, default=None, help="PixelDRL-MG steps (default: the model's)")
+    parser.add_argument("--no-border", action="store_true",
+                        help="the models' policy masks only (no native-resolution border, even where the card asks)")
     parser.add_argument("--no-synthetic", action="store_true", help="leave out the synthetic cases")
     parser.add_argument("--no-colin", action="store_true", help="leave out Colin27")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "steprl",
@@ -415,9 +428,9 @@ def main(argv: list[str] | None = None) -> int:
             cases += synthetic_cases(args.synthseg)
         else:
             log.warning("no SynthSeg folder at %s: no synthetic cases", args.synthseg)
-    results = [evaluate_model(args.pixeldrl, cases, args.steps)]
+    results = [evaluate_model(args.pixeldrl, cases, args.steps, not args.no_border)]
     if args.unet:
-        results.append(evaluate_model(args.unet, cases, None))
+        results.append(evaluate_model(args.unet, cases, None, not args.no_border))
     results += [evaluate_baseline(method, cases) for method in args.baselines]
     print(f"threads {args.threads}, {time.perf_counter() - started:.0f} s; cases: " + ", ".join(c.name for c in cases))
     print(format_report(results, cases))

@@ -45,7 +45,9 @@ whoever reads the event can read the file. A segmentation step's ``mask`` and ``
 voxels that step flipped; all 0 at step 0) are uint8 0/1 uncompressed NRRD files with exactly
 the input image's geometry, both written atomically before the step event; a U-Net model runs
 one step. ``segment()`` yields step 0 at once and steps 1..n after the whole volume has run,
-so the ``progress`` events (slices done) drive the progress bar meanwhile.
+so the ``progress`` events (slices done) drive the progress bar meanwhile; when the model card
+asks for the native-resolution border, it comes last as step n + 1 (``metrics.stage`` is
+``"border"``; the ``started`` event's ``results`` and every step's ``total`` count it).
 
 Order of work: the job is checked, then the device, then the inputs are read and checked
 (dimensions, overlap of the pair) and the model is loaded; only then is the output folder made.
@@ -244,7 +246,7 @@ def run_segment(job: SegmentJob, emit: Emit) -> int:
     from steprl import io
     from steprl.device import resolve_device
     from steprl.segmentation.data import resolve_axis
-    from steprl.segmentation.inference import segment
+    from steprl.segmentation.inference import border_enabled, segment
     from steprl.segmentation.model import load_segmenter
 
     start = time.perf_counter()
@@ -263,10 +265,11 @@ def run_segment(job: SegmentJob, emit: Emit) -> int:
     if not loaded.is_rl:
         steps = min(steps, 1)
     check_steps(steps, "the model's default number of steps")
+    total = steps + int(steps > 0 and border_enabled(loaded))  # the border: one more result after the policy's
     _make_output(output)
     emit({"event": "started", "task": "segment", "pid": os.getpid(), "device": str(device),
-          "model": str(loaded.path), "method": loaded.method, "steps": steps, "grid": list(loaded.size),
-          "axis": array_axis, "shape": list(image.array.shape)})
+          "model": str(loaded.path), "method": loaded.method, "steps": steps, "results": total,
+          "grid": list(loaded.size), "axis": array_axis, "shape": list(image.array.shape)})
     last = 0
     for result in segment(image, loaded, steps, device, axis, job.batch_slices, labels=labels,
                           progress=_slice_progress(emit, time.perf_counter())):
@@ -274,8 +277,8 @@ def run_segment(job: SegmentJob, emit: Emit) -> int:
         _write_mask(result.mask, mask_path)  # both atomically, before the event that names them
         _write_mask(result.changed, changed_path)
         elapsed = result.metrics["seconds"]
-        eta = elapsed / result.step * (steps - result.step) if result.step else None
-        emit({"event": "step", "step": result.step, "total": steps, "mask": str(mask_path.resolve()),
+        eta = elapsed / result.step * (total - result.step) if result.step else None
+        emit({"event": "step", "step": result.step, "total": total, "mask": str(mask_path.resolve()),
               "changed": str(changed_path.resolve()), "metrics": result.metrics, "eta_seconds": eta,
               "time": time.time()})
         last = result.step

@@ -56,6 +56,10 @@ def _add_precision(p) -> None:
     p.add_argument("--match-levels", action=argparse.BooleanOptionalAction, default=True,
                    help="remap the image's grey / white levels to the training data's first, when the model "
                         "card gives them (a one-step first pass finds them; default on)")
+    p.add_argument("--border", action=argparse.BooleanOptionalAction, default=True,
+                   help="end with the native-resolution border when the model card asks for it: within one "
+                        "network pixel of the policy's border, the scan's own grey / white midpoint decides "
+                        "(one more step, not learned; default on)")
 
 
 def _add_segment(sub, add_common) -> None:

@@ -38,7 +38,7 @@ def segment_command(args) -> int:
     summary = run_and_write(image, args.model, args.out, steps=args.steps, device=args.device, axis=args.axis,
                             batch_slices=args.batch_slices, labels=labels, fmt=args.format,
                             step_masks=not args.no_step_masks, bf16=args.bf16, quiet=args.quiet,
-                            match_levels=args.match_levels,
+                            match_levels=args.match_levels, border=args.border,
                             inputs={"image": str(args.image), "labels": str(args.labels) if args.labels else None})
     _print_summary(summary)
     return 0

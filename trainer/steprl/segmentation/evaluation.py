@@ -42,18 +42,22 @@ def case_names(paths: Sequence[str | Path]) -> list[str]:
 
 
 def evaluate_case(image, labels, model, *, steps=None, device="auto", axis="axial", batch_slices=16,
-                  bf16=None, match_levels=True) -> dict:
+                  bf16=None, match_levels=True, border=True) -> dict:
     """Segment one image (``labels`` already on its grid, > 0 = object); the row of the table."""
     from steprl import metrics
     from steprl.segmentation.inference import segment
 
     history = list(segment(image, model, steps, device, axis, batch_slices, labels=labels, bf16=bf16,
-                           match_levels=match_levels))
+                           match_levels=match_levels, border=border))
     last = history[-1]
+    policy = [h for h in history if h.metrics["stage"] == "policy"]
     reference = np.asarray(labels.array) > 0
-    row = {"steps": last.step, **metrics.segmentation_metrics(last.mask.array, reference, image.geometry.spacing)}
-    if len(history) > 2:
-        row["dice_step1"] = history[1].metrics["dice"]
+    row = {"steps": policy[-1].step if policy else 0, "border": last.metrics["stage"] == "border",
+           **metrics.segmentation_metrics(last.mask.array, reference, image.geometry.spacing)}
+    if len(policy) > 1:
+        row["dice_step1"] = policy[0].metrics["dice"]
+    if row["border"]:
+        row["dice_policy"] = policy[-1].metrics["dice"]  # the last policy step, before the border
     row["seconds"] = last.metrics["seconds"]
     return row
 
@@ -95,8 +99,8 @@ def brain_mask(image, labels: np.ndarray, mask_path: Path | None = None,
 
 def evaluate_dataset(images: Sequence[Path], labels: Sequence[Path], model, *, steps=None, device="auto",
                      axis="axial", batch_slices=16, label_values=None, bf16=None, quiet=False,
-                     baselines: Sequence[str] = (), match_levels=True, brain_masks: Sequence[Path] | None = None,
-                     brain_from_labels: bool = False) -> list[dict]:
+                     baselines: Sequence[str] = (), match_levels=True, border=True,
+                     brain_masks: Sequence[Path] | None = None, brain_from_labels: bool = False) -> list[dict]:
     """Rows of :func:`evaluate_case` for image / label-map files matched by order.
 
     With ``baselines`` every row also names its ``method``, and each case gets one more row per
@@ -125,7 +129,8 @@ def evaluate_dataset(images: Sequence[Path], labels: Sequence[Path], model, *, s
         mask = Image(object_mask(lab.array, label_values).astype(np.uint8), image.geometry)
         row = {"case": names[k], **({"method": loaded.method} if baselines else {})}
         row.update(evaluate_case(image, mask, loaded, steps=steps, device=dev, axis=axis,
-                                 batch_slices=batch_slices, bf16=bf16, match_levels=match_levels))
+                                 batch_slices=batch_slices, bf16=bf16, match_levels=match_levels,
+                                 border=border))
         rows.append(row)
         if baselines:
             brain, source = brain_mask(image, lab.array, brain_masks[k] if brain_masks else None, brain_from_labels)
@@ -136,7 +141,8 @@ def evaluate_dataset(images: Sequence[Path], labels: Sequence[Path], model, *, s
 
 COLUMNS = [("case", "case", "{}"), ("dice", "Dice", "{:.3f}"), ("ppv", "PPV", "{:.3f}"), ("sen", "SEN", "{:.3f}"),
            ("iou", "IoU", "{:.3f}"), ("biou", "BIoU", "{:.3f}"), ("hd95", "HD95 mm", "{:.2f}"),
-           ("dice_step1", "Dice step 1", "{:.3f}"), ("seconds", "s", "{:.1f}")]
+           ("dice_step1", "Dice step 1", "{:.3f}"), ("dice_policy", "Dice before border", "{:.3f}"),
+           ("seconds", "s", "{:.1f}")]
 
 
 def mean_row(rows: list[dict]) -> dict:
@@ -194,7 +200,7 @@ def evaluate_command(args) -> int:
     rows = evaluate_dataset(images, labels, args.model, steps=args.steps, device=args.device, axis=args.axis,
                             batch_slices=args.batch_slices, label_values=args.label_values, bf16=args.bf16,
                             quiet=args.quiet, baselines=baselines, brain_masks=masks, match_levels=args.match_levels,
-                            brain_from_labels=args.brain_from_labels)
+                            border=args.border, brain_from_labels=args.brain_from_labels)
     print(format_table(rows))
     if args.json:
         from steprl.io import write_json

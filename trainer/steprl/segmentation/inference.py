@@ -19,6 +19,10 @@ shape and geometry (spacing, origin, direction) whatever the orientation.
 - **Step 0** is the initial mask ``f(0) = 1`` everywhere (PixelDRL-MG's start: every pixel
   is object until it zeroes itself); steps ``1..steps`` apply the greedy (most probable)
   action of every pixel. A U-Net model runs through the same entry point with one step.
+- **The border** (when the card gives ``inference.border``; off with ``border=False``): one more
+  result, ``steps + 1``, whose ``metrics["stage"]`` is ``"border"`` (the others: ``"start"``,
+  ``"policy"``): the last policy mask with its border re-decided at the scan's own resolution by
+  the scan's own grey and white levels (:mod:`steprl.segmentation.border`; not learned).
 - **Batching.** Slices go through the network ``batch_slices`` at a time, and each batch runs
   all its steps before the next (the image-only part of the network, ``encode``, is computed
   once per slice and dropped after its batch, so memory does not grow with the volume). The
@@ -240,6 +244,7 @@ def segment(
     skip_constant: bool = True,
     progress: Callable[[int, int], None] | None = None,
     match_levels: bool = True,
+    border: bool = True,
 ) -> Iterator[SegmentationStep]:
     """Segment ``image`` step by step; yields ``steps + 1`` :class:`SegmentationStep` (see the module docstring).
 
@@ -259,6 +264,8 @@ def segment(
         match_levels: when the card gives ``normalisation.tissue_levels``, first remap the image's
             grey / white levels to the card's ratio (:mod:`steprl.segmentation.tissue_levels`; a
             one-step first pass of the model finds them). False: the image as it is.
+        border: when the card gives ``inference.border``, yield the native-resolution border as a
+            last result (:func:`border_enabled`). False: the policy's steps only.
 
     Raises:
         InputError: an image that cannot be segmented (empty, constant, NaN, vector, wrong
@@ -284,25 +291,61 @@ def segment(
     case = prepare_case(image, None, size=loaded.size, axis=axis, name="image")
     reference = None if labels is None else np.asarray(labels.array) > 0
 
-    def result(step: int, mask: np.ndarray, changed: np.ndarray) -> SegmentationStep:
+    def result(step: int, mask: np.ndarray, changed: np.ndarray, stage: str = "policy") -> SegmentationStep:
         metrics = {"seconds": time.perf_counter() - start, "object_fraction": float(mask.mean()),
-                   "changed_voxels": int(changed.sum())}
+                   "changed_voxels": int(changed.sum()), "stage": stage}
         if reference is not None:
             metrics["dice"] = dice(mask, reference)
         return SegmentationStep(step, Image(mask, geometry), Image(changed.astype(np.uint8), geometry), metrics)
 
     previous = np.ones(image.array.shape, dtype=np.uint8)
-    yield result(0, previous, np.zeros_like(previous))
+    yield result(0, previous, np.zeros_like(previous), "start")
     if n_steps == 0:
         return
 
+    policy = _policy_masks(runner, case, image.ndim, n_steps, batch_slices, skip_constant, progress)
+    for t, mask in enumerate(policy):
+        yield result(t + 1, mask, mask != previous)
+        previous = mask
+    if border_enabled(loaded, border):
+        mask = _bordered(image, previous, case, loaded.card["inference"]["border"])
+        yield result(n_steps + 1, mask, mask != previous, "border")
+
+
+def _policy_masks(runner: _Runner, case: CaseSlices, ndim: int, n_steps: int, batch_slices: int,
+                  skip_constant: bool, progress: Callable[[int, int], None] | None) -> Iterator[np.ndarray]:
+    """The policy's masks of steps ``1..n_steps`` on the ``ndim``-D image's grid (uint8), once the network
+    has run over every slice."""
     active = _active_slices(case, skip_constant)
     skipped = case.images.shape[0] - len(active)
     if skipped:
         log.info("%d of %d slices are constant: background, not segmented.", skipped, case.images.shape[0])
     net_masks = runner.run_slices(case, active, n_steps, batch_slices, progress)
     for t in range(n_steps):
-        mask = _step_mask(net_masks[t], case, active, batch_slices, image.ndim)
-        changed = mask != previous
-        yield result(t + 1, mask, changed)
-        previous = mask
+        yield _step_mask(net_masks[t], case, active, batch_slices, ndim)
+
+
+def border_enabled(model: LoadedSegmenter, border: bool = True) -> bool:
+    """Whether :func:`segment` ends with the native-resolution border: the card asks for it
+    (``inference.border``) and the caller did not turn it off."""
+    return bool(border) and bool(model.card.get("inference", {}).get("border"))
+
+
+def _bordered(image: Image, mask: np.ndarray, case: CaseSlices, settings: dict | bool) -> np.ndarray:
+    """The last policy ``mask`` (uint8, the image's shape) with its border re-decided at the image's
+    resolution (:func:`steprl.segmentation.border.native_border`; band: one network pixel; the card's
+    ``inference.border.fraction``, else the midpoint)."""
+    from steprl.preprocess import normalise_percentile
+    from steprl.segmentation.border import FRACTION, band_voxels, native_border
+
+    fraction = float(settings.get("fraction", FRACTION)) if isinstance(settings, dict) else FRACTION
+
+    spacing = image.geometry.spacing[::-1]  # numpy axis order
+    band = band_voxels(max(case.grid.network_spacing), spacing)
+    slice_axis = case.axis if image.ndim == 3 else None
+    done = native_border(normalise_percentile(image.array), mask != 0, band, slice_axis, fraction)
+    if done.applied:
+        log.info("border: levels %.3f / %.3f, threshold %.3f, band %s voxels", *done.levels, done.threshold, band)
+    else:
+        log.warning("The native-resolution border was not applied: %s. The policy's last mask is kept.", done.reason)
+    return done.mask.astype(np.uint8)

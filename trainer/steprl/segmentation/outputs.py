@@ -3,7 +3,9 @@
 Output folder (``EXT`` = ``nii.gz`` or ``nrrd``)::
 
     labelmap.EXT                  the final mask, uint8 0/1, with the INPUT's geometry
-    steps/mask_step_NNN.EXT       the mask after each step 1..N (step 0 is all ones; optional)
+    steps/mask_step_NNN.EXT       the mask after each step 1..N (step 0 is all ones; optional), and
+                                  after the native-resolution border, N + 1, when the model
+                                  card asks for it (:mod:`steprl.segmentation.border`)
     metrics.json                  per step: object fraction, changed voxels, seconds (and Dice
                                   with --labels); with --labels the six metrics of the final
                                   mask (dice, ppv, sen, iou, biou, hd95 in mm)
@@ -72,7 +74,7 @@ def take(array: np.ndarray, index: int, axis: int) -> np.ndarray:
 def run_and_write(image: Image, model, out, *, steps: int | None = None, device="auto", axis: str | int = "axial",
                   batch_slices: int = 16, labels: Image | None = None, fmt: str = "nii.gz", step_masks: bool = True,
                   bf16: bool | None = None, quiet: bool = False, inputs: dict | None = None,
-                  match_levels: bool = True) -> dict:
+                  match_levels: bool = True, border: bool = True) -> dict:
     """Segment ``image`` and write the outputs listed in the module docstring; returns the metrics summary.
 
     ``labels``: a binary object mask (or label map, > 0 = object) on ``image``'s grid.
@@ -83,7 +85,7 @@ def run_and_write(image: Image, model, out, *, steps: int | None = None, device=
     from steprl.device import resolve_device
     from steprl.plotting import select_steps
     from steprl.segmentation.data import CONSTANT_SLICE_RULE, resolve_axis
-    from steprl.segmentation.inference import segment
+    from steprl.segmentation.inference import border_enabled, segment
     from steprl.segmentation.model import load_segmenter
 
     if fmt not in FORMATS:
@@ -97,14 +99,16 @@ def run_and_write(image: Image, model, out, *, steps: int | None = None, device=
         n_steps = min(n_steps, 1)
     check_steps(n_steps, "the model's default number of steps")
     array_axis = resolve_axis(axis, image.geometry)
-    check_output_folder(out, files=output_files(fmt, n_steps, step_masks))
+    bordered = n_steps > 0 and border_enabled(loaded, border)
+    n_results = n_steps + int(bordered)
+    check_output_folder(out, files=output_files(fmt, n_results, step_masks))
     if step_masks:
-        warn_step_outputs(n_steps, image.array.size, "masks", "--no-step-masks")
+        warn_step_outputs(n_results, image.array.size, "masks", "--no-step-masks")
     if labels is not None and not np.any(np.asarray(labels.array) > 0):
         log.warning("The reference label map has no object voxel: Dice, IoU and HD95 against it mean nothing "
                     "(undefined values are written as null in metrics.json).")
     out = Path(out)
-    wanted = set(select_steps(n_steps, 5)) if n_steps > 0 else {0}
+    wanted = set(select_steps(n_results, 5)) if n_results > 0 else {0}
     with staged_output(out) as staging:
         records, kept, last = [], {}, None
         start = time.perf_counter()
@@ -115,7 +119,7 @@ def run_and_write(image: Image, model, out, *, steps: int | None = None, device=
                 bar.refresh()
 
             for result in segment(image, loaded, n_steps, dev, axis, batch_slices, labels=labels, bf16=bf16,
-                                  progress=progress, match_levels=match_levels):
+                                  progress=progress, match_levels=match_levels, border=border):
                 if step_masks and result.step > 0:
                     io.write_image(result.mask, staging / step_file(result.step, fmt))
                 records.append({"step": result.step, **result.metrics})
@@ -130,6 +134,7 @@ def run_and_write(image: Image, model, out, *, steps: int | None = None, device=
             "inputs": inputs or {},
             "device": str(dev),
             "match_levels": bool(match_levels and loaded.card.get("normalisation", {}).get("tissue_levels")),
+            "border": bordered,
             "axis": {"requested": str(axis), "array_axis": array_axis},
             "constant_slices": CONSTANT_SLICE_RULE,
             "steps": records,
