@@ -110,3 +110,18 @@ def test_segment_ends_with_the_border_and_the_cli_can_turn_it_off(tmp_path, caps
         assert metrics["border"] == (not extra)
         assert sorted(p.name for p in (out / "steps").iterdir()) == [f"mask_step_{k:03d}.nii.gz"
                                                                      for k in range(1, len(stages))]
+
+
+def test_voxels_far_brighter_than_the_object_are_dropped_anywhere():
+    """Scalp fat the policy took for white matter: much brighter than white matter, so not white matter,
+    even away from the border; a dark object's limit is on the dark side."""
+    rng = np.random.default_rng(4)
+    truth = ball((40, 40, 40), 12.0)
+    image = partial_volume_image(truth, 0.8, 0.5, rng)
+    fat = ball((40, 40, 40), 2.5, centre=(19.5, 19.5, 30))  # inside the mask, far from its border
+    image[fat] = 1.6  # more than 2 gaps above white
+    done = native_border(image, truth, (1, 1, 1))
+    assert not done.mask[fat].any() and done.mask[truth & ~fat & ~border_band(truth, (1, 1, 1))].all()
+    dark = partial_volume_image(truth, 0.4, 0.7, rng)
+    dark[fat] = -0.5
+    assert not native_border(dark, truth, (1, 1, 1)).mask[fat].any()

@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 import platform
 import resource
+import subprocess
 import sys
+import time
 
 GIB = 2.0**30
 
@@ -55,3 +57,20 @@ def markdown_table(headers: list[str], rows: list[list[str]], left: int = 1) -> 
     """A markdown table's lines: the first ``left`` columns left-aligned, the others right-aligned."""
     rule = "|" + "|".join("---" if i < left else "---:" for i in range(len(headers))) + "|"
     return ["| " + " | ".join(headers) + " |", rule, *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+#: runs its arguments as a command and prints that command's own peak RSS (KiB) as its last stderr line
+RSS_WRAPPER = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
+               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(code)")
+
+
+def run_child(argv: list[str], threads: int) -> tuple[float, float, str]:
+    """Run a command in a fresh process on ``threads`` threads (torch and ITK); returns (wall seconds,
+    its peak RSS in GiB, its stdout)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": str(threads)}
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", RSS_WRAPPER, *argv], env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(argv)} failed:\n{done.stderr[-3000:]}")
+    return wall, int(done.stderr.strip().splitlines()[-1]) / 2**20, done.stdout

@@ -22,13 +22,12 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
+from _common import run_child
 from steprl.atomic import write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -58,22 +57,6 @@ def make_pair(folder: Path, cache: Path) -> tuple[Path, Path]:
         io.write_image(Image(out, grid), path)
         paths.append(path)
     return paths[0], paths[1]
-
-
-#: runs its arguments as a command and prints that command's own peak RSS (KiB) as its last stderr line
-RSS_WRAPPER = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
-               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(code)")
-
-
-def run_child(argv: list[str], threads: int) -> tuple[float, float, str]:
-    """Run a command in a fresh process; returns (wall seconds, its peak RSS in GiB, its stdout)."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": str(threads)}
-    start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", RSS_WRAPPER, *argv], env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(argv)} failed:\n{done.stderr[-3000:]}")
-    return wall, int(done.stderr.strip().splitlines()[-1]) / 2**20, done.stdout
 
 
 TOOL_SCRIPT = """

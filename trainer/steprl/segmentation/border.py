@@ -17,7 +17,12 @@ The rule (:func:`native_border`):
   out); by default one network pixel (:func:`band_voxels`);
 - inside the band a voxel is object when its intensity lies on the object's side of the
   midpoint of the two levels (the partial-volume rule: more than half of the voxel is object,
-  for a linear mix of two tissues); outside it the policy's decision stands.
+  for a linear mix of two tissues); outside it the policy's decision stands;
+- anywhere in the mask, a voxel further beyond the object's level than :data:`BEYOND` times the
+  gap between the levels is dropped: in T1, fat, marrow and vessels can be brighter than white
+  matter, nothing that is white matter is that much brighter (whole-head Colin27: 19,000 scalp
+  voxels the policy took, Dice 0.765 -> 0.777; none on MNI152, Colin27's brain or the synthetic
+  heads).
 
 Limits: the surroundings' level is read in a 2-voxel ring just outside the policy's mask. Where
 the policy falls a voxel or more short of the true border, that ring holds object voxels, the
@@ -53,6 +58,10 @@ log = logging.getLogger(__name__)
 #: Where inside the band the object's side begins, between the surroundings' level (0) and the
 #: object's (1): 0.5 is the partial-volume midpoint.
 FRACTION = 0.5
+#: How far beyond the object's level, in gaps between the two levels, a voxel is too bright (or, for
+#: a dark object, too dark) to be the object; chosen as 2 before measuring (1.5 / 2 / 3 on whole-head
+#: Colin27: 0.782 / 0.777 / 0.768).
+BEYOND = 2.0
 #: Smallest level difference (on the 0..1 percentile-normalised scale) the rule acts on: below it
 #: the object is not brighter or darker than its surroundings, and the policy's mask is kept.
 MIN_CONTRAST = 0.05
@@ -137,6 +146,10 @@ def native_border(normalised: np.ndarray, mask: np.ndarray, band: Sequence[int],
         why = f"the object is not brighter or darker than its surroundings ({inside:.2f} vs {around:.2f})"
         return BorderResult(mask, levels, None, band, why)
     threshold = around + fraction * (inside - around)
-    object_side = normalised > threshold if inside > around else normalised < threshold
+    limit = inside + BEYOND * (inside - around)
+    if inside > around:
+        object_side, plausible = normalised > threshold, normalised <= limit
+    else:
+        object_side, plausible = normalised < threshold, normalised >= limit
     near = border_band(mask, band)
-    return BorderResult(np.where(near, object_side, mask), levels, float(threshold), band)
+    return BorderResult(np.where(near, object_side, mask) & plausible, levels, float(threshold), band)
