@@ -30,6 +30,7 @@ from pathlib import Path
 
 from steprl.errors import InputError
 from steprl.protocol import SegmentJob, write_job
+from steprl.segmentation.config import BATCH_SLICES
 
 from StepRLCommon import stepresults
 from StepRLCommon.description import ModuleDescription
@@ -68,7 +69,7 @@ class SegmentationRequest:
     device: str = "auto"
     reference: object | None = None
     create_labelmap: bool = False
-    batch_slices: int = 16
+    batch_slices: int = BATCH_SLICES
     user_models_folder: str | os.PathLike | None = None
     keep_job_folder: bool = False
 

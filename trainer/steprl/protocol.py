@@ -13,7 +13,7 @@ Job files (JSON; relative paths are relative to the job file's folder)::
      "fixed_labels": null, "moving_labels": null, "model": "spac3d_brain", "steps": 20,
      "device": "auto", "prealign": false, "output": "steps"}
     {"version": 1, "task": "segment", "image": "image.nrrd", "labels": null, "model": "pixeldrl_wm",
-     "steps": 10, "axis": "axial", "device": "auto", "batch_slices": 16, "output": "steps"}
+     "steps": 10, "axis": "axial", "device": "auto", "batch_slices": 8, "output": "steps"}
     {"version": 1, "task": "devices"}
 
 Example::
@@ -35,6 +35,7 @@ from typing import Any, ClassVar
 
 from steprl.errors import InputError
 from steprl.limits import check_steps
+from steprl.segmentation.config import BATCH_SLICES
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ class SegmentJob:
     steps: int | None = None
     axis: str = "axial"
     device: str = "auto"
-    batch_slices: int = 16
+    batch_slices: int = BATCH_SLICES
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": JOB_VERSION, "task": self.task, **dataclasses.asdict(self)}

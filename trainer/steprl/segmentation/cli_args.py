@@ -10,7 +10,14 @@ from pathlib import Path
 
 from steprl.configargs import ConfigOptions
 from steprl.outputfolder import output_path
-from steprl.segmentation.config import DEFAULT_SIZE, UNET_CHANNELS, PA3CConfig, PixelDRLConfig, SegTrainConfig
+from steprl.segmentation.config import (
+    BATCH_SLICES,
+    DEFAULT_SIZE,
+    UNET_CHANNELS,
+    PA3CConfig,
+    PixelDRLConfig,
+    SegTrainConfig,
+)
 
 #: The bundled segmentation model ``steprl segment`` uses without ``--model``.
 DEFAULT_MODEL = "pixeldrl_wm"
@@ -74,9 +81,11 @@ def _add_segment(sub, add_common) -> None:
                         "files are never touched)")
     p.add_argument("--labels", type=Path, help="reference label map (any grid: resampled onto the image) "
                                                "for per-step Dice and the final metrics")
-    p.add_argument("--steps", type=int, default=None, help="policy steps (default: the model's, 10)")
+    p.add_argument("--steps", type=int, default=None, help="policy steps (default: the model card's; "
+                   "pixeldrl_wm: 3)")
     _add_slicing(p)
-    p.add_argument("--batch-slices", type=int, default=16, metavar="N", help="slices per network call (default 16)")
+    p.add_argument("--batch-slices", type=int, default=BATCH_SLICES, metavar="N",
+                   help=f"slices per network call (default {BATCH_SLICES}; raise it on a GPU)")
     p.add_argument("--format", choices=("nii.gz", "nrrd"), default="nii.gz", help="labelmap file format")
     p.add_argument("--no-step-masks", action="store_true", help="do not write the per-step masks")
     _add_precision(p)
@@ -150,7 +159,7 @@ def _add_evaluate(esub, add_common) -> None:
     r.add_argument("--model", required=True)
     r.add_argument("--steps", type=int, default=None)
     _add_slicing(r)
-    r.add_argument("--batch-slices", type=int, default=16, metavar="N")
+    r.add_argument("--batch-slices", type=int, default=BATCH_SLICES, metavar="N")
     _add_precision(r)
     r.add_argument("--json", type=output_path, help="also write the table as JSON")
     r.add_argument("--baselines", nargs="+", choices=BASELINES, default=(), metavar="METHOD",

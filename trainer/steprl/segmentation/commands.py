@@ -12,6 +12,7 @@ import numpy as np
 from steprl.errors import InputError
 from steprl.limits import check_steps
 from steprl.outputfolder import check_output_folder
+from steprl.segmentation.config import BATCH_SLICES
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +20,8 @@ log = logging.getLogger(__name__)
 def _check_steps(args) -> None:
     check_steps(getattr(args, "steps", None))
     if getattr(args, "batch_slices", 1) < 1:
-        raise InputError(f"--batch-slices must be >= 1, got {args.batch_slices}.", "Use e.g. --batch-slices 16.")
+        raise InputError(f"--batch-slices must be >= 1, got {args.batch_slices}.",
+                         f"Use e.g. --batch-slices {BATCH_SLICES}.")
 
 
 def segment_command(args) -> int:

@@ -18,6 +18,11 @@ from typing import Literal, get_args
 
 T_MAX = 10
 """Steps per episode in the paper (and the default number of steps of a segmentation model)."""
+BATCH_SLICES = 8
+"""Slices per network call at inference (``--batch-slices``), chosen by measurement: on the 2-core
+AVX2 CPU (fp32, channels-last), ``pixeldrl_wm``'s image encoding took 31 ms per slice in batches of
+8 (2 and 4 the same), 47 ms in batches of 16 and 77 ms in batches of 32 (the working set of larger
+batches falls out of the cache). A GPU runs larger batches faster: raise it there."""
 DEFAULT_SIZE = (128, 128)
 """Network grid (H, W), chosen by measurement (``trainer/benchmarks/bench_pixeldrl_speed.py``).
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from steprl.errors import InputError
+from steprl.segmentation.config import BATCH_SLICES
 
 METRICS = ("dice", "ppv", "sen", "iou", "biou", "hd95")
 
@@ -41,7 +42,7 @@ def case_names(paths: Sequence[str | Path]) -> list[str]:
     return [f"{Path(p).parent.name}/{s}" for p, s in zip(paths, stems)]
 
 
-def evaluate_case(image, labels, model, *, steps=None, device="auto", axis="axial", batch_slices=16,
+def evaluate_case(image, labels, model, *, steps=None, device="auto", axis="axial", batch_slices=BATCH_SLICES,
                   bf16=None, match_levels=True, border=True) -> dict:
     """Segment one image (``labels`` already on its grid, > 0 = object); the row of the table."""
     from steprl import metrics
@@ -98,7 +99,7 @@ def brain_mask(image, labels: np.ndarray, mask_path: Path | None = None,
 
 
 def evaluate_dataset(images: Sequence[Path], labels: Sequence[Path], model, *, steps=None, device="auto",
-                     axis="axial", batch_slices=16, label_values=None, bf16=None, quiet=False,
+                     axis="axial", batch_slices=BATCH_SLICES, label_values=None, bf16=None, quiet=False,
                      baselines: Sequence[str] = (), match_levels=True, border=True,
                      brain_masks: Sequence[Path] | None = None, brain_from_labels: bool = False) -> list[dict]:
     """Rows of :func:`evaluate_case` for image / label-map files matched by order.

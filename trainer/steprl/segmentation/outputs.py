@@ -29,6 +29,7 @@ import steprl
 from steprl.geometry import Image
 from steprl.limits import check_steps, warn_step_outputs
 from steprl.outputfolder import check_output_folder, staged_output
+from steprl.segmentation.config import BATCH_SLICES
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +73,8 @@ def take(array: np.ndarray, index: int, axis: int) -> np.ndarray:
 
 
 def run_and_write(image: Image, model, out, *, steps: int | None = None, device="auto", axis: str | int = "axial",
-                  batch_slices: int = 16, labels: Image | None = None, fmt: str = "nii.gz", step_masks: bool = True,
-                  bf16: bool | None = None, quiet: bool = False, inputs: dict | None = None,
+                  batch_slices: int = BATCH_SLICES, labels: Image | None = None, fmt: str = "nii.gz",
+                  step_masks: bool = True, bf16: bool | None = None, quiet: bool = False, inputs: dict | None = None,
                   match_levels: bool = True, border: bool = True) -> dict:
     """Segment ``image`` and write the outputs listed in the module docstring; returns the metrics summary.
 
