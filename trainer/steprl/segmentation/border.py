@@ -33,18 +33,19 @@ one voxel short: Dice 0.88 -> 0.92, where a mask 1.5 voxels too large comes back
 a noisy scan's band gets speckled decisions.
 
 Measured (``trainer/benchmarks/compare_segmentation.py``, ``pixeldrl_wm``; the report in
-``results/compare_segmentation_border_cpu.md``): MNI152 0.899 -> 0.957 (cerebrum 0.925 -> 0.972;
-Otsu 0.956 / 0.969), Colin27 0.748 -> 0.767 whole head and 0.783 -> 0.811 brain-extracted. The
-band's width was chosen as one network pixel before measuring; 1, 2 and 3 voxels at 1 mm gave
-MNI152 0.953 / 0.957 / 0.958. It is not learned: every figure names it, and ``--no-border`` (or
-``border=False``) gives the policy's own mask.
+``results/compare_segmentation_border_cpu.md``): MNI152 0.899 -> 0.958 (cerebrum 0.925 -> 0.972;
+Otsu 0.956 / 0.969), Colin27 0.748 -> 0.776 whole head and 0.782 -> 0.811 brain-extracted; on the
+held-out synthetic T1 heads 0.879 -> 0.863 (their white matter spreads widely in intensity, so a
+global midpoint cuts it). The band's width was chosen as one network pixel before measuring; 1, 2
+and 3 voxels at 1 mm gave MNI152 0.953 / 0.957 / 0.958. It is not learned: every figure names it,
+and ``--no-border`` (or ``border=False``) gives the policy's own mask.
 
-numpy only (no scipy: Slicer's Python has none). A 256 x 256 x 180 volume takes about 1 s.
+numpy only (no scipy: Slicer's Python has none). A 256 x 256 x 180 volume takes 0.4-0.7 s (2 cores;
+``results/bench_segment_command_cpu.md``).
 """
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -52,8 +53,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from steprl.segmentation import tissue_levels
-
-log = logging.getLogger(__name__)
 
 #: Where inside the band the object's side begins, between the surroundings' level (0) and the
 #: object's (1): 0.5 is the partial-volume midpoint.
