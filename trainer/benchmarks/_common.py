@@ -74,3 +74,13 @@ def run_child(argv: list[str], threads: int) -> tuple[float, float, str]:
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} failed:\n{done.stderr[-3000:]}")
     return wall, int(done.stderr.strip().splitlines()[-1]) / 2**20, done.stdout
+
+
+def publish(lines: list[str], path) -> int:
+    """Write a report's ``lines`` to ``path`` (atomically) and print them; the script's exit code (0)."""
+    from steprl.atomic import write_text
+
+    text = "\n".join(lines)
+    write_text(path, text)
+    print(text)
+    return 0

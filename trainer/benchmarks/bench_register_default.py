@@ -27,8 +27,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from _common import run_child
-from steprl.atomic import write_text
+from _common import publish, run_child
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPE = (144, 192, 160)  # array order (z, y, x) = 160 x 192 x 144 voxels in ITK's (x, y, z)
@@ -118,10 +117,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{default['policy_steps']} steps <= 3 s: **{default['policy']:.2f} s**; refinement "
               f"({default['refine_steps']} steps) <= 5 s: **{default['refine']:.2f} s**; peak RSS <= 3 GiB: "
               f"**{default['rss']:.2f} GiB**.", ""]
-    text = "\n".join(lines)
-    write_text(args.out, text)
-    print(text)
-    return 0
+    return publish(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -27,8 +27,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from _common import cpu_summary, run_child
-from steprl.atomic import write_text
+from _common import cpu_summary, publish, run_child
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPE = (180, 256, 256)  # array order (z, y, x): 256 x 256 x 180 voxels in ITK's (x, y, z)
@@ -109,10 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {r['name']} | {r['wall']:.1f} | {r['engine']:.1f} | {r.get('policy', float('nan')):.2f} | "
                      f"{r.get('border', float('nan')):.2f} | {r['rss']:.2f} | {r['wall'] / default['wall']:.2f} |")
     lines += ["", f"Target (issue 12): the whole default command <= 15 s wall: **{default['wall']:.1f} s**.", ""]
-    text = "\n".join(lines)
-    write_text(args.out, text)
-    print(text)
-    return 0
+    return publish(lines, args.out)
 
 
 if __name__ == "__main__":
