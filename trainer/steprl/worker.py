@@ -19,7 +19,7 @@ schema is :mod:`steprl.protocol`, which checks a whole job before any work start
      "image": "image.nrrd", "labels": null,                   # labels optional (any grid), Dice per step
      "model": "pixeldrl_wm",                                  # bundled name or .safetensors path
      "steps": 10, "axis": "axial", "device": "auto",          # steps null: the model card's default
-     "batch_slices": 8, "output": "out"}                     # folder for the step masks
+     "batch_slices": 8, "output": "out"}                      # folder for the step masks
 
     {"version": 1, "task": "devices"}                         # what torch can use here
 

@@ -1,6 +1,6 @@
 """Segmentation inference: ``segment()`` yields the mask step by step, on the input's own grid.
 
-    for result in segment(image, "runs/seg/model_best.safetensors", steps=10):   # None: the card's
+    for result in segment(image, "runs/seg/model_best.safetensors"):   # the card's steps (and border)
         print(result.step, result.metrics["object_fraction"])
     labelmap = result.mask          # Image, uint8 0/1, exactly image.geometry
     result.changed                  # Image, uint8: the voxels this step changed
@@ -248,7 +248,8 @@ def segment(
     match_levels: bool = True,
     border: bool = True,
 ) -> Iterator[SegmentationStep]:
-    """Segment ``image`` step by step; yields ``steps + 1`` :class:`SegmentationStep` (see the module docstring).
+    """Segment ``image`` step by step; yields ``steps + 1`` :class:`SegmentationStep` (one more with the
+    border; see the module docstring).
 
     Args:
         image: a scalar 2D image or 3D volume (any geometry, any intensity range).
