@@ -248,8 +248,7 @@ def segment(
     match_levels: bool = True,
     border: bool = True,
 ) -> Iterator[SegmentationStep]:
-    """Segment ``image`` step by step; yields ``steps + 1`` :class:`SegmentationStep` (one more with the
-    border; see the module docstring).
+    """Segment ``image``: yields ``steps + 1`` :class:`SegmentationStep` (+ 1 with the border; module docstring).
 
     Args:
         image: a scalar 2D image or 3D volume (any geometry, any intensity range).
