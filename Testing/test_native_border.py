@@ -125,3 +125,23 @@ def test_voxels_far_brighter_than_the_object_are_dropped_anywhere():
     dark = partial_volume_image(truth, 0.4, 0.7, rng)
     dark[fat] = -0.5
     assert not native_border(dark, truth, (1, 1, 1)).mask[fat].any()
+
+
+def test_detached_pieces_are_dropped_and_main_pieces_kept():
+    """A far blob (cerebellar white matter, scalp fat) goes; a piece within reach and a second main piece
+    (a hemisphere the policy left unjoined) stay."""
+    from steprl.segmentation.border import keep_attached
+
+    shape = (40, 40, 80)
+    left, right = ball(shape, 10.0, centre=(20, 20, 18)), ball(shape, 10.0, centre=(20, 20, 52))  # 14 voxels apart
+    far = ball(shape, 2.0, centre=(20, 36, 70))  # 6+ voxels from the right ball
+    near = ball(shape, 1.0, centre=(20, 20, 31))  # 2 voxels from the left ball
+    mask = left | right | far | near
+    kept = keep_attached(mask, (4, 4, 4))
+    assert np.array_equal(kept, left | right | near)
+    assert np.array_equal(keep_attached(left, (4, 4, 4)), left)
+    assert not keep_attached(np.zeros(shape, bool), (1, 1, 1)).any()
+    rng = np.random.default_rng(5)
+    image = partial_volume_image(mask, 0.9, 0.5, rng)
+    assert native_border(image, mask, (1, 1, 1), reach=(4, 4, 4)).mask[far].sum() == 0
+    assert native_border(image, mask, (1, 1, 1)).mask[far].sum() > 0  # no reach: every piece kept

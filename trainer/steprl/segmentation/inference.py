@@ -336,18 +336,21 @@ def border_enabled(model: LoadedSegmenter, border: bool = True) -> bool:
 def _bordered(image: Image, mask: np.ndarray, case: CaseSlices, settings: dict | bool) -> np.ndarray:
     """The last policy ``mask`` (uint8, the image's shape) with its border re-decided at the image's
     resolution (:func:`steprl.segmentation.border.native_border`; band: one network pixel; the card's
-    ``inference.border.fraction``, else the midpoint). ``image`` is the user's, not the level-matched
-    one: the matching's knots come from a first pass, not from this mask, so its piecewise-linear
-    remap would move the midpoint. The levels' ring grows in 3D: the mask covers every slice
-    (MNI152 0.958 with a 3D ring, 0.953 in-plane)."""
+    ``inference.border.fraction``, else the midpoint; detached pieces dropped unless its ``detached``
+    is false). ``image`` is the user's, not the level-matched one: the matching's knots come from a
+    first pass, not from this mask, so its piecewise-linear remap would move the midpoint. The
+    levels' ring grows in 3D: the mask covers every slice (MNI152 0.958 with a 3D ring, 0.953
+    in-plane)."""
     from steprl.preprocess import normalise_percentile
-    from steprl.segmentation.border import FRACTION, band_voxels, native_border
+    from steprl.segmentation.border import ATTACH_MM, FRACTION, band_voxels, native_border
 
-    fraction = float(settings.get("fraction", FRACTION)) if isinstance(settings, dict) else FRACTION
+    settings = settings if isinstance(settings, dict) else {}
+    fraction = float(settings.get("fraction", FRACTION))
 
     spacing = image.geometry.spacing[::-1]  # numpy axis order
     band = band_voxels(max(case.grid.network_spacing), spacing)
-    done = native_border(normalise_percentile(image.array), mask != 0, band, None, fraction)
+    reach = band_voxels(ATTACH_MM, spacing) if settings.get("detached", True) else None
+    done = native_border(normalise_percentile(image.array), mask != 0, band, None, fraction, reach)
     if done.applied:
         log.info("border: levels %.3f / %.3f, threshold %.3f, band %s voxels", *done.levels, done.threshold, band)
     else:
