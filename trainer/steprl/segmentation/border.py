@@ -142,6 +142,11 @@ def keep_attached(mask: np.ndarray, reach: Sequence[int]) -> np.ndarray:
     mask = np.asarray(mask, dtype=bool)
     if not mask.any():
         return mask
+    box = _bounding_box(mask)  # the work on the mask's box only: a head's white matter fills a fraction of it
+    if any(b.stop - b.start < n for b, n in zip(box, mask.shape)):
+        out = np.zeros_like(mask)
+        out[box] = keep_attached(mask[box], reach)
+        return out
     pieces = sitk.RelabelComponent(sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8)), True))
     labels = sitk.GetArrayFromImage(pieces)  # 1 = the largest, by decreasing size
     sizes = np.bincount(labels.ravel())[1:]
@@ -150,6 +155,15 @@ def keep_attached(mask: np.ndarray, reach: Sequence[int]) -> np.ndarray:
     main = (labels > 0) & (labels <= int(np.sum(sizes >= MAIN_SHARE * sizes[0])))
     near = grown_box(main, reach) & (labels > 0)
     return np.isin(labels, np.unique(labels[near]))
+
+
+def _bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
+    """The smallest box (slices per axis) holding every True voxel of ``mask`` (not empty)."""
+    box = []
+    for axis in range(mask.ndim):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    return tuple(box)
 
 
 def native_border(normalised: np.ndarray, mask: np.ndarray, band: Sequence[int], slice_axis: int | None = None,
