@@ -118,12 +118,8 @@ def grown_box(mask: np.ndarray, band: Sequence[int]) -> np.ndarray:
     out = np.asarray(mask, dtype=bool).copy()
     for axis, reach in enumerate(band):
         for _ in range(int(reach)):
-            ahead = [slice(None)] * out.ndim
-            behind = [slice(None)] * out.ndim
-            ahead[axis], behind[axis] = slice(1, None), slice(None, -1)
             step = out.copy()
-            step[tuple(ahead)] |= out[tuple(behind)]
-            step[tuple(behind)] |= out[tuple(ahead)]
+            tissue_levels.or_neighbours(step, out, axis)
             out = step
     return out
 
@@ -166,15 +162,14 @@ def _bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
     return tuple(box)
 
 
-def native_border(normalised: np.ndarray, mask: np.ndarray, band: Sequence[int], slice_axis: int | None = None,
-                  fraction: float = FRACTION, reach: Sequence[int] | None = None) -> BorderResult:
+def native_border(normalised: np.ndarray, mask: np.ndarray, band: Sequence[int], fraction: float = FRACTION,
+                  reach: Sequence[int] | None = None) -> BorderResult:
     """The policy's ``mask`` with its border re-decided by the scan's own intensities (module docstring).
 
     Args:
         normalised: the image (2D or 3D) on the 0..1 percentile-normalised scale the network read.
         mask: the policy's final mask on the same grid (bool or 0/1).
         band: half-width of the band in voxels per array axis (:func:`band_voxels`).
-        slice_axis: the axis the slices were cut across (the levels' ring grows within slices).
         fraction: where the object's side begins between the two levels (0.5: the midpoint).
         reach: drop the pieces farther than this (voxels per axis) from the main ones
             (:func:`keep_attached`); None: keep every piece.
@@ -187,7 +182,7 @@ def native_border(normalised: np.ndarray, mask: np.ndarray, band: Sequence[int],
     band = tuple(int(b) for b in band)
     if normalised.shape != mask.shape or len(band) != mask.ndim:
         raise ValueError(f"image {normalised.shape}, mask {mask.shape} and band {band} do not fit")
-    levels = tissue_levels.tissue_levels(normalised, mask, slice_axis)
+    levels = tissue_levels.tissue_levels(normalised, mask)  # the ring grows in 3D: the mask covers every slice
     if levels is None:
         return BorderResult(mask, None, None, band, "the mask (or the ring around it) is too small")
     around, inside = levels

@@ -350,7 +350,7 @@ def _bordered(image: Image, mask: np.ndarray, case: CaseSlices, settings: dict |
     spacing = image.geometry.spacing[::-1]  # numpy axis order
     band = band_voxels(max(case.grid.network_spacing), spacing)
     reach = band_voxels(ATTACH_MM, spacing) if settings.get("detached", True) else None
-    done = native_border(normalise_percentile(image.array), mask != 0, band, None, fraction, reach)
+    done = native_border(normalise_percentile(image.array), mask != 0, band, fraction, reach)
     if done.applied:
         log.info("border: levels %.3f / %.3f, threshold %.3f, band %s voxels", *done.levels, done.threshold, band)
     else:

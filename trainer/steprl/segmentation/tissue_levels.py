@@ -67,13 +67,19 @@ def _grown(mask: np.ndarray, iterations: int, axes: list[int]) -> np.ndarray:
     for _ in range(iterations):
         grown = out.copy()
         for axis in axes:
-            ahead = [slice(None)] * mask.ndim
-            behind = [slice(None)] * mask.ndim
-            ahead[axis], behind[axis] = slice(1, None), slice(None, -1)
-            grown[tuple(ahead)] |= out[tuple(behind)]
-            grown[tuple(behind)] |= out[tuple(ahead)]
+            or_neighbours(grown, out, axis)
         out = grown
     return out
+
+
+def or_neighbours(target: np.ndarray, source: np.ndarray, axis: int) -> None:
+    """``target |= source`` shifted by one voxel both ways along ``axis`` (bool arrays of one shape, in
+    place): one step of a dilation along that axis, numpy only."""
+    ahead = [slice(None)] * source.ndim
+    behind = [slice(None)] * source.ndim
+    ahead[axis], behind[axis] = slice(1, None), slice(None, -1)
+    target[tuple(ahead)] |= source[tuple(behind)]
+    target[tuple(behind)] |= source[tuple(ahead)]
 
 
 def match_levels(normalised: np.ndarray, grey: float, white: float, grey_to_white: float) -> np.ndarray:
