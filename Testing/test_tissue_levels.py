@@ -43,6 +43,17 @@ def test_remapping_puts_grey_at_the_ratio_and_keeps_white():
     assert np.all(np.diff(out) > 0), "the remapping must keep the intensity order"
 
 
+@pytest.mark.parametrize(("grey", "white", "ratio"), [(0.45, 0.6, 0.8), (0.6, 0.8, 0.5), (0.7, 0.9, 0.95)])
+def test_remapping_is_the_piecewise_linear_interpolation(grey, white, ratio):
+    """The float32 remapping is np.interp through the knots (0, 0), (grey, ratio * white), (white, white),
+    (1, 1), to float32 rounding, at the knots and between them."""
+    values = np.concatenate([np.random.default_rng(1).random(5000), [0.0, grey, white, 1.0]]).astype(np.float32)
+    expected = np.interp(values, [0.0, grey, white, 1.0], [0.0, ratio * white, white, 1.0])
+    out = match_levels(values, grey, white, ratio)
+    assert out.dtype == np.float32 and out.shape == values.shape
+    np.testing.assert_allclose(out, expected, rtol=0, atol=2e-7)
+
+
 class _ThresholdRunner:
     """Stands in for a trained white-matter model's first pass: white = network input > 0.9."""
 
@@ -65,15 +76,16 @@ def test_segment_first_pass_matches_the_card_ratio():
     image, core = _phantom(grey=0.8)
     geometry = Geometry(image.shape, (3.0, 1.0, 1.0), (0.0, 0.0, 0.0), np.eye(3))
     runner = _ThresholdRunner()
-    matched = _levels_matched(Image(image, geometry), _loaded(0.55), runner, "axial", 8, True)
+    matched, normalised = _levels_matched(Image(image, geometry), _loaded(0.55), runner, "axial", 8, True)
     assert runner.calls == 1 and matched.geometry == geometry
+    np.testing.assert_array_equal(normalised, normalise_percentile(image))  # handed on to the border
     grey, white = tissue_levels(matched.array, core)
     assert abs(grey / white - 0.55) < 0.03, (grey, white)
     before = tissue_levels(normalise_percentile(image), core)
     assert abs(before[0] / before[1] - 0.8) < 0.03
 
     untouched = Image(image, geometry)
-    assert _levels_matched(untouched, _loaded(None), runner, "axial", 8, True) is untouched
+    assert _levels_matched(untouched, _loaded(None), runner, "axial", 8, True) == (untouched, None)
     assert runner.calls == 1, "no first pass without the card's tissue_levels"
 
 
@@ -82,7 +94,7 @@ def test_implausible_levels_leave_the_image_and_warn(caplog):
     geometry = Geometry(image.shape, (3.0, 1.0, 1.0), (0.0, 0.0, 0.0), np.eye(3))
     original = Image(image, geometry)
     with caplog.at_level(logging.WARNING):
-        assert _levels_matched(original, _loaded(0.55), _ThresholdRunner(), "axial", 8, True) is original
+        assert _levels_matched(original, _loaded(0.55), _ThresholdRunner(), "axial", 8, True)[0] is original
     assert "T1-weighted" in caplog.text
 
 

@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
              "validation_dice_as_is": round(float(np.mean([row["as_is"] for row in rows])), 4),
              "mean_dice_by_ratio": {r: round(d, 4) for r, d in means.items()}, "volumes": len(rows),
              "estimator": "steprl.segmentation.inference.first_pass_levels (one-step first pass of this model on "
-                          "<= 32 slices: median grey in a 2-voxel in-slice ring around its mask / median white "
+                          "<= 16 slices: median grey in a 2-voxel in-slice ring around its mask / median white "
                           "inside it, on the 0.5-99.5 percentile-normalised image)",
              "data": "T1-like synthetic volumes of the validation subjects "
                      "(steprl.synth.segmentation_slices.synth_case)",

@@ -200,11 +200,13 @@ def prepare_case(
     axis: str | int = "axial",
     label_values: Sequence[int] | None = None,
     name: str = "image",
+    normalised: np.ndarray | None = None,
 ) -> CaseSlices:
     """Normalise, slice and resample one image (and its label map, already on its grid).
 
     ``labels`` must be on ``image``'s grid (:func:`steprl.io.read_labels` with the image's
-    geometry does that); a different array shape raises :class:`InputError`.
+    geometry does that); a different array shape raises :class:`InputError`. ``normalised``:
+    ``normalise_percentile(image.array)`` when the caller has it already (it is not recomputed).
     """
     check_image(image, name)
     if labels is not None and tuple(labels.array.shape) != tuple(image.array.shape):
@@ -215,7 +217,11 @@ def prepare_case(
     array_axis = resolve_axis(axis, image.geometry)
     stack = slice_stack(image.array, array_axis)
     constant = constant_slices(stack)
-    normalised = slice_stack(normalise_percentile(image.array), array_axis)
+    if normalised is None:
+        normalised = normalise_percentile(image.array)
+    elif normalised.shape != image.array.shape:
+        raise ValueError(f"normalised has shape {normalised.shape}, the image {image.array.shape}")
+    normalised = slice_stack(normalised, array_axis)
     grid = SliceGrid.fit(stack.shape[1:], in_plane_spacing(image.geometry, array_axis), size)
     images = grid.to_network(torch.from_numpy(np.ascontiguousarray(normalised))[:, None]).clamp_(0.0, 1.0)
     masks, has_object = None, np.zeros(len(stack), dtype=bool)

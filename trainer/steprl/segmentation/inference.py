@@ -13,7 +13,7 @@ step's mask back onto the slice grid (bilinear, >= 0.5). The output has the inpu
 shape and geometry (spacing, origin, direction) whatever the orientation.
 
 - **Grey / white level matching** (when the card gives ``normalisation.tissue_levels``; off with
-  ``match_levels=False``): a one-step first pass on at most 32 slices finds the scan's grey and
+  ``match_levels=False``): a one-step first pass on at most 16 slices finds the scan's grey and
   white levels and the image is remapped to the card's ratio before the pass that is yielded
   (:mod:`steprl.segmentation.tissue_levels` says why: +0.04-0.06 Dice on every real scan here).
 - **Step 0** is the initial mask ``f(0) = 1`` everywhere (PixelDRL-MG's start: every pixel
@@ -171,12 +171,12 @@ def _first_pass_levels(image: Image, loaded: LoadedSegmenter, runner: _Runner, a
     from steprl.preprocess import normalise_percentile
     from steprl.segmentation import tissue_levels
 
-    case = prepare_case(image, None, size=loaded.size, axis=axis, name="image")
+    normalised = normalise_percentile(image.array)
+    case = prepare_case(image, None, size=loaded.size, axis=axis, name="image", normalised=normalised)
     active = _active_slices(case, skip_constant)
     sampled = active[:: max(1, -(-len(active) // tissue_levels.LEVEL_SLICES))]
     first = _step_mask(runner.run_slices(case, sampled, 1, batch_slices, None)[0], case, sampled, batch_slices,
                        image.ndim)
-    normalised = normalise_percentile(image.array)
     slice_axis = case.axis if image.ndim == 3 else None
     return normalised, tissue_levels.tissue_levels(normalised, first != 0, slice_axis)
 
@@ -194,24 +194,25 @@ def first_pass_levels(image: Image, model: LoadedSegmenter | str | Path, device:
 
 
 def _levels_matched(image: Image, loaded: LoadedSegmenter, runner: _Runner, axis: str | int, batch_slices: int,
-                    skip_constant: bool) -> Image:
+                    skip_constant: bool) -> tuple[Image, np.ndarray | None]:
     """``image`` normalised and remapped to the card's grey / white ratio, when its
     ``normalisation.tissue_levels.grey_to_white`` gives one; else ``image`` itself. Implausible
-    levels leave the image as it is, with a warning."""
+    levels leave the image as it is, with a warning. Second: ``image`` percentile-normalised, when the
+    first pass computed it (the border reads it; ``None`` otherwise)."""
     from steprl.segmentation import tissue_levels
 
     target = loaded.card.get("normalisation", {}).get("tissue_levels", {}).get("grey_to_white")
     if target is None:
-        return image
+        return image, None
     normalised, levels = _first_pass_levels(image, loaded, runner, axis, batch_slices, skip_constant)
     if not tissue_levels.plausible(levels):
         log.warning("Grey / white levels not found (%s): segmenting the image without matching them. Is it a "
                     "T1-weighted scan?", "no first-pass mask" if levels is None else
                     f"ratio {levels[0] / levels[1]:.2f}")
-        return image
+        return image, normalised
     log.info("grey / white levels %.3f / %.3f (ratio %.2f) matched to the model card's ratio %.2f",
              levels[0], levels[1], levels[0] / levels[1], float(target))
-    return Image(tissue_levels.match_levels(normalised, *levels, float(target)), image.geometry)
+    return Image(tissue_levels.match_levels(normalised, *levels, float(target)), image.geometry), normalised
 
 
 def _step_mask(net_masks: torch.Tensor, case: CaseSlices, active: np.ndarray, batch_slices: int,
@@ -287,9 +288,9 @@ def segment(
         raise InputError(f"batch_slices must be >= 1, got {batch_slices}.", f"Use e.g. --batch-slices {BATCH_SLICES}.")
     start = time.perf_counter()
     runner = _make_runner(loaded, dev, bf16, channels_last)
-    geometry, original = image.geometry, image
+    geometry, original, original_normalised = image.geometry, image, None
     if match_levels:
-        image = _levels_matched(image, loaded, runner, axis, batch_slices, skip_constant)
+        image, original_normalised = _levels_matched(image, loaded, runner, axis, batch_slices, skip_constant)
     case = prepare_case(image, None, size=loaded.size, axis=axis, name="image")
     reference = None if labels is None else np.asarray(labels.array) > 0
 
@@ -310,7 +311,7 @@ def segment(
         yield result(t + 1, mask, mask != previous)
         previous = mask
     if border_enabled(loaded, border):
-        mask = _bordered(original, previous, case, loaded.card["inference"]["border"])
+        mask = _bordered(original, previous, case, loaded.card["inference"]["border"], original_normalised)
         yield result(n_steps + 1, mask, mask != previous, "border")
 
 
@@ -333,14 +334,15 @@ def border_enabled(model: LoadedSegmenter, border: bool = True) -> bool:
     return bool(border) and bool(model.card.get("inference", {}).get("border"))
 
 
-def _bordered(image: Image, mask: np.ndarray, case: CaseSlices, settings: dict | bool) -> np.ndarray:
+def _bordered(image: Image, mask: np.ndarray, case: CaseSlices, settings: dict | bool,
+              normalised: np.ndarray | None = None) -> np.ndarray:
     """The last policy ``mask`` (uint8, the image's shape) with its border re-decided at the image's
     resolution (:func:`steprl.segmentation.border.native_border`; band: one network pixel; the card's
     ``inference.border.fraction``, else the midpoint; detached pieces dropped unless its ``detached``
     is false). ``image`` is the user's, not the level-matched one: the matching's knots come from a
     first pass, not from this mask, so its piecewise-linear remap would move the midpoint. The
     levels' ring grows in 3D: the mask covers every slice (MNI152 0.958 with a 3D ring, 0.953
-    in-plane)."""
+    in-plane). ``normalised``: ``normalise_percentile(image.array)`` when the first pass has it."""
     from steprl.preprocess import normalise_percentile
     from steprl.segmentation.border import ATTACH_MM, FRACTION, band_voxels, native_border
 
@@ -350,7 +352,8 @@ def _bordered(image: Image, mask: np.ndarray, case: CaseSlices, settings: dict |
     spacing = image.geometry.spacing[::-1]  # numpy axis order
     band = band_voxels(max(case.grid.network_spacing), spacing)
     reach = band_voxels(ATTACH_MM, spacing) if settings.get("detached", True) else None
-    done = native_border(normalise_percentile(image.array), mask != 0, band, fraction, reach)
+    normalised = normalise_percentile(image.array) if normalised is None else normalised
+    done = native_border(normalised, mask != 0, band, fraction, reach)
     if done.applied:
         log.info("border: levels %.3f / %.3f, threshold %.3f, band %s voxels", *done.levels, done.threshold, band)
     else:
