@@ -183,6 +183,34 @@ def test_the_record_tools_read_a_segmentation_run_and_bundle_a_snapshot(first_ru
     assert len(learner.earlier_runs) == 2
 
 
+def test_a_half_snapshot_is_half_the_file_and_segments_as_the_run(first_run, tmp_path, monkeypatch, repo_root):
+    """``bundle_model.py --half``: float16 weights on disk, a card that says so and verifies, the same
+    network once loaded (float32, within float16 rounding) and the same masks on a test image."""
+    import numpy as np
+    from steprl.geometry import Geometry, Image
+    from steprl.segmentation.inference import segment
+    from steprl.segmentation.model import load_segmenter
+
+    monkeypatch.syspath_prepend(str(repo_root / "trainer" / "tools"))
+    bundle_tool = importlib.import_module("bundle_model")
+    extra = tmp_path / "extra.json"
+    extra.write_text(json.dumps({"licence_of_weights": "test data, no licence needed"}))
+    assert bundle_tool.main([str(first_run), "half", "--card-extra", str(extra), "--to", str(tmp_path), "--half"]) == 0
+    full, half = first_run / "model_best.safetensors", tmp_path / "half.safetensors"
+    state, card = modelfile.load_model(half, method="pixeldrl-mg")
+    assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float16}
+    assert "float16" in card["weights_stored_as"] and half.stat().st_size < 0.6 * full.stat().st_size
+    original, loaded = load_segmenter(full), load_segmenter(half)
+    for (name, a), b in zip(original.net.state_dict().items(), loaded.net.state_dict().values(), strict=True):
+        assert b.dtype == torch.float32, name
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-7)
+    rng = np.random.default_rng(0)
+    image = Image(rng.random((3, 32, 32)).astype(np.float32), Geometry((3, 32, 32), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0),
+                                                                      np.eye(3)))
+    masks = [list(segment(image, m, 2, "cpu", match_levels=False))[-1].mask.array for m in (original, loaded)]
+    assert np.mean(masks[0] != masks[1]) < 0.01
+
+
 def test_the_bundled_model_warm_starts_by_name_with_its_options():
     """``--init-from pixeldrl_wm`` with the network options of its card (``steprl info pixeldrl_wm``)."""
     from steprl.segmentation.model import load_segmenter
