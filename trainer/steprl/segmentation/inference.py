@@ -342,9 +342,12 @@ def _bordered(image: Image, mask: np.ndarray, case: CaseSlices, settings: dict |
     is false). ``image`` is the user's, not the level-matched one: the matching's knots come from a
     first pass, not from this mask, so its piecewise-linear remap would move the midpoint. The
     levels' ring grows in 3D: the mask covers every slice (MNI152 0.958 with a 3D ring, 0.953
-    in-plane). ``normalised``: ``normalise_percentile(image.array)`` when the first pass has it."""
+    in-plane). The card's ``field_order`` (default :data:`~steprl.segmentation.intensity_field.ORDER`;
+    0: none) sets the white-matter intensity field the image is flattened by before the rule, when it
+    spans enough. ``normalised``: ``normalise_percentile(image.array)`` when the first pass has it."""
     from steprl.preprocess import normalise_percentile
     from steprl.segmentation.border import ATTACH_MM, FRACTION, band_voxels, native_border
+    from steprl.segmentation.intensity_field import ORDER as FIELD_ORDER
 
     settings = settings if isinstance(settings, dict) else {}
     fraction = float(settings.get("fraction", FRACTION))
@@ -353,7 +356,10 @@ def _bordered(image: Image, mask: np.ndarray, case: CaseSlices, settings: dict |
     band = band_voxels(max(case.grid.network_spacing), spacing)
     reach = band_voxels(ATTACH_MM, spacing) if settings.get("detached", True) else None
     normalised = normalise_percentile(image.array) if normalised is None else normalised
-    done = native_border(normalised, mask != 0, band, fraction, reach)
+    done = native_border(normalised, mask != 0, band, fraction, reach, int(settings.get("field_order", FIELD_ORDER)))
+    if done.field_span is not None:
+        log.info("border: white-matter intensity field spans %.1f %% (%s)", 100 * done.field_span,
+                 "flattened" if done.field_applied else "below the threshold: not applied")
     if done.applied:
         log.info("border: levels %.3f / %.3f, threshold %.3f, band %s voxels", *done.levels, done.threshold, band)
     else:
