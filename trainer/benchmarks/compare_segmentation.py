@@ -31,6 +31,9 @@ Cases (``Case.notes`` says how each reference and brain mask was made; the repor
   favour the intensity baselines (a K-means reference, as ``compare_registration`` uses for
   tissue, would); it inherits the registration's errors and the population map's smoothness,
   which caps every method's Dice below 1 alike.
+- **MNI152 with a bias field** (``--no-bias-case`` leaves it out): the cerebrum row of MNI152 with
+  the image multiplied by a smooth +-20 % field (:func:`biased_mni_case`): a coil's bias on the same
+  real anatomy, the same reference.
 - **Held-out synthetic subjects**: the 3 SynthSeg subjects :func:`steprl.synth.synthseg.split_subjects`
   keeps for testing (never seen in training or validation), each synthesised twice (T1-like and
   a random contrast, fixed seeds) on a 1.5 mm whole-head grid. Reference: EXACT (labels 2, 41).
@@ -64,6 +67,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_SYNTHSEG = REPO.parent / "shared" / "data" / "synthseg"
 CEREBRUM_Z_MM = -10.0
+BIAS_AMPLITUDE = 0.2
 METRICS = ("dice", "ppv", "sen", "iou", "biou", "hd95")
 log = logging.getLogger("compare_segmentation")
 
@@ -114,6 +118,21 @@ def mni_cases() -> list[Case]:
              "(T1 > 20% of its maximum)")
     case = Case("mni152", "MNI152 (whole WM map)", image, reference, brain, None, notes)
     return _with_cerebrum(case, "MNI152 cerebrum (z > -10 mm)")
+
+
+def biased_mni_case(mni: Case, amplitude: float = BIAS_AMPLITUDE) -> Case:
+    """MNI152's cerebrum row with a smooth multiplicative bias field, ``1 +- amplitude`` over the
+    volume (a slope along z and x, a curvature along y, a twist): how each method holds up to a coil's
+    bias on otherwise the same real scan, against the same reference."""
+    from steprl.geometry import Image
+
+    z, y, x = np.meshgrid(*[np.linspace(-1.0, 1.0, n) for n in mni.image.array.shape], indexing="ij")
+    raw = 0.6 * z + 0.5 * x + 0.4 * y * y - 0.3 * x * z
+    field = 1.0 + amplitude * raw / np.abs(raw).max()
+    image = Image((mni.image.array * field).astype(np.float32), mni.image.geometry)
+    name = f"mni152-bias{round(100 * amplitude)}-cerebrum"
+    return Case(name, f"MNI152 cerebrum, +-{100 * amplitude:g} % bias field", image, mni.reference, mni.brain,
+                above_z(mni.image), mni.notes + f"; image times a smooth +-{100 * amplitude:g} % bias field")
 
 
 def colin_reference(templates: Path) -> tuple[np.ndarray, float]:
@@ -402,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="the models' policy masks only (no native-resolution border, even where the card asks)")
     parser.add_argument("--no-synthetic", action="store_true", help="leave out the synthetic cases")
     parser.add_argument("--no-colin", action="store_true", help="leave out Colin27")
+    parser.add_argument("--no-bias-case", action="store_true", help="leave out MNI152 with a bias field")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "steprl",
                         help="where Debian's mricron-data is unpacked (default ~/.cache/steprl)")
     parser.add_argument("--no-download", action="store_true", help="fail instead of apt-get downloading mricron-data")
@@ -421,6 +441,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     started = time.perf_counter()
     cases = mni_cases()
+    if not args.no_bias_case:
+        cases.append(biased_mni_case(cases[0]))
     if not args.no_colin:
         cases += colin_cases(args.cache, not args.no_download)
     if not args.no_synthetic:
