@@ -63,11 +63,11 @@ def test_segment_uses_the_bundled_model_by_default(tmp_path, capsys):
 
 
 def test_the_picture_names_the_axis_the_user_asked_for(tmp_path, monkeypatch):
-    import steprl.plotting
+    import steprl.segmentation.picture
 
     titles = []
-    original = steprl.plotting.segmentation_steps_figure
-    monkeypatch.setattr(steprl.plotting, "segmentation_steps_figure",
+    original = steprl.segmentation.picture.segmentation_steps_picture
+    monkeypatch.setattr(steprl.segmentation.picture, "segmentation_steps_picture",
                         lambda *a, **k: titles.append(k["title"]) or original(*a, **k))
     volume = tmp_path / "volume.nrrd"
     sitk.WriteImage(sitk.JoinSeries([sitk.ReadImage(str(FIXED))] * 3), str(volume))

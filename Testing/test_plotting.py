@@ -42,13 +42,38 @@ def test_registration_figure_replaces_an_existing_file(tmp_path):
     _check_png(path, min_width=200)
 
 
-def test_segmentation_steps_figure(tmp_path):
+def test_segmentation_steps_picture(tmp_path):
+    """The Pillow picture: one panel per step with the mask's outline in red and the changed pixels in
+    magenta, a chart per metric, written atomically."""
+    from steprl.segmentation.picture import CHANGED, OUTLINE, segmentation_steps_picture
+
     image, mask = toy.noisy_ellipse((48, 48), np.random.default_rng(0))
     masks = [image > 0.5, mask, mask]
     changed = [np.zeros_like(mask), masks[0] != masks[1], np.zeros_like(mask)]
-    out = plotting.segmentation_steps_figure(image, masks, [0, 5, 10], {"Dice": [0.5 + 0.04 * i for i in range(11)]},
-                                             tmp_path / "seg.png", changed=changed)
+    out = segmentation_steps_picture(image, masks, [0, 5, 10], {"Dice": [0.5 + 0.04 * i for i in range(11)]},
+                                     tmp_path / "seg.png", changed=changed, title="a title")
     _check_png(out, min_width=300)
+    with Image.open(out) as im:
+        pixels = np.asarray(im.convert("RGB"))
+    assert (pixels == OUTLINE).all(axis=2).sum() > 3 * 40  # three outlines, each longer than 40 pixels
+    tinted = (pixels[..., 0] > 150) & (pixels[..., 2] > 150) & (pixels[..., 1] < 120)  # magenta-ish
+    assert tinted.sum() > 0 and CHANGED == (255, 0, 255)
+
+
+def test_segmentation_picture_keeps_pixel_proportions(tmp_path):
+    from steprl.segmentation.picture import segmentation_steps_picture
+
+    image = np.random.default_rng(1).random((30, 60)).astype(np.float32)
+    mask = np.zeros((30, 60), dtype=bool)
+    mask[10:20, 20:40] = True
+    flat = segmentation_steps_picture(image, [mask], [1], {}, tmp_path / "a" / "flat.png")
+    tall = segmentation_steps_picture(image, [mask], [1], {}, tmp_path / "b" / "tall.png", aspect=2.0)
+    with Image.open(flat) as a, Image.open(tall) as b:
+        assert b.size[1] > a.size[1]  # pixels twice as high as wide: a taller panel
+    with pytest.raises(ValueError, match="step number"):
+        segmentation_steps_picture(image, [mask, mask], [1], {}, tmp_path / "c.png")
+    with pytest.raises(ValueError, match="shape"):
+        segmentation_steps_picture(image, [mask[:, :10]], [1], {}, tmp_path / "d.png")
 
 
 def test_figures_reject_bad_input(tmp_path):
@@ -57,8 +82,12 @@ def test_figures_reject_bad_input(tmp_path):
         plotting.registration_steps_figure(image, [image, image], [0], {}, tmp_path / "a.png")
     with pytest.raises(ValueError, match="2D"):
         plotting.registration_steps_figure(np.zeros((4, 16, 16)), [image], [0], {}, tmp_path / "b.png")
+    from steprl.segmentation.picture import segmentation_steps_picture
+
     with pytest.raises(ValueError, match="shape"):
-        plotting.segmentation_steps_figure(image, [np.zeros((8, 8))], [0], {}, tmp_path / "c.png")
+        segmentation_steps_picture(image, [np.zeros((8, 8))], [0], {}, tmp_path / "c.png")
+    with pytest.raises(ValueError, match="2D"):
+        segmentation_steps_picture(np.zeros((4, 16, 16)), [image], [0], {}, tmp_path / "d.png")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 _PANEL_INCHES = 2.4
 _CURVE_INCHES = 2.2
 _EDGE_COLOUR = "#00e5ff"  # edges of the fixed image, cyan
-_CHANGED_COLOUR = "#ff00ff"  # pixels changed by the last step, magenta
 
 
 def select_steps(n_steps: int, k: int = 5) -> list[int]:
@@ -205,48 +204,6 @@ def registration_steps_figure(
         _image_panel(ax, image, window, "moving (input)" if step == 0 else f"step {step}", aspect)
         ax.imshow(edges, cmap=_one_colour(_EDGE_COLOUR), alpha=0.6, vmin=0, vmax=1, interpolation="nearest",
                   aspect=aspect)
-    _plot_curves(curve_axes, curves, step_numbers)
-    if title:
-        fig.suptitle(title, fontsize=11)
-    return _save_atomic(fig, path)
-
-
-def segmentation_steps_figure(
-    image: np.ndarray,
-    masks: Sequence[np.ndarray],
-    step_numbers: Sequence[int],
-    curves: Mapping[str, Sequence[float]],
-    path: str | os.PathLike,
-    changed: Sequence[np.ndarray] | None = None,
-    title: str | None = None,
-    aspect: float = 1.0,
-) -> Path:
-    """Write the segmentation steps picture and return its path.
-
-    Top row: for each selected step, the ``image`` ``(H, W)`` with the outline of
-    ``masks[i]`` ``(H, W)`` (nonzero = object; red) after step ``step_numbers[i]``, and, when
-    ``changed`` is given, the pixels ``changed[i]`` ``(H, W)`` (nonzero) that step altered
-    (magenta, translucent). Bottom row: the metric ``curves`` against step, as in
-    :func:`registration_steps_figure`. ``aspect``: pixel height / width (:func:`slice_aspect`).
-    """
-    image = _check_2d("image", image)
-    if len(masks) != len(step_numbers) or not masks:
-        raise ValueError(f"need one step number per mask, got {len(masks)} masks and {len(step_numbers)} step numbers")
-    if changed is not None and len(changed) != len(masks):
-        raise ValueError(f"changed has {len(changed)} entries, masks has {len(masks)}")
-    masks = [_check_2d(f"masks[{i}]", m, image.shape) for i, m in enumerate(masks)]
-    window = _window([image])
-    fig, panels, curve_axes = _new_figure(len(masks), len(curves))
-    for i, (ax, mask, step) in enumerate(zip(panels, masks, step_numbers, strict=True)):
-        _image_panel(ax, image, window, "input" if step == 0 else f"step {step}", aspect)
-        if changed is not None:
-            moved = _check_2d(f"changed[{i}]", changed[i], image.shape) != 0
-            if moved.any():
-                ax.imshow(np.ma.masked_where(~moved, np.ones(image.shape)), cmap=_one_colour(_CHANGED_COLOUR),
-                          alpha=0.45, vmin=0, vmax=1, interpolation="nearest", aspect=aspect)
-        binary = (mask != 0).astype(np.float32)
-        if 0.0 < binary.mean() < 1.0:  # contour needs both sides present
-            ax.contour(binary, levels=[0.5], colors="red", linewidths=1.0)
     _plot_curves(curve_axes, curves, step_numbers)
     if title:
         fig.suptitle(title, fontsize=11)

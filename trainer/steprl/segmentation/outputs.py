@@ -155,15 +155,17 @@ def _write_picture(image: Image, loaded, axis: str | int, array_axis: int, recor
                    kept: dict[int, tuple[np.ndarray, np.ndarray]], final_mask: np.ndarray, reference: np.ndarray | None,
                    path: Path) -> None:
     """``steps.png``: the kept steps' masks and changes on one slice through the object, with the curves."""
-    from steprl.plotting import segmentation_steps_figure, slice_aspect
+    from steprl.plotting import slice_aspect
+    from steprl.segmentation.picture import segmentation_steps_picture
 
     index = picture_slice(image.array, array_axis, final_mask if final_mask.any() else reference)
     shown = sorted(kept)
     curves = {"object fraction": [r["object_fraction"] for r in records]}
     if reference is not None:
         curves = {"Dice": [r["dice"] for r in records], **curves}
-    segmentation_steps_figure(
+    segmentation_steps_picture(
         take(image.array, index, array_axis), [take(kept[s][0], index, array_axis) for s in shown], shown, curves,
         path, changed=[take(kept[s][1], index, array_axis) for s in shown],
+        names=[f"step {s} (border)" if records[s].get("stage") == "border" else None for s in shown],
         title=picture_title(loaded.method, loaded.path.stem, axis, index, image.ndim),
         aspect=slice_aspect(image.geometry.spacing, array_axis))
