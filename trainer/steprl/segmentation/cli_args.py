@@ -86,6 +86,10 @@ def _add_segment(sub, add_common) -> None:
     _add_slicing(p)
     p.add_argument("--batch-slices", type=int, default=BATCH_SLICES, metavar="N",
                    help=f"slices per network call (default {BATCH_SLICES}; raise it on a GPU)")
+    p.add_argument("--slice-stride", type=int, default=None, metavar="N",
+                   help="the policy decides on every N-th slice, the slices between are interpolated (default: "
+                        "as many slices as fit in one network pixel, e.g. 2 for a 256 mm head in 1 mm slices; "
+                        "1: every slice)")
     p.add_argument("--format", choices=("nii.gz", "nrrd"), default="nii.gz", help="labelmap file format")
     p.add_argument("--no-step-masks", action="store_true", help="do not write the per-step masks")
     _add_precision(p)

@@ -22,6 +22,9 @@ def _check_steps(args) -> None:
     if getattr(args, "batch_slices", 1) < 1:
         raise InputError(f"--batch-slices must be >= 1, got {args.batch_slices}.",
                          f"Use e.g. --batch-slices {BATCH_SLICES}.")
+    if getattr(args, "slice_stride", None) is not None and args.slice_stride < 1:
+        raise InputError(f"--slice-stride must be >= 1, got {args.slice_stride}.",
+                         "Use --slice-stride 1 for every slice, or leave it out.")
 
 
 def segment_command(args) -> int:
@@ -40,7 +43,7 @@ def segment_command(args) -> int:
     summary = run_and_write(image, args.model, args.out, steps=args.steps, device=args.device, axis=args.axis,
                             batch_slices=args.batch_slices, labels=labels, fmt=args.format,
                             step_masks=not args.no_step_masks, bf16=args.bf16, quiet=args.quiet,
-                            match_levels=args.match_levels, border=args.border,
+                            match_levels=args.match_levels, border=args.border, slice_stride=args.slice_stride,
                             inputs={"image": str(args.image), "labels": str(args.labels) if args.labels else None})
     _print_summary(summary)
     return 0

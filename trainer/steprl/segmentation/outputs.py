@@ -75,7 +75,7 @@ def take(array: np.ndarray, index: int, axis: int) -> np.ndarray:
 def run_and_write(image: Image, model, out, *, steps: int | None = None, device="auto", axis: str | int = "axial",
                   batch_slices: int = BATCH_SLICES, labels: Image | None = None, fmt: str = "nii.gz",
                   step_masks: bool = True, bf16: bool | None = None, quiet: bool = False, inputs: dict | None = None,
-                  match_levels: bool = True, border: bool = True) -> dict:
+                  match_levels: bool = True, border: bool = True, slice_stride: int | None = None) -> dict:
     """Segment ``image`` and write the outputs listed in the module docstring; returns the metrics summary.
 
     ``labels``: a binary object mask (or label map, > 0 = object) on ``image``'s grid.
@@ -120,7 +120,8 @@ def run_and_write(image: Image, model, out, *, steps: int | None = None, device=
                 bar.refresh()
 
             for result in segment(image, loaded, n_steps, dev, axis, batch_slices, labels=labels, bf16=bf16,
-                                  progress=progress, match_levels=match_levels, border=border):
+                                  progress=progress, match_levels=match_levels, border=border,
+                                  slice_stride=slice_stride):
                 if step_masks and result.step > 0:
                     io.write_image(result.mask, staging / step_file(result.step, fmt))
                 records.append({"step": result.step, **result.metrics})
