@@ -56,8 +56,15 @@ def test_segmentation_steps_picture(tmp_path):
     with Image.open(out) as im:
         pixels = np.asarray(im.convert("RGB"))
     assert (pixels == OUTLINE).all(axis=2).sum() > 3 * 40  # three outlines, each longer than 40 pixels
-    tinted = (pixels[..., 0] > 150) & (pixels[..., 2] > 150) & (pixels[..., 1] < 120)  # magenta-ish
-    assert tinted.sum() > 0 and CHANGED == (255, 0, 255)
+
+    def tinted(rgb: np.ndarray) -> int:  # pixels pulled toward the CHANGED colour (grey ones have r = g = b)
+        toward = [(rgb[..., c].astype(int) - rgb[..., 1]) * (1 if CHANGED[c] > CHANGED[1] else 0) for c in (0, 2)]
+        return int(np.sum((toward[0] > 60) & (toward[1] > 60)))
+
+    assert tinted(pixels) > 50
+    plain = segmentation_steps_picture(image, masks, [0, 5, 10], {}, tmp_path / "plain" / "seg.png")
+    with Image.open(plain) as im:
+        assert tinted(np.asarray(im.convert("RGB"))) == 0  # without changed pixels, nothing tinted
 
 
 def test_segmentation_picture_keeps_pixel_proportions(tmp_path):

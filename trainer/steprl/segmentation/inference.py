@@ -233,15 +233,23 @@ def _levels_matched(image: Image, loaded: LoadedSegmenter, runner: _Runner, axis
     return Image(tissue_levels.match_levels(normalised, *levels, float(target)), image.geometry), normalised
 
 
-def _step_mask(net_masks: torch.Tensor, case: CaseSlices, active: np.ndarray, batch_slices: int,
-               ndim: int) -> np.ndarray:
-    """One step's network-grid masks ``(N, 1, h, w)`` brought back onto the image's grid, as a volume."""
-    slices = np.zeros((net_masks.shape[0], *case.grid.shape), dtype=np.uint8)
-    for first in range(0, len(active), batch_slices):
-        index = active[first : first + batch_slices]
-        back = case.grid.mask_from_network(net_masks[torch.from_numpy(index)])
-        slices[index] = back[:, 0].numpy().astype(np.uint8)
-    return _to_volume(slices, case, ndim)
+def _step_mask(net_masks: torch.Tensor, case: CaseSlices, computed: np.ndarray, batch_slices: int, ndim: int,
+               active: np.ndarray | None = None) -> np.ndarray:
+    """One step's network-grid masks ``(N, 1, h, w)`` of the ``computed`` slices brought back onto the
+    image's grid (bilinear, >= 0.5), as a volume; the other slices are 0, except those of ``active``
+    that are not computed: linearly interpolated between their two computed neighbours before the
+    threshold (:func:`auto_slice_stride`)."""
+    soft = np.zeros((net_masks.shape[0], *case.grid.shape), dtype=np.float32)
+    for first in range(0, len(computed), batch_slices):
+        index = computed[first : first + batch_slices]
+        soft[index] = case.grid.from_network(net_masks[torch.from_numpy(index)])[:, 0].numpy()
+    between = np.setdiff1d(active, computed) if active is not None else np.array([], dtype=int)
+    if len(between):
+        upper = np.searchsorted(computed, between)
+        below, above = computed[upper - 1], computed[upper]
+        weight = ((between - below) / (above - below)).astype(np.float32)[:, None, None]
+        soft[between] = (1 - weight) * soft[below] + weight * soft[above]
+    return _to_volume((soft >= 0.5).astype(np.uint8), case, ndim)
 
 
 def _to_volume(per_slice: np.ndarray, case: CaseSlices, ndim: int) -> np.ndarray:
@@ -348,10 +356,7 @@ def _policy_masks(runner: _Runner, case: CaseSlices, ndim: int, n_steps: int, ba
                  "slices between are interpolated", stride, len(computed), len(active), max(case.grid.network_spacing))
     net_masks = runner.run_slices(case, computed, n_steps, batch_slices, progress)
     for t in range(n_steps):
-        if len(computed) == len(active):
-            yield _step_mask(net_masks[t], case, active, batch_slices, ndim)
-        else:
-            yield _interpolated_step_mask(net_masks[t], case, computed, active, batch_slices, ndim)
+        yield _step_mask(net_masks[t], case, computed, batch_slices, ndim, active)
 
 
 def auto_slice_stride(case: CaseSlices, slice_spacing: float) -> int:
@@ -371,24 +376,6 @@ def _computed_slices(active: np.ndarray, stride: int) -> np.ndarray:
     if len(active) and computed[-1] != active[-1]:
         computed = np.append(computed, active[-1])
     return computed
-
-
-def _interpolated_step_mask(net_masks: torch.Tensor, case: CaseSlices, computed: np.ndarray, active: np.ndarray,
-                            batch_slices: int, ndim: int) -> np.ndarray:
-    """One step's masks on the image's grid from the ``computed`` slices: each brought back onto its
-    slice (bilinear, not yet thresholded), the other ``active`` slices linearly interpolated between
-    their two computed neighbours, then >= 0.5."""
-    soft = np.zeros((net_masks.shape[0], *case.grid.shape), dtype=np.float32)
-    for first in range(0, len(computed), batch_slices):
-        index = computed[first : first + batch_slices]
-        soft[index] = case.grid.from_network(net_masks[torch.from_numpy(index)])[:, 0].numpy()
-    between = np.setdiff1d(active, computed)
-    if len(between):
-        upper = np.searchsorted(computed, between)
-        below, above = computed[upper - 1], computed[upper]
-        weight = ((between - below) / (above - below)).astype(np.float32)[:, None, None]
-        soft[between] = (1 - weight) * soft[below] + weight * soft[above]
-    return _to_volume((soft >= 0.5).astype(np.uint8), case, ndim)
 
 
 def border_enabled(model: LoadedSegmenter, border: bool = True) -> bool:

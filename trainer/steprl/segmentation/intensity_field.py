@@ -51,7 +51,7 @@ MIN_VOXELS = 500
 #: Lowest intensity (0..1 normalised scale) a core voxel may have to enter the fit (log of ~0).
 MIN_INTENSITY = 0.05
 #: The field is used only when it spans more than this share of the object's level (5th to 95th
-#: percentile inside the mask): below it, anatomy and bias cannot be told apart.
+#: percentile over the fitted voxels): below it, anatomy and bias cannot be told apart.
 MIN_SPAN = 0.08
 
 
@@ -92,20 +92,12 @@ def fit_field(normalised: np.ndarray, core: np.ndarray, order: int = ORDER, thre
     None: one fit to every core voxel.
     """
     core = np.asarray(core, dtype=bool)
-    index = np.flatnonzero(core & (normalised > max(MIN_INTENSITY, threshold or 0.0)))
-    if index.size < MIN_VOXELS:
+    design, logs = _samples(normalised, core & (normalised > max(MIN_INTENSITY, threshold or 0.0)), order)
+    if logs.size < MIN_VOXELS:  # striding keeps at least SAMPLES (> MIN_VOXELS) of a larger set
         return None
-    index = index[:: max(1, index.size // SAMPLES)]
-    coords = [_scaled(c.astype(np.float64), n) for c, n in zip(np.unravel_index(index, core.shape), core.shape)]
-    design = np.stack(_terms(coords, order), axis=1)
-    logs = np.log(normalised.ravel()[index].astype(np.float64))
     coefficients = _least_squares(design, logs)
     if threshold is not None:  # the second fit: the first field's flattened values above the threshold
-        index = np.flatnonzero(core & (normalised > MIN_INTENSITY))
-        index = index[:: max(1, index.size // SAMPLES)]
-        coords = [_scaled(c.astype(np.float64), n) for c, n in zip(np.unravel_index(index, core.shape), core.shape)]
-        design = np.stack(_terms(coords, order), axis=1)
-        logs = np.log(normalised.ravel()[index].astype(np.float64))
+        design, logs = _samples(normalised, core & (normalised > MIN_INTENSITY), order)
         kept = logs - design @ coefficients > np.log(threshold)
         if kept.sum() >= MIN_VOXELS:
             design, logs = design[kept], logs[kept]
@@ -113,6 +105,15 @@ def fit_field(normalised: np.ndarray, core: np.ndarray, order: int = ORDER, thre
     fitted = np.exp(design @ coefficients)
     span = float(np.subtract(*np.percentile(fitted, [95, 5])))
     return IntensityField(tuple(core.shape), order, coefficients, span)
+
+
+def _samples(normalised: np.ndarray, selected: np.ndarray, order: int) -> tuple[np.ndarray, np.ndarray]:
+    """At most :data:`SAMPLES` evenly strided ``selected`` voxels: the polynomial's terms at them
+    ``(n, terms)`` and their log intensities ``(n,)`` (float64)."""
+    index = np.flatnonzero(selected)
+    index = index[:: max(1, index.size // SAMPLES)]
+    coords = [_scaled(c.astype(np.float64), n) for c, n in zip(np.unravel_index(index, selected.shape), selected.shape)]
+    return np.stack(_terms(coords, order), axis=1), np.log(normalised.ravel()[index].astype(np.float64))
 
 
 def _least_squares(design: np.ndarray, logs: np.ndarray) -> np.ndarray:
