@@ -394,9 +394,12 @@ def _bordered(image: Image, mask: np.ndarray, case: CaseSlices, settings: dict |
     levels' ring grows in 3D: the mask covers every slice (MNI152 0.958 with a 3D ring, 0.953
     in-plane). The card's ``field_order`` (default :data:`~steprl.segmentation.intensity_field.ORDER`;
     0: none) sets the white-matter intensity field the image is flattened by before the rule, when it
-    spans enough. ``normalised``: ``normalise_percentile(image.array)`` when the first pass has it."""
+    spans enough; its ``noise_target`` (default :data:`~steprl.segmentation.denoise.NOISE_TARGET`; 0:
+    never) the noise above which the image is smoothed first. ``normalised``:
+    ``normalise_percentile(image.array)`` when the first pass has it."""
     from steprl.preprocess import normalise_percentile
     from steprl.segmentation.border import ATTACH_MM, FRACTION, band_voxels, native_border
+    from steprl.segmentation.denoise import NOISE_TARGET
     from steprl.segmentation.intensity_field import ORDER as FIELD_ORDER
 
     settings = settings if isinstance(settings, dict) else {}
@@ -406,10 +409,14 @@ def _bordered(image: Image, mask: np.ndarray, case: CaseSlices, settings: dict |
     band = band_voxels(max(case.grid.network_spacing), spacing)
     reach = band_voxels(ATTACH_MM, spacing) if settings.get("detached", True) else None
     normalised = normalise_percentile(image.array) if normalised is None else normalised
-    done = native_border(normalised, mask != 0, band, fraction, reach, int(settings.get("field_order", FIELD_ORDER)))
+    done = native_border(normalised, mask != 0, band, fraction, reach, int(settings.get("field_order", FIELD_ORDER)),
+                         float(settings.get("noise_target", NOISE_TARGET)))
     if done.field_span is not None:
         log.info("border: white-matter intensity field spans %.1f %% (%s)", 100 * done.field_span,
                  "flattened" if done.field_applied else "below the threshold: not applied")
+    if done.noise_ratio is not None:
+        log.info("border: noise %.0f %% of the grey / white gap, %s", 100 * done.noise_ratio,
+                 f"smoothed by {done.smoothing:.2f} voxels" if done.smoothing else "not smoothed")
     if done.applied:
         log.info("border: levels %.3f / %.3f, threshold %.3f, band %s voxels", *done.levels, done.threshold, band)
     else:
