@@ -34,6 +34,9 @@ Cases (``Case.notes`` says how each reference and brain mask was made; the repor
 - **MNI152 with a bias field** (``--no-bias-case`` leaves it out): the cerebrum row of MNI152 with
   the image multiplied by a smooth +-20 % field (:func:`biased_mni_case`): a coil's bias on the same
   real anatomy, the same reference.
+- **MNI152 with noise** (``--no-noise-case`` leaves it out): the cerebrum row of MNI152 with Rician
+  noise of 3 % of white matter's level (:func:`noisy_mni_case`; SNR 33, one subject's 3T scan; the
+  template, an average of 152 scans, has almost none): the same anatomy and reference.
 - **Held-out synthetic subjects**: the 3 SynthSeg subjects :func:`steprl.synth.synthseg.split_subjects`
   keeps for testing (never seen in training or validation), each synthesised twice (T1-like and
   a random contrast, fixed seeds) on a 1.5 mm whole-head grid. Reference: EXACT (labels 2, 41).
@@ -68,6 +71,8 @@ REPO = Path(__file__).resolve().parents[2]
 DEFAULT_SYNTHSEG = REPO.parent / "shared" / "data" / "synthseg"
 CEREBRUM_Z_MM = -10.0
 BIAS_AMPLITUDE = 0.2
+#: Rician noise of the noisy MNI152 case, as a share of white matter's median intensity (SNR 33).
+NOISE_LEVEL = 0.03
 METRICS = ("dice", "ppv", "sen", "iou", "biou", "hd95")
 log = logging.getLogger("compare_segmentation")
 
@@ -133,6 +138,21 @@ def biased_mni_case(mni: Case, amplitude: float = BIAS_AMPLITUDE) -> Case:
     name = f"mni152-bias{round(100 * amplitude)}-cerebrum"
     return Case(name, f"MNI152 cerebrum, +-{100 * amplitude:g} % bias field", image, mni.reference, mni.brain,
                 above_z(mni.image), mni.notes + f"; image times a smooth +-{100 * amplitude:g} % bias field")
+
+
+def noisy_mni_case(mni: Case, level: float = NOISE_LEVEL, seed: int = 0) -> Case:
+    """MNI152's cerebrum row with Rician noise (the magnitude of a complex Gaussian, each part of
+    standard deviation ``level`` x white matter's median intensity), fixed ``seed``."""
+    from steprl.geometry import Image
+
+    image = mni.image.array.astype(np.float64)
+    sigma = level * float(np.median(image[mni.reference & mni.brain]))
+    rng = np.random.default_rng(seed)
+    noisy = np.hypot(image + rng.normal(0, sigma, image.shape), rng.normal(0, sigma, image.shape))
+    name = f"mni152-noise{round(100 * level)}-cerebrum"
+    return Case(name, f"MNI152 cerebrum, {100 * level:g} % Rician noise", Image(
+        noisy.astype(np.float32), mni.image.geometry), mni.reference, mni.brain, above_z(mni.image),
+        mni.notes + f"; Rician noise, sigma {100 * level:g} % of white matter's median (seed {seed})")
 
 
 def colin_reference(templates: Path) -> tuple[np.ndarray, float]:
@@ -422,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-synthetic", action="store_true", help="leave out the synthetic cases")
     parser.add_argument("--no-colin", action="store_true", help="leave out Colin27")
     parser.add_argument("--no-bias-case", action="store_true", help="leave out MNI152 with a bias field")
+    parser.add_argument("--no-noise-case", action="store_true", help="leave out MNI152 with noise")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "steprl",
                         help="where Debian's mricron-data is unpacked (default ~/.cache/steprl)")
     parser.add_argument("--no-download", action="store_true", help="fail instead of apt-get downloading mricron-data")
@@ -443,6 +464,8 @@ def main(argv: list[str] | None = None) -> int:
     cases = mni_cases()
     if not args.no_bias_case:
         cases.append(biased_mni_case(cases[0]))
+    if not args.no_noise_case:
+        cases.append(noisy_mni_case(cases[0]))
     if not args.no_colin:
         cases += colin_cases(args.cache, not args.no_download)
     if not args.no_synthetic:

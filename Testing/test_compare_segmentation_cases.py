@@ -1,0 +1,58 @@
+"""trainer/benchmarks/compare_segmentation.py: the cases it derives from MNI152 (built on a small
+phantom here, so they run without nilearn)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import numpy as np
+import pytest
+from steprl.geometry import Geometry, Image
+
+
+@pytest.fixture(scope="module")
+def bench(repo_root):
+    spec = importlib.util.spec_from_file_location(
+        "compare_segmentation", repo_root / "trainer" / "benchmarks" / "compare_segmentation.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks its module up
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+@pytest.fixture()
+def phantom(bench):
+    """A 'template': grey sphere (60) with a white core (100) in dark air (0), 1 mm voxels, z from -20 mm."""
+    shape = (40, 36, 32)
+    z, y, x = np.indices(shape)
+    r = np.sqrt((z - 20) ** 2 + (y - 18) ** 2 + (x - 16) ** 2)
+    brain, white = r <= 14, r <= 8
+    array = np.where(white, 100.0, np.where(brain, 60.0, 0.0)).astype(np.float32)
+    image = Image(array, Geometry(shape, (1.0, 1.0, 1.0), (0.0, 0.0, -20.0), np.eye(3)))
+    return bench.Case("mni152", "MNI152 (whole WM map)", image, white, brain, None, "phantom")
+
+
+def test_the_noisy_case_adds_rician_noise_of_the_asked_level(bench, phantom):
+    noisy = bench.noisy_mni_case(phantom, 0.05)
+    clean, array = phantom.image.array, noisy.image.array
+    assert noisy.name == "mni152-noise5-cerebrum" and "5 % Rician noise" in noisy.group
+    assert array.shape == clean.shape and array.dtype == np.float32
+    assert noisy.image.geometry is phantom.image.geometry
+    assert noisy.reference is phantom.reference and noisy.brain is phantom.brain  # the same reference
+    assert noisy.roi is not None and noisy.roi.any() and not noisy.roi.all()  # the cerebrum row: z > -10 mm
+    # at high SNR the Rician magnitude is about Gaussian: sigma = 5 % of white matter's 100
+    assert float(np.std(array[phantom.reference] - 100.0)) == pytest.approx(5.0, rel=0.15)
+    # in the air it is Rayleigh: positive, mean sigma * sqrt(pi / 2)
+    air = clean == 0
+    assert array[air].min() >= 0 and float(array[air].mean()) == pytest.approx(5.0 * np.sqrt(np.pi / 2), rel=0.1)
+    assert np.array_equal(bench.noisy_mni_case(phantom, 0.05).image.array, array)  # fixed seed
+    assert not np.array_equal(bench.noisy_mni_case(phantom, 0.05, seed=1).image.array, array)
+
+
+def test_the_biased_case_keeps_the_reference_and_changes_the_image(bench, phantom):
+    biased = bench.biased_mni_case(phantom, 0.2)
+    ratio = biased.image.array[phantom.brain] / phantom.image.array[phantom.brain]
+    assert biased.reference is phantom.reference
+    assert 0.8 - 1e-6 <= ratio.min() < 0.95 and 1.05 < ratio.max() <= 1.2 + 1e-6  # a +-20 % field
