@@ -12,7 +12,7 @@ from pathlib import Path
 from steprl.errors import InputError
 
 #: Extensions read as medical images (geometry in the header).
-MEDICAL_EXTENSIONS = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+MEDICAL_EXTENSIONS = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".mgz", ".mgh")
 #: Extensions read as 2D pictures (RGB(A) is turned into luminance).
 PICTURE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 #: Extensions :func:`write_image` accepts.
@@ -22,7 +22,7 @@ DETACHED = (".mhd", ".nhdr")
 #: Formats written with compression on.
 COMPRESSED = (".nii.gz", ".nrrd", ".mha")
 SUPPORTED_READ = (
-    "NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd), "
+    "NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd), FreeSurfer MGH (.mgz, .mgh), "
     "PNG/JPEG/TIFF/BMP pictures (2D), or a folder holding a DICOM series"
 )
 

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
+from steprl import mgh
 from steprl.atomic import atomic_detached, atomic_path, write_text
 from steprl.dicom import read_series
 from steprl.errors import InputError
@@ -56,7 +57,7 @@ log = logging.getLogger(__name__)
 _LUMA = np.array([0.299, 0.587, 0.114])
 
 #: Files :func:`expand_files` picks from a folder of images.
-IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".tif", ".tiff", ".jpg")
+IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".mgz", ".mgh", ".png", ".tif", ".tiff", ".jpg")
 
 
 # ---- JSON -------------------------------------------------------------------------------
@@ -82,6 +83,8 @@ def _read_sitk(path: str | os.PathLike, name: str, series_uid: str | None = None
         raise InputError(f"The {name} '{path}' does not exist.", f"Check the path. Supported: {SUPPORTED_READ}.")
     if path.is_dir():
         image = read_series(path, name, series_uid)
+    elif mgh.is_mgh(path):  # FreeSurfer's format: SimpleITK has no reader for it
+        image = mgh.read_mgh(path, name)
     else:
         check_file(path, name)  # truncated NIfTI / JPEG and NaN in NIfTI, which ITK lets through
         try:
@@ -149,7 +152,7 @@ def read_image(
     """Read a 2D or 3D scalar image with its geometry (LPS, ITK order).
 
     Args:
-        path: a NIfTI / NRRD / MetaImage file, a PNG/JPEG/TIFF/BMP picture, or a FOLDER holding
+        path: a NIfTI / NRRD / MetaImage / FreeSurfer MGH-MGZ file, a PNG/JPEG/TIFF/BMP picture, or a FOLDER holding
             one DICOM series (read with GDCM, slices sorted by position).
         name: what the image is, for error messages ("fixed image", "moving labels"...).
         dtype: array type returned (float32 by default, for intensities); ``None`` keeps the
