@@ -47,7 +47,9 @@ the policy falls a voxel or more short of the true border, that ring holds objec
 midpoint moves toward the object's level and the border moves out less than it should (a ball
 one voxel short: Dice 0.88 -> 0.92, where a mask 1.5 voxels too large comes back to 0.97;
 ``Testing/test_native_border.py``). The policy over-segmented every real scan measured here
-(predicted volume 1.05x MNI152's reference), where the rule works best. Smoothing a noisy scan
+(predicted volume 1.05x MNI152's reference), where the rule works best. Reading the levels again
+around the rule's own decision (2 and 3 passes, the band kept) was probed and dropped: MNI152
+cerebrum 0.972 -> 0.955 / 0.937, 15 synthetic heads lower or equal. Smoothing a noisy scan
 rounds thin strands off with the noise.
 
 Measured (``trainer/benchmarks/compare_segmentation.py``, ``pixeldrl_wm``; the report in
