@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -72,3 +73,30 @@ def test_a_clean_scan_is_left_as_it_is():
     done = native_border(image, mask, (2, 2, 2))
     assert done.noise_ratio < denoise.NOISE_TARGET and done.smoothing == 0
     assert np.array_equal(done.mask, native_border(image, mask, (2, 2, 2), noise_target=0).mask)
+
+
+def test_segment_takes_the_noise_target_from_the_card(caplog):
+    """The border stage of segment() reads inference.border.noise_target (pixeldrl_wm's card: the
+    module's target); 0 there turns the smoothing off. (The policy is not run: a ball is not white
+    matter to it, so the stage gets a coarse ball as the policy's mask.)"""
+    from steprl.geometry import Geometry, Image
+    from steprl.segmentation.data import prepare_case
+    from steprl.segmentation.inference import _bordered
+    from steprl.segmentation.model import load_segmenter
+
+    rng = np.random.default_rng(4)
+    truth = ball((40, 48, 48), 14.0)
+    image = Image(partial_volume_image(truth, 0.9, 0.55, rng, noise=0.08),
+                  Geometry((40, 48, 48), (1.0, 1.0, 1.0), (0, 0, 0), np.eye(3)))
+    case = prepare_case(image, None, size=(24, 24))  # 2 mm network pixels: a band of 2 voxels
+    coarse = ball((40, 48, 48), 15.5).astype(np.uint8)
+    settings = dict(load_segmenter("pixeldrl_wm").card["inference"]["border"])
+    assert settings["noise_target"] == denoise.NOISE_TARGET
+    with caplog.at_level(logging.INFO, logger="steprl.segmentation.inference"):
+        smoothed = _bordered(image, coarse, case, settings)
+    assert "smoothed by" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="steprl.segmentation.inference"):
+        plain = _bordered(image, coarse, case, {**settings, "noise_target": 0})
+    assert "noise" not in caplog.text
+    assert dice(smoothed != 0, truth) > dice(plain != 0, truth)
