@@ -1,5 +1,5 @@
-"""trainer/benchmarks/compare_segmentation.py: the cases it derives from MNI152 (built on a small
-phantom here, so they run without nilearn)."""
+"""trainer/benchmarks/segmentation_cases.py: the cases compare_segmentation.py derives from MNI152
+(built on a small phantom here, so they run without nilearn)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from steprl.geometry import Geometry, Image
 @pytest.fixture(scope="module")
 def bench(repo_root):
     spec = importlib.util.spec_from_file_location(
-        "compare_segmentation", repo_root / "trainer" / "benchmarks" / "compare_segmentation.py")
+        "segmentation_cases", repo_root / "trainer" / "benchmarks" / "segmentation_cases.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclass looks its module up
     spec.loader.exec_module(module)
@@ -56,3 +56,39 @@ def test_the_biased_case_keeps_the_reference_and_changes_the_image(bench, phanto
     ratio = biased.image.array[phantom.brain] / phantom.image.array[phantom.brain]
     assert biased.reference is phantom.reference
     assert 0.8 - 1e-6 <= ratio.min() < 0.95 and 1.05 < ratio.max() <= 1.2 + 1e-6  # a +-20 % field
+
+
+def test_synthetic_draws_add_t1_volumes_and_keep_the_first_seed(bench, monkeypatch, tmp_path):
+    """--synthetic-draws N: N T1-like volumes per held-out subject; the first draw keeps the seed (and
+    so the figures) of a run without the option; the random-contrast volume stays one."""
+    import types
+
+    from steprl.synth import segmentation_slices, synthseg
+
+    seeds = []
+
+    def fake_case(path, folder, seed, *, t1, label_values=None):
+        seeds.append((path.name, seed, t1))
+        array = np.full((4, 5, 6), float(seed), np.float32)
+        geometry = Geometry((4, 5, 6), (1.5, 1.5, 1.5), (0.0, 0.0, 0.0), np.eye(3))
+        mask = (np.arange(120).reshape(4, 5, 6) % (3 if label_values else 5) == 0).astype(np.uint8)
+        return Image(array, geometry), Image(mask, geometry)
+
+    subjects = [tmp_path / f"training_seg_{n}.nii.gz" for n in (18, 19)]
+    monkeypatch.setattr(segmentation_slices, "synth_case", fake_case)
+    monkeypatch.setattr(synthseg, "list_label_maps", lambda folder: subjects)
+    monkeypatch.setattr(synthseg, "split_subjects", lambda maps: types.SimpleNamespace(test=list(maps)))
+    one = bench.synthetic_cases(tmp_path)
+    assert [c.name for c in one] == ["synth-s18-t1", "synth-s18-random", "synth-s19-t1", "synth-s19-random"]
+    first_seeds = {c.name: float(c.image.array.flat[0]) for c in one}
+    three = bench.synthetic_cases(tmp_path, 3)
+    names = [c.name for c in three]
+    assert names[:4] == ["synth-s18-t1", "synth-s18-t1-d2", "synth-s18-t1-d3", "synth-s18-random"]
+    assert len(names) == 8 and len(set(names)) == 8
+    for case in three:
+        if case.name in first_seeds:
+            assert float(case.image.array.flat[0]) == first_seeds[case.name]  # same seed, same volume
+    t1_groups = {c.group for c in three if "-t1" in c.name}
+    assert t1_groups == {"synthetic held-out, T1-like (6)"}
+    assert len({float(c.image.array.flat[0]) for c in three}) == 8  # every volume its own seed
+    assert all(c.reference.any() and c.brain.any() for c in three)

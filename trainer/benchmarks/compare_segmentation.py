@@ -10,38 +10,10 @@ Issues 6 and 12. One run scores, on the same cases and with the same metric code
   three): 4-class Otsu, 3-class K-means and ANTs Atropos 3-class, white matter = the brightest
   class, inside the case's brain mask.
 
-Cases (``Case.notes`` says how each reference and brain mask was made; the report repeats it):
-
-- **MNI152** (real): nilearn's ICBM152 2009a symmetric T1 template (1 mm, skull-stripped).
-  Reference: its white-matter probability map > 0.5 (APPROXIMATE: a population map of the same
-  template, not a segmentation of a subject). Brain mask: nilearn's own for this template
-  (``load_mni152_brain_mask``: the T1 above 20% of its maximum; the template is skull-stripped,
-  and its nonzero voxels, 0.2% more of them, give Otsu 0.93 instead of 0.96). The
-  map also holds cerebellar white matter and the brain stem, which the models (trained on
-  FreeSurfer labels 2 and 41, cerebral white matter) are not meant to segment, so two rows:
-  ``mni152`` (whole map) and ``mni152-cerebrum`` (prediction and reference both restricted to
-  z > -10 mm in MNI space, above the cerebellum and the pons).
-- **Colin27** (real, Debian ``mricron-data``, unpacked by ``compare_registration.mricron_templates``;
-  ``--no-colin`` leaves it out): ``colin27`` is the whole-head T1 ``ch2.nii.gz`` (the models see
-  the head; the baselines classify inside the brain mask ``ch2bet.nii.gz`` > 0, shipped with
-  it), ``colin27-bet`` the brain-extracted ``ch2bet.nii.gz`` for every method, and a cerebrum row
-  for each. Reference (APPROXIMATE): the MNI152 white-matter probability map carried onto Colin27
-  by an ANTs SyN registration of the MNI152 T1 to ``ch2bet`` (ANTsPy's default ``SyN``, full
-  resolution, seed 0), > 0.5. It does not come from Colin27's own intensities, so it does not
-  favour the intensity baselines (a K-means reference, as ``compare_registration`` uses for
-  tissue, would); it inherits the registration's errors and the population map's smoothness,
-  which caps every method's Dice below 1 alike.
-- **MNI152 with a bias field** (``--no-bias-case`` leaves it out): the cerebrum row of MNI152 with
-  the image multiplied by a smooth +-20 % field (:func:`biased_mni_case`): a coil's bias on the same
-  real anatomy, the same reference.
-- **MNI152 with noise** (``--no-noise-case`` leaves it out): the cerebrum row of MNI152 with Rician
-  noise of 3 % of white matter's level (:func:`noisy_mni_case`; SNR 33, one subject's 3T scan; the
-  template, an average of 152 scans, has almost none): the same anatomy and reference.
-- **Held-out synthetic subjects**: the 3 SynthSeg subjects :func:`steprl.synth.synthseg.split_subjects`
-  keeps for testing (never seen in training or validation), each synthesised twice (T1-like and
-  a random contrast, fixed seeds) on a 1.5 mm whole-head grid. Reference: EXACT (labels 2, 41).
-  Brain mask: EXACT, the subject's 32 SynthSeg brain structures (CSF included) of the same
-  synthesis (same seed, so the same image).
+Cases: :mod:`segmentation_cases` (MNI152 with its cerebrum row, with a bias field and with noise;
+Colin27 whole head and brain-extracted; held-out synthetic subjects), each with how its reference
+and brain mask were made (``Case.notes``; the report repeats it). References on MNI152 and Colin27
+are APPROXIMATE, the synthetic ones EXACT.
 
 Per method and case: DICE, PPV, SEN, IoU, boundary IoU, HD95 (mm) on the volume's own grid, the
 Dice after every step (models), seconds; per model: parameters and training seconds (from the
@@ -60,160 +32,22 @@ import argparse
 import json
 import logging
 import sys
-import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from segmentation_cases import (
+    DEFAULT_SYNTHSEG,
+    Case,
+    biased_mni_case,
+    colin_cases,
+    mni_cases,
+    noisy_mni_case,
+    synthetic_cases,
+)
 
-REPO = Path(__file__).resolve().parents[2]
-DEFAULT_SYNTHSEG = REPO.parent / "shared" / "data" / "synthseg"
-CEREBRUM_Z_MM = -10.0
-BIAS_AMPLITUDE = 0.2
-#: Rician noise of the noisy MNI152 case, as a share of white matter's median intensity (SNR 33).
-NOISE_LEVEL = 0.03
 METRICS = ("dice", "ppv", "sen", "iou", "biou", "hd95")
 log = logging.getLogger("compare_segmentation")
-
-
-@dataclass
-class Case:
-    """One scored case: an image, its white-matter reference, where the baselines classify, and
-    optionally a region that restricts the scoring (prediction and reference) to it."""
-
-    name: str
-    group: str  # the report's row
-    image: object  # steprl Image
-    reference: np.ndarray  # bool, image shape
-    brain: np.ndarray  # bool, image shape
-    roi: np.ndarray | None = None
-    notes: str = ""
-
-
-def nilearn_file(kind: str) -> Path:
-    """``mni_icbm152_{kind}_tal_nlin_sym_09a_converted.nii.gz`` from nilearn's package data."""
-    import nilearn
-
-    return Path(nilearn.__file__).parent / "datasets" / "data" / f"mni_icbm152_{kind}_tal_nlin_sym_09a_converted.nii.gz"
-
-
-def above_z(image, z_mm: float = CEREBRUM_Z_MM) -> np.ndarray:
-    """Voxels of ``image`` whose physical (LPS = RAS) z is above ``z_mm``: the cerebrum in MNI space."""
-    matrix, offset = image.geometry.tensor_index_to_physical()
-    grids = np.ogrid[tuple(slice(0, n) for n in image.array.shape)]
-    z = offset[2] + sum(matrix[2, k] * grids[k] for k in range(3))
-    return np.broadcast_to(z > z_mm, image.array.shape)
-
-
-def _with_cerebrum(case: Case, group: str) -> list[Case]:
-    return [case, Case(f"{case.name}-cerebrum", group, case.image, case.reference, case.brain, above_z(case.image),
-                       case.notes + f"; scored above z = {CEREBRUM_Z_MM:g} mm only")]
-
-
-def mni_cases() -> list[Case]:
-    """MNI152: the whole white-matter map and the cerebrum (see the module docstring)."""
-    from steprl import io
-
-    image = io.read_image(nilearn_file("t1"), name="MNI152 T1")
-    wm = io.read_image(nilearn_file("wm"), name="MNI152 white matter")
-    reference = wm.array.astype(np.float32) / float(wm.array.max()) > 0.5  # stored 0..255
-    brain = image.array > 0.2 * float(image.array.max())  # nilearn's load_mni152_brain_mask rule
-    notes = ("reference APPROXIMATE: template WM probability > 0.5; brain: nilearn's template mask "
-             "(T1 > 20% of its maximum)")
-    case = Case("mni152", "MNI152 (whole WM map)", image, reference, brain, None, notes)
-    return _with_cerebrum(case, "MNI152 cerebrum (z > -10 mm)")
-
-
-def biased_mni_case(mni: Case, amplitude: float = BIAS_AMPLITUDE) -> Case:
-    """MNI152's cerebrum row with a smooth multiplicative bias field, ``1 +- amplitude`` over the
-    volume (a slope along z and x, a curvature along y, a twist): how each method holds up to a coil's
-    bias on otherwise the same real scan, against the same reference."""
-    from steprl.geometry import Image
-
-    z, y, x = np.meshgrid(*[np.linspace(-1.0, 1.0, n) for n in mni.image.array.shape], indexing="ij")
-    raw = 0.6 * z + 0.5 * x + 0.4 * y * y - 0.3 * x * z
-    field = 1.0 + amplitude * raw / np.abs(raw).max()
-    image = Image((mni.image.array * field).astype(np.float32), mni.image.geometry)
-    name = f"mni152-bias{round(100 * amplitude)}-cerebrum"
-    return Case(name, f"MNI152 cerebrum, +-{100 * amplitude:g} % bias field", image, mni.reference, mni.brain,
-                above_z(mni.image), mni.notes + f"; image times a smooth +-{100 * amplitude:g} % bias field")
-
-
-def noisy_mni_case(mni: Case, level: float = NOISE_LEVEL, seed: int = 0) -> Case:
-    """MNI152's cerebrum row with Rician noise (the magnitude of a complex Gaussian, each part of
-    standard deviation ``level`` x white matter's median intensity), fixed ``seed``."""
-    from steprl.geometry import Image
-
-    image = mni.image.array.astype(np.float64)
-    sigma = level * float(np.median(image[mni.reference & mni.brain]))
-    rng = np.random.default_rng(seed)
-    noisy = np.hypot(image + rng.normal(0, sigma, image.shape), rng.normal(0, sigma, image.shape))
-    name = f"mni152-noise{round(100 * level)}-cerebrum"
-    return Case(name, f"MNI152 cerebrum, {100 * level:g} % Rician noise", Image(
-        noisy.astype(np.float32), mni.image.geometry), mni.reference, mni.brain, above_z(mni.image),
-        mni.notes + f"; Rician noise, sigma {100 * level:g} % of white matter's median (seed {seed})")
-
-
-def colin_reference(templates: Path) -> tuple[np.ndarray, float]:
-    """The MNI152 white-matter map carried onto Colin27 by ANTs SyN, > 0.5 (bool on ch2's grid), and
-    the registration's seconds. See the module docstring for why and how far to trust it."""
-    import ants
-    from steprl import io
-
-    start = time.perf_counter()
-    fixed = ants.image_read(str(templates / "ch2bet.nii.gz"))
-    moving = ants.image_read(str(nilearn_file("t1")))
-    reg = ants.registration(fixed=fixed, moving=moving, type_of_transform="SyN", random_seed=0)
-    wm = ants.apply_transforms(fixed=fixed, moving=ants.image_read(str(nilearn_file("wm"))),
-                               transformlist=reg["fwdtransforms"], interpolator="linear")
-    seconds = time.perf_counter() - start
-    with tempfile.TemporaryDirectory(prefix="steprl-colin-") as tmp:  # through a file: steprl's axis order
-        ants.image_write(wm, str(Path(tmp) / "wm.nii.gz"))
-        probability = io.read_image(Path(tmp) / "wm.nii.gz", name="Colin27 white matter").array
-    return probability > 127.5, seconds  # the map is stored 0..255
-
-
-def colin_cases(cache: Path, download: bool) -> list[Case]:
-    """Colin27 whole head and brain-extracted, each with its cerebrum row (module docstring)."""
-    from compare_registration import mricron_templates
-    from steprl import io
-
-    templates = mricron_templates(cache, download)
-    head = io.read_image(templates / "ch2.nii.gz", name="Colin27 T1")
-    bet = io.read_image(templates / "ch2bet.nii.gz", name="Colin27 brain T1")
-    if head.array.shape != bet.array.shape:
-        raise SystemExit("ch2.nii.gz and ch2bet.nii.gz are not on one grid: not the mricron-data this expects")
-    log.info("Colin27 reference: ANTs SyN of MNI152 onto ch2bet (about 2 minutes on one thread)")
-    reference, seconds = colin_reference(templates)
-    brain = bet.array != 0
-    notes = (f"reference APPROXIMATE: MNI152 WM map > 0.5 carried by ANTs SyN ({seconds:.0f} s); "
-             "brain: ch2bet nonzero")
-    return [*_with_cerebrum(Case("colin27", "Colin27 whole head", head, reference, brain, None, notes),
-                            "Colin27 whole head, cerebrum"),
-            *_with_cerebrum(Case("colin27-bet", "Colin27 brain-extracted", bet, reference, brain, None, notes),
-                            "Colin27 brain-extracted, cerebrum")]
-
-
-def synthetic_cases(folder: Path) -> list[Case]:
-    """Held-out synthetic subjects: one T1-like and one random-contrast volume each, exact labels and brain."""
-    from steprl.synth.segmentation_slices import synth_case
-    from steprl.synth.synthseg import BRAIN_STRUCTURES, list_label_maps, split_subjects
-
-    split = split_subjects(list_label_maps(folder))
-    cases = []
-    for k, path in enumerate(split.test):
-        for t1 in (True, False):
-            seed = 1000 + 10 * k + int(t1)
-            image, mask = synth_case(path, folder, seed=seed, t1=t1)
-            same, brain = synth_case(path, folder, seed=seed, t1=t1, label_values=tuple(BRAIN_STRUCTURES))
-            if not np.array_equal(same.array, image.array):
-                raise SystemExit("synth_case is not deterministic in its seed: the brain mask would not fit")
-            subject = path.name.split(".")[0].replace("training_seg_", "s")
-            group = f"synthetic held-out, {'T1-like' if t1 else 'random contrast'} ({len(split.test)})"
-            cases.append(Case(f"synth-{subject}-{'t1' if t1 else 'random'}", group, image, mask.array != 0,
-                              brain.array != 0, None, "reference and brain EXACT (label map)"))
-    return cases
 
 
 def resolve_model(arg: str) -> tuple[str, Path | None]:
@@ -440,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-border", action="store_true",
                         help="the models' policy masks only (no native-resolution border, even where the card asks)")
     parser.add_argument("--no-synthetic", action="store_true", help="leave out the synthetic cases")
+    parser.add_argument("--synthetic-draws", type=int, default=1, metavar="N",
+                        help="T1-like volumes per held-out synthetic subject (default 1; each draw a new seed)")
     parser.add_argument("--no-colin", action="store_true", help="leave out Colin27")
     parser.add_argument("--no-bias-case", action="store_true", help="leave out MNI152 with a bias field")
     parser.add_argument("--no-noise-case", action="store_true", help="leave out MNI152 with noise")
@@ -470,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         cases += colin_cases(args.cache, not args.no_download)
     if not args.no_synthetic:
         if args.synthseg.is_dir():
-            cases += synthetic_cases(args.synthseg)
+            cases += synthetic_cases(args.synthseg, args.synthetic_draws)
         else:
             log.warning("no SynthSeg folder at %s: no synthetic cases", args.synthseg)
     results = [evaluate_model(args.pixeldrl, cases, args.steps, not args.no_border)]
