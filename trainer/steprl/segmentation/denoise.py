@@ -14,7 +14,7 @@ of the grey / white gap; when that share exceeds :data:`NOISE_TARGET`, smooth th
 Gaussian just wide enough to bring its white noise down to the target (:func:`smoothing_sigma`).
 A scan as clean as the templates is not touched; smoothing is not free where the scan is already
 smooth (thin strands and corners round off: the synthetic T1 heads, whose partial volume is
-already blurred, lose 0.017 at 0.5 voxels).
+already blurred, lost 0.017 at 0.5 voxels in a first probe with SimpleITK's discrete Gaussian).
 
 Measured (the bundled ``pixeldrl_wm``'s policy masks, the border without and with this step,
 cerebrum rows; Rician noise of k x white matter's level added to the templates; noise / gap and
@@ -36,11 +36,11 @@ of 0.8993 / 0.9010 / 0.9013 / 0.9009 (0.8935 without the step). A lower target s
 the templates' smooth references like (MNI152 at k = 0.03: 0.955 at 0.06) and the synthetic
 heads' exact labels do not (one of them -0.031 at 0.06): smoothing rounds off the one- and
 two-voxel strands of white matter in the gyri. A FreeSurfer reference lies between the two. Nor is
-smoothing a clean template neutral (MNI152 0.972 -> 0.977 at 0.5 voxels, Colin27 0.824 -> 0.836 at
-1 voxel, their references being smooth maps), but the synthetic heads lose there (0.5 voxels:
--0.017), so below the target nothing is smoothed.
+smoothing a clean template neutral (first probe: MNI152 0.972 -> 0.977 at 0.5 voxels, Colin27
+0.824 -> 0.836 at 1 voxel, their references being smooth maps), but the synthetic heads lose there
+(0.5 voxels: -0.017), so below the target nothing is smoothed.
 
-numpy and SimpleITK only (Slicer's Python has no scipy).
+numpy only (Slicer's Python has no scipy).
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ import numpy as np
 #: the image is smoothed down to it. Between the templates' own noise (0.03-0.05 of the gap, left
 #: as they are) and one subject's scan (0.1-0.35); chosen on the cases in the module docstring.
 NOISE_TARGET = 0.1
-#: The widest smoothing (Gaussian sigma, voxels): beyond it the border rounds off more than it denoises.
+#: The widest smoothing (Gaussian sigma, voxels); set before measuring (the widest any case here asked
+#: for: 0.77), so that a very noisy scan is not blurred past its one- and two-voxel strands.
 MAX_SIGMA = 1.5
 #: Most core voxels the noise estimate reads (evenly strided).
 SAMPLES = 200_000
