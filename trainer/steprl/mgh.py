@@ -107,8 +107,9 @@ def _geometry(raw: bytes, valid: int, path: Path, name: str) -> tuple[np.ndarray
     usable = valid and np.all(spacing > 0) and abs(abs(np.linalg.det(cosines)) - 1.0) < 1e-3
     if usable:
         return spacing, cosines, centre
-    log.warning("The %s '%s' says its geometry is not valid: using FreeSurfer's default (1 mm voxels, coronal "
-                "slices, centred at 0): positions in mm may be wrong.", name, path)
+    why = "its header says its geometry is not valid" if not valid else "its voxel sizes or axes are degenerate"
+    log.warning("The %s '%s': %s; using FreeSurfer's default (1 mm voxels, coronal slices, centred at 0): "
+                "positions in mm may be wrong.", name, path, why)
     return np.ones(3), DEFAULT_COSINES.copy(), np.zeros(3)
 
 
