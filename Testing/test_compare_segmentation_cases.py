@@ -92,3 +92,22 @@ def test_synthetic_draws_add_t1_volumes_and_keep_the_first_seed(bench, monkeypat
     assert t1_groups == {"synthetic held-out, T1-like (6)"}
     assert len({float(c.image.array.flat[0]) for c in three}) == 8  # every volume its own seed
     assert all(c.reference.any() and c.brain.any() for c in three)
+
+
+def test_a_candidate_takes_the_bundled_models_pipeline(repo_root, monkeypatch):
+    """--pipeline-from: a training run's candidate is scored with another card's level matching, steps
+    and border; the rest of its own card (grid, normalisation percentiles) stays."""
+    monkeypatch.syspath_prepend(str(repo_root / "trainer" / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(
+        "compare_segmentation_under_test", repo_root / "trainer" / "benchmarks" / "compare_segmentation.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    source = {"normalisation": {"tissue_levels": {"ratio": 0.6}, "percentiles": [0.5, 99.5]},
+              "inference": {"steps": 3, "border": {"fraction": 0.5, "noise_target": 0.1}, "size": [128, 128]}}
+    card = {"normalisation": {"percentiles": [1, 99]}, "inference": {"size": [160, 160], "steps": 10}}
+    out = module.with_pipeline(card, source)
+    assert out["normalisation"] == {"percentiles": [1, 99], "tissue_levels": {"ratio": 0.6}}
+    assert out["inference"] == {"size": [160, 160], "steps": 3, "border": {"fraction": 0.5, "noise_target": 0.1}}
+    bare = module.with_pipeline({"normalisation": {"tissue_levels": {"ratio": 0.5}}, "inference": {"border": {}}},
+                                {"inference": {}})
+    assert "tissue_levels" not in bare["normalisation"] and "border" not in bare["inference"]

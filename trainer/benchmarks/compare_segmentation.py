@@ -102,14 +102,33 @@ def _run_cases(method: str, cases: list[Case], run) -> dict:
     return out
 
 
-def evaluate_model(model_arg: str, cases: list[Case], steps: int | None, border: bool = True) -> dict:
-    """Segment every case with one model: per-case metrics and Dice per step."""
+def with_pipeline(card: dict, source: dict) -> dict:
+    """``card`` with the inference pipeline of ``source`` (another model's card): its level matching
+    (``normalisation.tissue_levels``), its steps and its border (``inference.steps`` / ``border``).
+    A run's own card has neither: this scores a candidate the way the bundled model is scored."""
+    card.setdefault("normalisation", {}).pop("tissue_levels", None)
+    if "tissue_levels" in source.get("normalisation", {}):
+        card["normalisation"]["tissue_levels"] = source["normalisation"]["tissue_levels"]
+    inference = card.setdefault("inference", {})
+    for key in ("steps", "border"):
+        inference.pop(key, None)
+        if key in source.get("inference", {}):
+            inference[key] = source["inference"][key]
+    return card
+
+
+def evaluate_model(model_arg: str, cases: list[Case], steps: int | None, border: bool = True,
+                   pipeline_from: str | None = None) -> dict:
+    """Segment every case with one model: per-case metrics and Dice per step. ``pipeline_from``: a
+    model whose card's level matching, steps and border replace this one's (:func:`with_pipeline`)."""
     from steprl.segmentation.inference import segment
     from steprl.segmentation.model import load_segmenter
     from steprl.segmentation.networks import count_parameters
 
     model_path, run = resolve_model(model_arg)
     model = load_segmenter(model_path)
+    if pipeline_from:
+        with_pipeline(model.card, load_segmenter(resolve_model(pipeline_from)[0]).card)
 
     def run_model(case: Case):
         start = time.perf_counter()
@@ -271,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="intensity baselines (default: all; none: --baselines with no name)")
     parser.add_argument("--synthseg", type=Path, default=DEFAULT_SYNTHSEG, help="SynthSeg folder (held-out cases)")
     parser.add_argument("--steps", type=int, default=None, help="PixelDRL-MG steps (default: the model's)")
+    parser.add_argument("--pipeline-from", metavar="MODEL",
+                        help="run --pixeldrl with MODEL's level matching, steps and border (a training run's "
+                             "candidate has none in its card; e.g. --pipeline-from pixeldrl_wm)")
     parser.add_argument("--no-border", action="store_true",
                         help="the models' policy masks only (no native-resolution border, even where the card asks)")
     parser.add_argument("--no-synthetic", action="store_true", help="leave out the synthetic cases")
@@ -309,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
             cases += synthetic_cases(args.synthseg, args.synthetic_draws)
         else:
             log.warning("no SynthSeg folder at %s: no synthetic cases", args.synthseg)
-    results = [evaluate_model(args.pixeldrl, cases, args.steps, not args.no_border)]
+    results = [evaluate_model(args.pixeldrl, cases, args.steps, not args.no_border, args.pipeline_from)]
     if args.unet:
         results.append(evaluate_model(args.unet, cases, None, not args.no_border))
     results += [evaluate_baseline(method, cases) for method in args.baselines]
