@@ -22,6 +22,8 @@ run's ``history.jsonl``). Threads: torch, SimpleITK and ANTs all use ``--threads
     python trainer/benchmarks/compare_segmentation.py --pixeldrl pixeldrl_wm --json out.json
     python trainer/benchmarks/compare_segmentation.py --pixeldrl /work/runs/pixeldrl_wm \\
         --unet /work/runs/unet_wm --json out.json --plot steps.png --figure mni.png
+    python trainer/benchmarks/compare_segmentation.py --pixeldrl /work/runs/RUN --pipeline-from pixeldrl_wm \
+        --synthetic-draws 5 --baselines   # a training run's candidate, scored as the bundled model is
 
 ``--pixeldrl`` / ``--unet`` take a run folder (its ``model_best``) or a model file / bundled name.
 """
