@@ -15,8 +15,9 @@ The layout (FreeSurfer's MGH format; ``.mgz`` is the same gzip-compressed), big-
   (scan parameters, history), ignored here.
 
 The centre is the position of voxel index ``(width, height, depth) / 2``: ``RAS(i, j, k) = M (i, j,
-k) + centre - M (dims / 2)`` with ``M`` the cosines scaled by the voxel sizes. steprl works in LPS
-(ITK's convention), so x and y change sign.
+k) + centre - M (dims / 2)`` with ``M`` the cosines scaled by the voxel sizes: an IJK-to-RAS matrix,
+which :func:`steprl.geometry.geometry_from_ijk_to_ras` (the one place where RAS meets LPS) turns
+into steprl's geometry.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from steprl.errors import InputError
+from steprl.geometry import geometry_from_ijk_to_ras
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +43,6 @@ HEADER_BYTES = 284
 TYPES = {0: ">u1", 1: ">i4", 3: ">f4", 4: ">i2", 10: ">u2"}
 #: FreeSurfer's geometry when a file says its own is not valid: 1 mm, coronal slices (LIA).
 DEFAULT_COSINES = np.array([[-1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]])  # rows: x, y, z axes in RAS
-_RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 _HEAD = struct.Struct(">7ih")  # version, width, height, depth, frames, type, dof, geometry-valid flag
 _GEOMETRY = struct.Struct(">15f")  # voxel size (3), cosines (9, one axis per row), centre (3)
 
@@ -81,11 +82,10 @@ def read_mgh(path: str | Path, name: str = "image") -> sitk.Image:
     array = np.frombuffer(raw, dtype, count, HEADER_BYTES).reshape(depth, height, width)
     image = sitk.GetImageFromArray(array.astype(dtype.newbyteorder("="), copy=False))
     spacing, cosines, centre = _geometry(raw, valid, path, name)
-    axes = cosines.T  # columns: the x, y, z index axes in RAS
-    corner = centre - (axes * spacing) @ (np.array([width, height, depth]) / 2.0)
-    image.SetSpacing([float(s) for s in spacing])
-    image.SetDirection([float(v) for v in (_RAS_TO_LPS @ axes).ravel()])
-    image.SetOrigin([float(v) for v in _RAS_TO_LPS @ corner])
+    vox2ras = np.eye(4)
+    vox2ras[:3, :3] = cosines.T * spacing  # columns: the x, y, z index axes in RAS, scaled to mm
+    vox2ras[:3, 3] = centre - vox2ras[:3, :3] @ (np.array([width, height, depth]) / 2.0)
+    geometry_from_ijk_to_ras(vox2ras, (depth, height, width)).apply_to_sitk(image)  # RAS -> LPS there
     return image
 
 
