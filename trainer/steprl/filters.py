@@ -20,6 +20,7 @@ and ``"zero"`` (outside counts 0: window SUMS over the in-image part).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from functools import lru_cache
 
@@ -51,6 +52,15 @@ def filter_axis(t: torch.Tensor, axis: int, kernel: Sequence[float], border: str
         raise ValueError(f"border must be 'replicate' or 'zero', got {border!r}")
     band = _band(t.shape[axis], tuple(float(k) for k in kernel), border, t.dtype, str(t.device))
     return torch.movedim(torch.movedim(t, axis, -1) @ band, -1, axis)
+
+
+def gaussian_kernel(sigma: float) -> list[float]:
+    """The sampled 1D Gaussian of ``sigma`` voxels (> 0), out to ``+-ceil(3 sigma)`` voxels (at least
+    one), normalised to sum 1: the one kernel behind every Gaussian blur in steprl."""
+    radius = max(1, int(math.ceil(3 * sigma)))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    return (kernel / kernel.sum()).tolist()
 
 
 def separable(t: torch.Tensor, kernels: Sequence[Sequence[float] | None], border: str = "replicate") -> torch.Tensor:

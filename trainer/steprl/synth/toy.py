@@ -71,13 +71,9 @@ def gaussian_blur(t: torch.Tensor, sigma: float) -> torch.Tensor:
     the kernel spans ``+-ceil(3 sigma)`` voxels and sums to 1). Matrix products, :mod:`steprl.filters`."""
     if sigma <= 0:
         return t
-    from steprl.filters import separable
+    from steprl.filters import gaussian_kernel, separable
 
-    radius = max(1, int(math.ceil(3 * sigma)))
-    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
-    kernel = (kernel / kernel.sum()).tolist()
-    return separable(t, [kernel] * (t.ndim - 2), border="replicate")
+    return separable(t, [gaussian_kernel(sigma)] * (t.ndim - 2), border="replicate")
 
 
 def _gaussian_blur(array: np.ndarray, sigma: float) -> np.ndarray:
