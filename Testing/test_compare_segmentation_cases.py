@@ -111,3 +111,20 @@ def test_a_candidate_takes_the_bundled_models_pipeline(repo_root, monkeypatch):
     bare = module.with_pipeline({"normalisation": {"tissue_levels": {"ratio": 0.5}}, "inference": {"border": {}}},
                                 {"inference": {}})
     assert "tissue_levels" not in bare["normalisation"] and "border" not in bare["inference"]
+
+
+def test_the_subject_case_flattens_the_contrast_then_adds_bias_and_noise(bench, phantom):
+    """One subject's scan: grey at 0.85 of white (the phantom's 0.6 raised), then the +-20 % field and
+    3 % noise of the two other cases; the reference and the brain stay the template's."""
+    grey = phantom.brain & ~phantom.reference
+    case = bench.subject_mni_case(phantom, grey, 0.85)
+    array = case.image.array
+    assert case.name == "mni152-subject85-cerebrum" and "grey/white 0.85" in case.group
+    assert case.reference is phantom.reference and case.brain is phantom.brain
+    assert case.roi is not None and case.roi.any() and not case.roi.all()
+    assert "raised from 0.60 to 0.85" in case.notes and "bias field" in case.notes and "Rician" in case.notes
+    ratio = float(np.median(array[grey]) / np.median(array[phantom.reference]))
+    assert ratio == pytest.approx(0.85, abs=0.03)
+    # the field and the noise are there: the white core is no longer one value
+    assert float(np.std(array[phantom.reference])) > 2.0
+    assert np.array_equal(bench.subject_mni_case(phantom, grey, 0.85).image.array, array)  # fixed seeds

@@ -10,10 +10,11 @@ Issues 6 and 12. One run scores, on the same cases and with the same metric code
   three): 4-class Otsu, 3-class K-means and ANTs Atropos 3-class, white matter = the brightest
   class, inside the case's brain mask.
 
-Cases: :mod:`segmentation_cases` (MNI152 with its cerebrum row, with a bias field and with noise;
-Colin27 whole head and brain-extracted; held-out synthetic subjects), each with how its reference
-and brain mask were made (``Case.notes``; the report repeats it). References on MNI152 and Colin27
-are APPROXIMATE, the synthetic ones EXACT.
+Cases: :mod:`segmentation_cases` (MNI152 with its cerebrum row, with a bias field, with noise, and
+as one subject's scan: flatter contrast, bias and noise together; Colin27 whole head and
+brain-extracted; held-out synthetic subjects), each with how its reference and brain mask were
+made (``Case.notes``; the report repeats it). References on MNI152 and Colin27 are APPROXIMATE,
+the synthetic ones EXACT.
 
 Per method and case: DICE, PPV, SEN, IoU, boundary IoU, HD95 (mm) on the volume's own grid, the
 Dice after every step (models), seconds; per model: parameters and training seconds (from the
@@ -40,11 +41,13 @@ from pathlib import Path
 import numpy as np
 from segmentation_cases import (
     DEFAULT_SYNTHSEG,
+    SUBJECT_GREY_TO_WHITE,
     Case,
     biased_mni_case,
     colin_cases,
     mni_cases,
     noisy_mni_case,
+    subject_mni_case,
     synthetic_cases,
 )
 
@@ -303,6 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-colin", action="store_true", help="leave out Colin27")
     parser.add_argument("--no-bias-case", action="store_true", help="leave out MNI152 with a bias field")
     parser.add_argument("--no-noise-case", action="store_true", help="leave out MNI152 with noise")
+    parser.add_argument("--subject-grey-to-white", type=float, nargs="*", default=[SUBJECT_GREY_TO_WHITE],
+                        metavar="R", help="MNI152 as one subject's scan (grey matter at R of white matter's level, "
+                        "bias and noise): one case per R (default %(default)s; none: left out)")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "steprl",
                         help="where Debian's mricron-data is unpacked (default ~/.cache/steprl)")
     parser.add_argument("--no-download", action="store_true", help="fail instead of apt-get downloading mricron-data")
@@ -326,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         cases.append(biased_mni_case(cases[0]))
     if not args.no_noise_case:
         cases.append(noisy_mni_case(cases[0]))
+    cases += [subject_mni_case(cases[0], None, ratio) for ratio in args.subject_grey_to_white]
     if not args.no_colin:
         cases += colin_cases(args.cache, not args.no_download)
     if not args.no_synthetic:

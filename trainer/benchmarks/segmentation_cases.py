@@ -27,6 +27,13 @@ Cases (``Case.notes`` says how each reference and brain mask was made; the repor
 - **MNI152 with noise** (``--no-noise-case`` leaves it out): the cerebrum row of MNI152 with Rician
   noise of 3 % of white matter's level (:func:`noisy_mni_case`; SNR 33, one subject's 3T scan; the
   template, an average of 152 scans, has almost none): the same anatomy and reference.
+- **MNI152 as one subject's scan** (``--subject-grey-to-white R [R ...]``; none: left out): the
+  cerebrum row of MNI152 with grey matter brought up to ``R`` (default
+  :data:`SUBJECT_GREY_TO_WHITE`) of white matter's level (the template
+  has 0.79: an average of 152 registered scans keeps the contrast that one 1.5T or 3T scan often
+  lacks), then the bias field and the noise of the two cases above together
+  (:func:`subject_mni_case`): the three ways one subject's scan differs from the template, on the same
+  anatomy and reference.
 - **Held-out synthetic subjects**: the 3 SynthSeg subjects :func:`steprl.synth.synthseg.split_subjects`
   keeps for testing (never seen in training or validation), each synthesised twice (T1-like and
   a random contrast, fixed seeds) on a 1.5 mm whole-head grid. Reference: EXACT (labels 2, 41).
@@ -54,6 +61,8 @@ CEREBRUM_Z_MM = -10.0
 BIAS_AMPLITUDE = 0.2
 #: Rician noise of the noisy MNI152 case, as a share of white matter's median intensity (SNR 33).
 NOISE_LEVEL = 0.03
+#: Grey / white intensity ratio of the one-subject MNI152 case (the template's own: 0.79).
+SUBJECT_GREY_TO_WHITE = 0.85
 log = logging.getLogger("compare_segmentation")
 
 
@@ -133,6 +142,32 @@ def noisy_mni_case(mni: Case, level: float = NOISE_LEVEL, seed: int = 0) -> Case
     return Case(name, f"MNI152 cerebrum, {100 * level:g} % Rician noise", Image(
         noisy.astype(np.float32), mni.image.geometry), mni.reference, mni.brain, above_z(mni.image),
         mni.notes + f"; Rician noise, sigma {100 * level:g} % of white matter's median (seed {seed})")
+
+
+def subject_mni_case(mni: Case, grey_matter: np.ndarray | None = None,
+                     grey_to_white: float = SUBJECT_GREY_TO_WHITE) -> Case:
+    """MNI152's cerebrum row as one subject's scan: grey matter's level raised to ``grey_to_white`` of
+    white matter's (a monotone piecewise-linear remap through the two tissues' medians: grey over
+    ``grey_matter``, bool, None: the template's grey-matter map > 0.5; white over the reference), then
+    :func:`biased_mni_case` and :func:`noisy_mni_case` on top."""
+    from steprl import io
+    from steprl.geometry import Image
+
+    image = mni.image.array.astype(np.float64)
+    if grey_matter is None:
+        grey_map = io.read_image(nilearn_file("gm"), name="MNI152 grey matter").array
+        grey_matter = grey_map > 0.5 * float(grey_map.max())
+    grey = float(np.median(image[grey_matter & mni.brain]))
+    white = float(np.median(image[mni.reference & mni.brain]))
+    top = float(image.max())
+    flat = np.interp(image, [0.0, grey, white, top], [0.0, grey_to_white * white, white, top]).astype(np.float32)
+    raised = f"; grey matter raised from {grey / white:.2f} to {grey_to_white:g} of white matter's level"
+    case = noisy_mni_case(biased_mni_case(Case(mni.name, mni.group, Image(flat, mni.image.geometry), mni.reference,
+                                                mni.brain, None, mni.notes + raised)))
+    group = (f"MNI152 cerebrum as one subject's scan (grey/white {grey_to_white:g}, +-{100 * BIAS_AMPLITUDE:g} % "
+             f"bias, {100 * NOISE_LEVEL:g} % noise)")
+    return Case(f"mni152-subject{round(100 * grey_to_white)}-cerebrum", group, case.image, mni.reference, mni.brain,
+                above_z(mni.image), case.notes)
 
 
 def colin_reference(templates: Path) -> tuple[np.ndarray, float]:
