@@ -76,15 +76,19 @@ def test_two_dimensional_images_fit_too():
     assert field is not None and len(field.coefficients) == 3 and field.span > MIN_SPAN
 
 
+def _borders_of_a_biased_ball(white: float, grey: float, noise: float, amplitude: float, seed: int):
+    """A ball of radius 15 (``white``) in ``grey`` times a +-``amplitude`` bias, and the border of a mask 1.5
+    voxels too large without and with the field: ``(truth, plain, flattened)``."""
+    truth = ball(SHAPE, 15.0)
+    image = partial_volume_image(truth, white, grey, np.random.default_rng(seed), noise=noise) * _bias(amplitude)
+    over = ball(SHAPE, 16.5)
+    return truth, native_border(image, over, (2, 2, 2), field_order=0), native_border(image, over, (2, 2, 2))
+
+
 def test_under_a_bias_the_border_flattens_and_keeps_what_one_midpoint_cuts():
     """White matter 25 % darker on one side than the other: one midpoint cuts its dark side and takes grey on
     its bright side; flattened by its own field first, the border finds the true ball again."""
-    rng = np.random.default_rng(3)
-    truth = ball(SHAPE, 15.0)
-    image = partial_volume_image(truth, 0.85, 0.65, rng, noise=0.01) * _bias(0.25)
-    over = ball(SHAPE, 16.5)
-    plain = native_border(image, over, (2, 2, 2), field_order=0)
-    flattened = native_border(image, over, (2, 2, 2))
+    truth, plain, flattened = _borders_of_a_biased_ball(0.85, 0.65, 0.01, 0.25, seed=3)
     assert flattened.field_applied and flattened.field_span > MIN_SPAN and plain.field_span is None
     assert dice(flattened.mask, truth) > 0.97
     assert dice(flattened.mask, truth) > dice(plain.mask, truth) + 0.03
@@ -94,11 +98,6 @@ def test_on_a_flat_contrast_scan_a_field_of_seven_per_cent_is_flattened():
     """Grey at 0.9 of white (10 % apart, as in MNI152 made to look like a flat one-subject scan): a bias whose
     fitted field spans 7-8 % of white matter's level moves the level by most of the gap, so one midpoint
     cuts the dark side; the border acts on it (MIN_SPAN was 0.08: this case was left uncorrected)."""
-    rng = np.random.default_rng(5)
-    truth = ball(SHAPE, 15.0)
-    image = partial_volume_image(truth, 0.9, 0.81, rng, noise=0.005) * _bias(0.13)
-    over = ball(SHAPE, 16.5)
-    plain = native_border(image, over, (2, 2, 2), field_order=0)
-    flattened = native_border(image, over, (2, 2, 2))
+    truth, plain, flattened = _borders_of_a_biased_ball(0.9, 0.81, 0.005, 0.13, seed=5)
     assert MIN_SPAN < flattened.field_span < 0.08 and flattened.field_applied
     assert dice(flattened.mask, truth) > 0.99 and dice(plain.mask, truth) < 0.93
