@@ -19,10 +19,12 @@ shape and geometry (spacing, origin, direction) whatever the orientation.
   Probed and not shipped: correcting the image with that first pass's mask before the policy (its
   white matter's intensity field divided out, its noise smoothed, as the border does after it). On
   MNI152 made to look like a flat one-subject scan (grey at 0.9 of white, bias, noise) 0.855 ->
-  0.919 and with noise alone +0.003-0.005, but one of 15 synthetic heads fell 0.881 -> 0.758 (the
-  field, fitted to 16 slices of a one-step mask, brightened its brain stem into the policy's white
-  matter), brain-extracted Colin27 -0.003; the flat case's loss came from the border's field
-  threshold instead (:data:`steprl.segmentation.intensity_field.MIN_SPAN`).
+  0.919, but one of 15 synthetic heads fell 0.881 -> 0.758 (the field, fitted to 16 slices of a
+  one-step mask, brightened its brain stem into the policy's white matter), brain-extracted Colin27
+  -0.003; the flat case's loss came from the border's field threshold instead
+  (:data:`steprl.segmentation.intensity_field.MIN_SPAN`). The noise smoothing alone: the noisy
+  MNI152 rows +0.002-0.005, the synthetic heads +0.007 in the mean from one of them (noise at 48 % of
+  the gap: 0.584 -> 0.725) while three of the other five it smoothed lost 0.008-0.013.
 - **Step 0** is the initial mask ``f(0) = 1`` everywhere (PixelDRL-MG's start: every pixel
   is object until it zeroes itself); steps ``1..steps`` apply the greedy (most probable)
   action of every pixel. A U-Net model runs through the same entry point with one step.
