@@ -20,7 +20,9 @@ Cases (``Case.notes`` says how each reference and brain mask was made; the repor
   resolution, seed 0), > 0.5. It does not come from Colin27's own intensities, so it does not
   favour the intensity baselines (a K-means reference, as ``compare_registration`` uses for
   tissue, would); it inherits the registration's errors and the population map's smoothness,
-  which caps every method's Dice below 1 alike.
+  which caps every method's Dice below 1 alike. ANTs' SyN is not the same on 1 and 2 threads: the
+  reference moves with ``--threads`` and every method's Colin27 Dice with it, by 0.001-0.002
+  (Otsu's cerebrum rows 0.823 on two threads, 0.822 on one); compare Colin27 rows of one run only.
 - **MNI152 with a bias field** (``--no-bias-case`` leaves it out): the cerebrum row of MNI152 with
   the image multiplied by a smooth +-20 % field (:func:`biased_mni_case`): a coil's bias on the same
   real anatomy, the same reference.
