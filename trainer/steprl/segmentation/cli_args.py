@@ -29,7 +29,7 @@ BASELINES = ("otsu", "kmeans", "atropos")
 #: ``train segmentation``'s hyper-parameters: one option per field of the config classes, whose
 #: docstrings and defaults are the options' help and defaults (steprl.configargs).
 TRAIN_OPTIONS = ConfigOptions(SegTrainConfig, exclude=("val_batch",), rename={"iterations_per_epoch": "iterations"},
-                              metavar={"grad_clip": "NORM"})
+                              metavar={"grad_clip": "NORM", "ema_decay": "DECAY"})
 PA3C_OPTIONS = ConfigOptions(PA3CConfig, rename={"allow_revival": "revival"},
                              metavar={"class_balance_anneal": "N", "class_balance_floor": "F"})
 NETWORK_OPTIONS = ConfigOptions(PixelDRLConfig, exclude=("in_channels",),

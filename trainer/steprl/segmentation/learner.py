@@ -13,8 +13,10 @@ Both draw the same slices (:mod:`steprl.segmentation.data`), one batch per ``tra
 
 Options that deviate from the paper (off by default, recorded in the config and model card):
 ``PA3CConfig.class_balance`` (per-pixel reward weights against the all-background phase on
-small objects, :func:`steprl.segmentation.pa3c.class_weights`) and ``SegTrainConfig.grad_clip``
-(global gradient-norm clipping; the norm itself is always logged as ``grad_norm``).
+small objects, :func:`steprl.segmentation.pa3c.class_weights`), ``SegTrainConfig.grad_clip``
+(global gradient-norm clipping; the norm itself is always logged as ``grad_norm``) and
+``SegTrainConfig.ema_decay`` (validation and the model file use an exponential moving average of
+the weights, :meth:`_SliceLearner.judged_net`; training rolls out the latest weights).
 
 Warm start (``--init-from``, :meth:`_SliceLearner.init_from`): a run may start from the
 network weights of a model of the same method and layout; the model's training record comes
@@ -77,6 +79,23 @@ class _SliceLearner:
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.earlier_runs: list[dict] = []  # the training record of the model this run started from
         self.seconds = 0.0  # wall time spent in training and validation, over resumes
+        self.ema: torch.optim.swa_utils.AveragedModel | None = None
+
+    def _start_weight_average(self) -> None:
+        """With ``cfg.ema_decay`` > 0, keep an exponential moving average of ``self.net``'s weights
+        (and buffers) as the module ``"ema"``, so checkpoints hold it and a resumed run goes on
+        averaging. Called by each learner once its network and modules exist."""
+        if self.cfg.ema_decay > 0:
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            self.ema = AveragedModel(self.net, multi_avg_fn=get_ema_multi_avg_fn(self.cfg.ema_decay), use_buffers=True)
+            self.modules["ema"] = self.ema
+
+    @property
+    def judged_net(self) -> torch.nn.Module:
+        """The network that validation scores and the model file holds: the weight average with
+        ``--ema-decay``, else the trained network itself."""
+        return self.ema.module if self.ema is not None else self.net
 
     def network_config(self) -> dict:
         """The network's layout as the card's ``config`` stores it (JSON values)."""
@@ -109,6 +128,8 @@ class _SliceLearner:
                                                     f"a {self.method} model.")
         check_same_layout(loaded.path, self._layout_of(loaded.card["config"]), self.network_config(), self.layout_fix)
         check_state_dict(self.net, loaded.net.state_dict(), loaded.path)
+        if self.ema is not None:  # the average starts at the loaded weights
+            self.ema.module.load_state_dict(self.net.state_dict())
         self.earlier_runs = carried_runs(loaded.card)
         if self.dist.is_main:
             log.info("initialised the network from %s (%d earlier runs)", loaded.path, len(self.earlier_runs))
@@ -144,6 +165,8 @@ class _SliceLearner:
         limit = self.cfg.grad_clip if self.cfg.grad_clip else float("inf")
         norm = torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], limit)
         optimizer.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.net)
         return float(norm)
 
     def _autocast(self):
@@ -208,6 +231,7 @@ class PixelDRLLearner(_SliceLearner):
         self.reward_conv = RewardMapConv(pa3c.reward_conv_size).to(self.device)
         self.modules = {"net": self.net, "reward_conv": self.reward_conv}
         self.optimizers = {"adam": make_optimizer([self.net, self.reward_conv], cfg.lr)}
+        self._start_weight_average()
         from steprl.segmentation.environment import SegmentationEnv
 
         self.env = SegmentationEnv(pa3c.t_max, pa3c.allow_revival)
@@ -234,21 +258,22 @@ class PixelDRLLearner(_SliceLearner):
     @torch.no_grad()
     def _validate(self) -> dict[str, float]:
         """Greedy rollouts on the validation slices; ``score`` = pooled Dice after the last step."""
-        self.net.eval()
+        net = self.judged_net
+        net.eval()
         per_step: list[list[torch.Tensor]] = []
         refs = []
         for batch in self._validation_chunks():
             with self._autocast():
-                masks = greedy_masks(self.net, batch.images, self.pa3c.t_max, self.pa3c.allow_revival)
+                masks = greedy_masks(net, batch.images, self.pa3c.t_max, self.pa3c.allow_revival)
             per_step.append([m.float().cpu() for m in masks])
             refs.append(batch.masks.cpu())
         ref = torch.cat(refs)
         curve = [pooled_dice(torch.cat([chunk[t] for chunk in per_step]), ref) for t in range(self.pa3c.t_max)]
-        self.net.train()
+        net.train()
         return {"score": curve[-1], "dice_step1": curve[0], "dice_final": curve[-1], "dice_best_step": max(curve)}
 
     def export_model(self) -> tuple[dict[str, torch.Tensor], dict]:
-        state = {k: v.detach().cpu() for k, v in self.net.state_dict().items()}
+        state = {k: v.detach().cpu() for k, v in self.judged_net.state_dict().items()}
         inference = {"steps": self.pa3c.t_max, "allow_revival": self.pa3c.allow_revival}
         centre = self.pa3c.reward_conv_size // 2
         extra = {"pa3c": asdict(self.pa3c),
@@ -279,6 +304,7 @@ class UNetLearner(_SliceLearner):
         self.loss = dice_ce_loss()
         self.modules = {"net": self.net}
         self.optimizers = {"adam": torch.optim.Adam(self.net.parameters(), lr=cfg.lr)}
+        self._start_weight_average()
         if dist.is_main:
             log.info("U-Net baseline: %.2fM parameters", count_parameters(self.net) / 1e6)
 
@@ -296,18 +322,19 @@ class UNetLearner(_SliceLearner):
     @torch.no_grad()
     def _validate(self) -> dict[str, float]:
         """``score`` = pooled Dice of the thresholded predictions (probability >= 0.5)."""
-        self.net.eval()
+        net = self.judged_net
+        net.eval()
         preds, refs = [], []
         for batch in self._validation_chunks():
             with self._autocast():
-                preds.append((self.net(batch.images).float() >= 0).float().cpu())
+                preds.append((net(batch.images).float() >= 0).float().cpu())
             refs.append(batch.masks.cpu())
-        self.net.train()
+        net.train()
         dice = pooled_dice(torch.cat(preds), torch.cat(refs))
         return {"score": dice, "dice_step1": dice, "dice_final": dice, "dice_best_step": dice}
 
     def export_model(self) -> tuple[dict[str, torch.Tensor], dict]:
-        state = {k: v.detach().cpu() for k, v in self.net.state_dict().items()}
+        state = {k: v.detach().cpu() for k, v in self.judged_net.state_dict().items()}
         return state, self._card({"steps": 1}, {"loss": "Dice + BCE (MONAI DiceCELoss)"})
 
     def network_config(self) -> dict:

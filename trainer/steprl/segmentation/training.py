@@ -84,6 +84,9 @@ def make_learner(method: str, source, dist, cfg, pa3c, network, unet_channels=No
     if cfg.batch < 1 or cfg.iterations_per_epoch < 1:
         raise InputError(f"--batch and --iterations must be at least 1 (got {cfg.batch}, {cfg.iterations_per_epoch}).",
                          "Use e.g. --batch 8 --iterations 50.")
+    if not 0 <= cfg.ema_decay < 1:
+        raise InputError(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}.",
+                         "Use e.g. --ema-decay 0.99 (about the last 100 updates), or 0 for the latest weights.")
     if method == "pixeldrl-mg":
         if pa3c.t_max < 1:
             raise InputError(f"--t-max must be at least 1, got {pa3c.t_max}.", "The paper uses 10.")
