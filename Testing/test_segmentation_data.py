@@ -14,10 +14,13 @@ from steprl.segmentation.data import (
     SliceSet,
     SyntheticSliceSource,
     constant_slices,
+    in_plane_spacing,
+    in_plane_transposed,
     object_mask,
     prepare_case,
     resolve_axis,
     select_training_slices,
+    slice_stack,
 )
 
 
@@ -39,6 +42,26 @@ def test_axis_names_follow_the_direction_matrix():
     assert resolve_axis("axial", Geometry((4, 5, 6), (1, 1, 1), (0, 0, 0), _rotation(20))) == 0
     with pytest.raises(InputError, match="axis"):
         resolve_axis("oblique", standard)
+
+
+def test_in_plane_order_follows_the_direction_matrix():
+    """Axial slices of FreeSurfer's LIA storage read like LPS ones; a sagittal acquisition stored P-I-L has
+    them with rows left-right, so they are transposed (spacing with them) and transposed back."""
+    lia = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, -1.0, 0.0]])  # columns: i -> L, j -> I, k -> A
+    pil = np.array([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])  # i -> P, j -> I, k -> L
+    for direction, axial, transposed in ((np.eye(3), 0, False), (lia, 1, False), (pil, 1, True),
+                                         (_rotation(30) @ pil, 1, True)):
+        geometry = Geometry((12, 10, 14), (0.9, 1.2, 1.0), (0.0, 0.0, 0.0), direction)
+        assert resolve_axis("axial", geometry) == axial
+        assert in_plane_transposed(geometry, axial) is transposed
+    geometry = Geometry((12, 10, 14), (0.9, 1.2, 1.0), (0.0, 0.0, 0.0), pil)  # numpy spacing (1.0, 1.2, 0.9)
+    assert in_plane_spacing(geometry, 1, True) == (0.9, 1.0) and in_plane_spacing(geometry, 1) == (1.0, 0.9)
+    image = np.random.default_rng(0).random((12, 10, 14)).astype(np.float32)
+    case = prepare_case(Image(image, geometry), size=(16, 16))
+    assert case.transposed and case.axis == 1 and case.grid.shape == (14, 12)
+    assert np.array_equal(slice_stack(image, 1, True)[3], image[:, 3, :].T)
+    assert np.array_equal(case.to_volume(slice_stack(image, 1, True), 3), image)
+    assert not in_plane_transposed(Geometry((12, 14), (1.0, 1.0), (0.0, 0.0), np.eye(2)), 0)
 
 
 def test_slice_grid_keeps_physical_proportions_and_round_trips():

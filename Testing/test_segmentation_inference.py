@@ -9,7 +9,7 @@ from steprl import io
 from steprl.errors import InputError, ModelFileError
 from steprl.geometry import Geometry, Image
 from steprl.modelfile import save_model
-from steprl.segmentation.data import SyntheticSliceSource
+from steprl.segmentation.data import SyntheticSliceSource, in_plane_transposed, resolve_axis
 from steprl.segmentation.inference import segment
 from steprl.segmentation.model import load_segmenter
 from steprl.segmentation.training import build_learner
@@ -76,9 +76,9 @@ def test_3d_output_keeps_the_input_geometry_oblique_too(model_path, tmp_path):
 
 def test_slicing_axis_follows_the_orientation(model_path):
     image, _ = _volume((4, 24, 20), seed=1)
-    # the same voxels stored with the axial axis last: array axis 2 points along LPS z
+    # the same voxels stored with the axial axis last, array order (y, x, z): index axes (i, j, k) = (z, x, y)
     stored = np.ascontiguousarray(np.moveaxis(image, 0, 2))  # (24, 20, 4)
-    permuted = np.array([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    permuted = np.array([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])  # columns: where i, j, k point
     geometry = Geometry(stored.shape, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), permuted)
     axial = list(segment(Image(stored, geometry), model_path, steps=2, device="cpu", axis="axial"))[-1]
     explicit = list(segment(Image(stored, geometry), model_path, steps=2, device="cpu", axis=2))[-1]
@@ -86,6 +86,25 @@ def test_slicing_axis_follows_the_orientation(model_path):
                              steps=2, device="cpu", axis=0))[-1]
     assert np.array_equal(axial.mask.array, explicit.mask.array)
     assert np.array_equal(np.moveaxis(axial.mask.array, 2, 0), reference.mask.array)
+
+
+def test_slices_stored_transposed_are_read_the_training_way(model_path):
+    """An axial slice whose rows run left-right on disk (array order z, x, y) is transposed for the network
+    and back: the mask is the transposed mask of the same voxels stored z, y, x, exactly."""
+    image, _ = _volume((4, 24, 20), seed=1)
+    lps = list(segment(Image(image, Geometry(image.shape, (1, 1, 1), (0, 0, 0), np.eye(3))), model_path, steps=2,
+                       device="cpu"))[-1].mask.array
+    stored = np.ascontiguousarray(image.swapaxes(1, 2))  # (4, 20, 24): index axes (i, j, k) = (y, x, z)
+    swapped = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    geometry = Geometry(stored.shape, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), swapped)
+    assert in_plane_transposed(geometry, resolve_axis("axial", geometry))
+    assert not in_plane_transposed(Geometry(image.shape, (1, 1, 1), (0, 0, 0), np.eye(3)), 0)
+    mask = list(segment(Image(stored, geometry), model_path, steps=2, device="cpu"))[-1].mask.array
+    assert mask.shape == stored.shape and np.array_equal(mask.swapaxes(1, 2), lps)
+    # without the transposition the network would read other slices: the fixture model is not transpose-equivariant
+    plain = list(segment(Image(stored, Geometry(stored.shape, (1, 1, 1), (0, 0, 0), np.eye(3))), model_path,
+                         steps=2, device="cpu"))[-1].mask.array
+    assert not np.array_equal(plain.swapaxes(1, 2), lps)
 
 
 def test_batching_and_constant_slices(model_path):

@@ -8,7 +8,9 @@ Both methods are 2D. Training and inference prepare slices the same way (:func:`
 2. a 3D image is cut into 2D slices along one array axis (:func:`resolve_axis`: ``axial``,
    ``coronal`` and ``sagittal`` are found from the direction matrix, so an oblique or
    reoriented volume is sliced the anatomical way; ``0/1/2`` name the array axis directly);
-   a 2D image is one slice;
+   a 2D image is one slice. The slices' rows and columns follow one physical order whatever the
+   storage (:func:`in_plane_transposed`): an axial slice's rows run front-back and its columns
+   left-right, as in the LPS-stored volumes the models are trained on;
 3. every slice is resampled onto the network grid (:class:`SliceGrid`): a ``size`` grid
    (default 128 x 128) with ISOTROPIC pixels that covers the slice's physical extent, the
    slice centred and the margin padded with zeros. Anisotropic in-plane spacing and
@@ -78,19 +80,49 @@ def resolve_axis(axis: str | int, geometry: Geometry) -> int:
     return geometry.ndim - 1 - itk_axis
 
 
-def slice_stack(array: np.ndarray, axis: int) -> np.ndarray:
-    """``(D, H, W)`` -> ``(N, h, w)`` with the slicing ``axis`` first (a view); ``(H, W)`` -> ``(1, H, W)``."""
+def in_plane_transposed(geometry: Geometry, axis: int) -> bool:
+    """Whether the slices across array ``axis`` of a 3D image are stored transposed: their rows (the
+    lower remaining array axis) point along an EARLIER physical LPS axis than their columns.
+
+    Why: the training volumes are LPS-stored (array order z, y, x), so an axial slice's rows run
+    along y (front-back) and its columns along x (left-right). A scan stored otherwise, e.g. a
+    sagittal acquisition written as P-I-L, gives axial slices with rows left-right; flips are
+    augmented in training, a transposition is not: pixeldrl_wm lost 0.004 (Colin27), 0.009 (MNI152) and
+    0.083 Dice (MNI152 made to look like one subject's scan, 0.924 -> 0.841) on the same scans stored
+    transposed (2026-12-07). Transposing such slices back makes the network read every scan the same
+    way: identical results. 2D images: never.
+    """
+    if geometry.ndim != 3:
+        return False
+    rows, cols = (k for k in range(3) if k != axis)
+    physical = np.argmax(np.abs(np.asarray(geometry.direction)), axis=0)  # index column -> x/y/z
+    return bool(physical[2 - rows] < physical[2 - cols])
+
+
+def slice_stack(array: np.ndarray, axis: int, transposed: bool = False) -> np.ndarray:
+    """``(D, H, W)`` -> ``(N, h, w)`` with the slicing ``axis`` first (a view), each slice transposed when
+    ``transposed`` (:func:`in_plane_transposed`); ``(H, W)`` -> ``(1, H, W)``."""
     array = np.asarray(array)
-    return array[None] if array.ndim == 2 else np.moveaxis(array, axis, 0)
+    if array.ndim == 2:
+        return array[None]
+    stack = np.moveaxis(array, axis, 0)
+    return stack.swapaxes(1, 2) if transposed else stack
 
 
-def in_plane_spacing(geometry: Geometry, axis: int) -> tuple[float, float]:
-    """Pixel size (mm) of the slices along their two array axes, numpy order."""
+def unslice_stack(stack: np.ndarray, axis: int, transposed: bool, ndim: int) -> np.ndarray:
+    """The inverse of :func:`slice_stack`: ``(N, h, w)`` slices back into the image's array order."""
+    if ndim == 2:
+        return stack[0]
+    return np.ascontiguousarray(np.moveaxis(stack.swapaxes(1, 2) if transposed else stack, 0, axis))
+
+
+def in_plane_spacing(geometry: Geometry, axis: int, transposed: bool = False) -> tuple[float, float]:
+    """Pixel size (mm) of the slices along their two array axes, numpy order (after the transposition)."""
     spacing_numpy = geometry.spacing[::-1]
     if geometry.ndim == 2:
         return float(spacing_numpy[0]), float(spacing_numpy[1])
-    rest = [spacing_numpy[k] for k in range(3) if k != axis]
-    return float(rest[0]), float(rest[1])
+    rest = [float(spacing_numpy[k]) for k in range(3) if k != axis]
+    return (rest[1], rest[0]) if transposed else (rest[0], rest[1])
 
 
 @dataclass(frozen=True)
@@ -170,7 +202,8 @@ class CaseSlices:
 
     ``images`` ``(N, 1, *size)`` float32 0..1, ``masks`` ``(N, 1, *size)`` float32 0/1 (or
     None without labels), ``has_object`` and ``constant`` ``(N,)`` bool, ``grid`` the mapping
-    back to the slices, ``axis`` the array axis cut along.
+    back to the slices, ``axis`` the array axis cut along, ``transposed`` whether each slice was
+    transposed (:func:`in_plane_transposed`).
     """
 
     images: torch.Tensor
@@ -180,6 +213,11 @@ class CaseSlices:
     grid: SliceGrid
     axis: int
     name: str = ""
+    transposed: bool = False
+
+    def to_volume(self, per_slice: np.ndarray, ndim: int) -> np.ndarray:
+        """``(N, h, w)`` slices on the image grid back into the image's array order."""
+        return unslice_stack(per_slice, self.axis, self.transposed, ndim)
 
 
 def check_image(image: Image, name: str) -> None:
@@ -215,22 +253,23 @@ def prepare_case(
             "Read the label map with steprl.io.read_labels(path, image.geometry) to bring it onto the image grid.",
         )
     array_axis = resolve_axis(axis, image.geometry)
-    stack = slice_stack(image.array, array_axis)
+    transposed = in_plane_transposed(image.geometry, array_axis)
+    stack = slice_stack(image.array, array_axis, transposed)
     constant = constant_slices(stack)
     if normalised is None:
         normalised = normalise_percentile(image.array)
     elif normalised.shape != image.array.shape:
         raise ValueError(f"normalised has shape {normalised.shape}, the image {image.array.shape}")
-    normalised = slice_stack(normalised, array_axis)
-    grid = SliceGrid.fit(stack.shape[1:], in_plane_spacing(image.geometry, array_axis), size)
+    normalised = slice_stack(normalised, array_axis, transposed)
+    grid = SliceGrid.fit(stack.shape[1:], in_plane_spacing(image.geometry, array_axis, transposed), size)
     images = grid.to_network(torch.from_numpy(np.ascontiguousarray(normalised))[:, None]).clamp_(0.0, 1.0)
     masks, has_object = None, np.zeros(len(stack), dtype=bool)
     if labels is not None:
-        objects = slice_stack(object_mask(labels.array, label_values), array_axis)
+        objects = slice_stack(object_mask(labels.array, label_values), array_axis, transposed)
         has_object = objects.reshape(len(objects), -1).any(axis=1)
         soft = grid.to_network(torch.from_numpy(np.ascontiguousarray(objects, dtype=np.float32))[:, None])
         masks = (soft >= 0.5).float()
-    return CaseSlices(images, masks, has_object & ~constant, constant, grid, array_axis, name)
+    return CaseSlices(images, masks, has_object & ~constant, constant, grid, array_axis, name, transposed)
 
 
 def select_training_slices(cases: Sequence[CaseSlices], empty_fraction: float,

@@ -258,14 +258,9 @@ def _step_mask(net_masks: torch.Tensor, case: CaseSlices, computed: np.ndarray, 
         below, above = computed[upper - 1], computed[upper]
         weight = ((between - below) / (above - below)).astype(np.float32)[:, None, None]
         soft[between] = (1 - weight) * soft[below] + weight * soft[above]
-    return _to_volume((soft >= 0.5).astype(np.uint8), case, ndim)
+    return case.to_volume((soft >= 0.5).astype(np.uint8), ndim)
 
 
-def _to_volume(per_slice: np.ndarray, case: CaseSlices, ndim: int) -> np.ndarray:
-    """``(N, h, w)`` slices back into the input's array order."""
-    if ndim == 2:
-        return per_slice[0]
-    return np.ascontiguousarray(np.moveaxis(per_slice, 0, case.axis))
 
 
 def segment(
