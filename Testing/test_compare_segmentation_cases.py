@@ -128,3 +128,28 @@ def test_the_subject_case_flattens_the_contrast_then_adds_bias_and_noise(bench, 
     # the field and the noise are there: the white core is no longer one value
     assert float(np.std(array[phantom.reference])) > 2.0
     assert np.array_equal(bench.subject_mni_case(phantom, grey, 0.85).image.array, array)  # fixed seeds
+
+
+def test_a_case_stored_as_a_sagittal_acquisition_keeps_every_voxel_in_place(bench, phantom):
+    """Same physical scan, other storage: each voxel's value, reference and position are unchanged, and the
+    axial slices come out stored with left-right rows (what the models must transpose back)."""
+    from steprl.segmentation.data import in_plane_transposed, resolve_axis
+
+    ras = np.diag([-1.0, -1.0, 1.0])
+    image = Image(phantom.image.array * np.linspace(0.5, 1.5, 32, dtype=np.float32),  # no symmetry to hide a flip
+                  Geometry(phantom.image.array.shape, (1.0, 1.2, 1.5), (5.0, -3.0, -20.0), ras))
+    case = bench.Case("c", "g", image, phantom.reference, phantom.brain, phantom.reference.copy(), "n")
+    moved = bench.stored_as(case, *bench.SAGITTAL_STORAGE, "c-sagittal", "g, sagittal")
+    assert moved.image.array.shape == (32, 40, 36) and moved.name == "c-sagittal"
+    old_a, old_b = image.geometry.tensor_index_to_physical()
+    new_a, new_b = moved.image.geometry.tensor_index_to_physical()
+    rng = np.random.default_rng(0)
+    for index in rng.integers(0, [40, 36, 32], size=(20, 3)):
+        where = old_a @ index + old_b
+        back = np.rint(np.linalg.solve(new_a, where - new_b)).astype(int)
+        assert moved.image.array[tuple(back)] == image.array[tuple(index)]
+        assert moved.reference[tuple(back)] == case.reference[tuple(index)]
+        assert moved.roi[tuple(back)] == case.roi[tuple(index)] and moved.brain[tuple(back)] == case.brain[tuple(index)]
+    geometry = moved.image.geometry
+    assert geometry.spacing == (1.2, 1.5, 1.0)  # ITK order of the new axes: y (front-back), z, x
+    assert resolve_axis("axial", geometry) == 1 and in_plane_transposed(geometry, 1)

@@ -11,7 +11,8 @@ Issues 6 and 12. One run scores, on the same cases and with the same metric code
   class, inside the case's brain mask.
 
 Cases: :mod:`segmentation_cases` (MNI152 with its cerebrum row, with a bias field, with noise, and
-as one subject's scan: flatter contrast, bias and noise together; Colin27 whole head and
+as one subject's scan: flatter contrast, bias and noise together, and that scan stored in a
+sagittal acquisition's order with ``--stored-sagittal``; Colin27 whole head and
 brain-extracted; held-out synthetic subjects), each with how its reference and brain mask were
 made (``Case.notes``; the report repeats it). References on MNI152 and Colin27 are APPROXIMATE,
 the synthetic ones EXACT.
@@ -41,12 +42,14 @@ from pathlib import Path
 import numpy as np
 from segmentation_cases import (
     DEFAULT_SYNTHSEG,
+    SAGITTAL_STORAGE,
     SUBJECT_GREY_TO_WHITE,
     Case,
     biased_mni_case,
     colin_cases,
     mni_cases,
     noisy_mni_case,
+    stored_as,
     subject_mni_case,
     synthetic_cases,
 )
@@ -306,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-colin", action="store_true", help="leave out Colin27")
     parser.add_argument("--no-bias-case", action="store_true", help="leave out MNI152 with a bias field")
     parser.add_argument("--no-noise-case", action="store_true", help="leave out MNI152 with noise")
+    parser.add_argument("--stored-sagittal", action="store_true",
+                        help="also the first one-subject case stored in a sagittal acquisition's order (P-I-L)")
     parser.add_argument("--subject-grey-to-white", type=float, nargs="*", default=[SUBJECT_GREY_TO_WHITE],
                         metavar="R", help="MNI152 as one subject's scan (grey matter at R of white matter's level, "
                         "bias and noise): one case per R (default %(default)s; none: left out)")
@@ -332,7 +337,11 @@ def main(argv: list[str] | None = None) -> int:
         cases.append(biased_mni_case(cases[0]))
     if not args.no_noise_case:
         cases.append(noisy_mni_case(cases[0]))
-    cases += [subject_mni_case(cases[0], None, ratio) for ratio in args.subject_grey_to_white]
+    subjects = [subject_mni_case(cases[0], None, ratio) for ratio in args.subject_grey_to_white]
+    cases += subjects
+    if args.stored_sagittal and subjects:
+        cases.append(stored_as(subjects[0], *SAGITTAL_STORAGE, f"{subjects[0].name}-sagittal",
+                               f"{subjects[0].group}, stored P-I-L (a sagittal acquisition's order)"))
     if not args.no_colin:
         cases += colin_cases(args.cache, not args.no_download)
     if not args.no_synthetic:

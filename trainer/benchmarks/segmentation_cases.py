@@ -35,6 +35,12 @@ Cases (``Case.notes`` says how each reference and brain mask was made; the repor
   above together (:func:`subject_mni_case`): a flatter contrast, a bias and noise on the same anatomy
   and reference. Why 0.85: there the 4-class Otsu falls to 0.871, the 0.87 issue 12 reports on its
   held-back real scan; no template case here comes near that.
+- **Stored as a sagittal acquisition** (``--stored-sagittal``): the first one-subject case's voxels
+  written in the order a sagittal 3D T1 often has on disk (P-I-L: array order left-right,
+  inferior-superior, front-back; :func:`stored_as`), with the geometry that keeps every voxel where it
+  was: the same physical scan, so every method should score as on the row it comes from. The models
+  read axial slices; here those slices are stored with left-right rows
+  (:func:`steprl.segmentation.data.in_plane_transposed`).
 - **Held-out synthetic subjects**: the 3 SynthSeg subjects :func:`steprl.synth.synthseg.split_subjects`
   keeps for testing (never seen in training or validation), each synthesised twice (T1-like and
   a random contrast, fixed seeds) on a 1.5 mm whole-head grid. Reference: EXACT (labels 2, 41).
@@ -169,6 +175,34 @@ def subject_mni_case(mni: Case, grey_matter: np.ndarray | None = None,
              f"bias, {100 * NOISE_LEVEL:g} % noise)")
     return Case(f"mni152-subject{round(100 * grey_to_white)}-cerebrum", group, case.image, mni.reference, mni.brain,
                 above_z(mni.image), case.notes)
+
+
+def stored_as(case: Case, order: tuple[int, int, int], flips: tuple[bool, bool, bool], name: str, group: str
+              ) -> Case:
+    """``case``'s voxels in another storage: new array axis ``k`` is old axis ``order[k]``, reversed where
+    ``flips[k]``; the geometry (spacing, origin, direction) moves with them, so every voxel keeps its
+    physical position and the reference, brain mask and scoring region stay on it."""
+    from steprl.geometry import Geometry, Image
+
+    def move(array: np.ndarray) -> np.ndarray:
+        moved = np.transpose(np.asarray(array), order)
+        return np.ascontiguousarray(np.flip(moved, [k for k in range(3) if flips[k]]))
+
+    matrix, offset = case.image.geometry.tensor_index_to_physical()  # columns: one step along each array axis
+    steps = [matrix[:, o] * (-1.0 if f else 1.0) for o, f in zip(order, flips)]
+    first = offset + sum((case.image.array.shape[o] - 1) * matrix[:, o] for o, f in zip(order, flips) if f)
+    spacing = [float(np.linalg.norm(v)) for v in steps]  # array order; Geometry takes ITK order
+    direction = np.stack([steps[2 - c] / spacing[2 - c] for c in range(3)], axis=1)
+    image = move(case.image.array)
+    geometry = Geometry(image.shape, tuple(spacing[::-1]), tuple(first), direction)
+    roi = None if case.roi is None else move(case.roi)
+    return Case(name, group, Image(image, geometry), move(case.reference), move(case.brain), roi,
+                case.notes + f"; stored with array axes {order} of the original, flipped {flips}")
+
+
+SAGITTAL_STORAGE = ((2, 0, 1), (False, True, True))
+"""``stored_as``'s (order, flips) from a RAS-stored array (MNI152, Colin27: z, y, x up, front, right) to a
+sagittal acquisition's P-I-L order (array axes left, inferior, posterior)."""
 
 
 def colin_reference(templates: Path) -> tuple[np.ndarray, float]:
