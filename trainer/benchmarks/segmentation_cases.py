@@ -22,7 +22,8 @@ Cases (``Case.notes`` says how each reference and brain mask was made; the repor
   tissue, would); it inherits the registration's errors and the population map's smoothness,
   which caps every method's Dice below 1 alike. ANTs' SyN is not the same on 1 and 2 threads: the
   reference moves with ``--threads`` and every method's Colin27 Dice with it, by 0.001-0.002
-  (Otsu's cerebrum rows 0.823 on two threads, 0.822 on one); compare Colin27 rows of one run only.
+  (Otsu's cerebrum rows 0.823 on two threads, 0.822 on one), and by 0.001 between two runs on one thread
+  (0.8217 -> 0.8226); compare Colin27 rows of one run only.
 - **MNI152 with a bias field** (``--no-bias-case`` leaves it out): the cerebrum row of MNI152 with
   the image multiplied by a smooth +-20 % field (:func:`biased_mni_case`): a coil's bias on the same
   real anatomy, the same reference.
