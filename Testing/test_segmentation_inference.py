@@ -88,7 +88,7 @@ def test_slicing_axis_follows_the_orientation(model_path):
     assert np.array_equal(np.moveaxis(axial.mask.array, 2, 0), reference.mask.array)
 
 
-def test_slices_stored_transposed_are_read_the_training_way(model_path):
+def test_slices_stored_transposed_are_read_the_training_way(model_path, caplog):
     """An axial slice whose rows run left-right on disk (array order z, x, y) is transposed for the network
     and back: the mask is the transposed mask of the same voxels stored z, y, x, exactly."""
     image, _ = _volume((4, 24, 20), seed=1)
@@ -99,8 +99,10 @@ def test_slices_stored_transposed_are_read_the_training_way(model_path):
     geometry = Geometry(stored.shape, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), swapped)
     assert in_plane_transposed(geometry, resolve_axis("axial", geometry))
     assert not in_plane_transposed(Geometry(image.shape, (1, 1, 1), (0, 0, 0), np.eye(3)), 0)
-    mask = list(segment(Image(stored, geometry), model_path, steps=2, device="cpu"))[-1].mask.array
+    with caplog.at_level("INFO", logger="steprl.segmentation.inference"):
+        mask = list(segment(Image(stored, geometry), model_path, steps=2, device="cpu"))[-1].mask.array
     assert mask.shape == stored.shape and np.array_equal(mask.swapaxes(1, 2), lps)
+    assert "transposed for the network and back" in caplog.text
     # without the transposition the network would read other slices: the fixture model is not transpose-equivariant
     plain = list(segment(Image(stored, Geometry(stored.shape, (1, 1, 1), (0, 0, 0), np.eye(3))), model_path,
                          steps=2, device="cpu"))[-1].mask.array

@@ -321,6 +321,9 @@ def segment(
     if match_levels:
         image, original_normalised = _levels_matched(image, loaded, runner, axis, batch_slices, skip_constant)
     case = prepare_case(image, None, size=loaded.size, axis=axis, name="image")
+    if case.transposed:
+        log.info("the slices are stored with their rows along an earlier physical axis than their columns (e.g. a "
+                 "sagittal acquisition): each is transposed for the network and back")
     reference = None if labels is None else np.asarray(labels.array) > 0
 
     def result(step: int, mask: np.ndarray, changed: np.ndarray, stage: str = "policy") -> SegmentationStep:
