@@ -242,6 +242,15 @@ def _levels_matched(image: Image, loaded: LoadedSegmenter, runner: _Runner, axis
     return Image(tissue_levels.match_levels(normalised, *levels, float(target)), image.geometry), normalised
 
 
+def _sliced(image: Image, loaded: LoadedSegmenter, axis: str | int) -> CaseSlices:
+    """:func:`prepare_case` for the policy's pass, saying in the log when the slices are transposed."""
+    case = prepare_case(image, None, size=loaded.size, axis=axis, name="image")
+    if case.transposed:
+        log.info("the slices are stored with their rows along an earlier physical axis than their columns (e.g. a "
+                 "sagittal acquisition): each is transposed for the network and back")
+    return case
+
+
 def _step_mask(net_masks: torch.Tensor, case: CaseSlices, computed: np.ndarray, batch_slices: int, ndim: int,
                active: np.ndarray | None = None) -> np.ndarray:
     """One step's network-grid masks ``(N, 1, h, w)`` of the ``computed`` slices brought back onto the
@@ -320,10 +329,7 @@ def segment(
     geometry, original, original_normalised = image.geometry, image, None
     if match_levels:
         image, original_normalised = _levels_matched(image, loaded, runner, axis, batch_slices, skip_constant)
-    case = prepare_case(image, None, size=loaded.size, axis=axis, name="image")
-    if case.transposed:
-        log.info("the slices are stored with their rows along an earlier physical axis than their columns (e.g. a "
-                 "sagittal acquisition): each is transposed for the network and back")
+    case = _sliced(image, loaded, axis)
     reference = None if labels is None else np.asarray(labels.array) > 0
 
     def result(step: int, mask: np.ndarray, changed: np.ndarray, stage: str = "policy") -> SegmentationStep:
