@@ -654,3 +654,21 @@ def test_register_geometry(tmp_path: Path, tiny_spac_model: Path, device: str) -
     assert mask_net.mean() > 0.5
     assert np.abs(by_voxels - by_mm)[mask_net].max() < DOUBLE_INTERP_TOL * span
     assert np.abs(by_voxels - blobs(net_pts + field.array))[mask_net].max() < DOUBLE_INTERP_TOL * span
+
+
+@pytest.mark.parametrize("order, flips", [((1, 0), (False, True)), ((2, 0, 1), (False, True, True)),
+                                          ((0, 2, 1), (True, False, False))])
+def test_reordered_grid_keeps_every_voxel_where_it_was(order, flips) -> None:
+    """The same voxels stored in another array order: the index of each voxel in the new array maps to
+    the physical point its old index mapped to."""
+    ndim = len(order)
+    rotation = np.linalg.qr(np.random.default_rng(ndim).normal(size=(ndim, ndim)))[0]  # oblique
+    shape = (7, 9, 11)[:ndim]
+    geometry = Geometry(shape, (0.9, 1.3, 2.0)[:ndim], (4.0, -2.0, 7.0)[:ndim], rotation)
+    moved = geometry.reordered(order, flips)
+    assert moved.shape == tuple(shape[o] for o in order)
+    old_a, old_b = geometry.tensor_index_to_physical()
+    new_a, new_b = moved.tensor_index_to_physical()
+    for old in np.ndindex(*shape):
+        new = [shape[o] - 1 - old[o] if f else old[o] for o, f in zip(order, flips)]
+        np.testing.assert_allclose(new_a @ np.asarray(new) + new_b, old_a @ np.asarray(old) + old_b, atol=1e-9)

@@ -183,21 +183,15 @@ def stored_as(case: Case, order: tuple[int, int, int], flips: tuple[bool, bool, 
     """``case``'s voxels in another storage: new array axis ``k`` is old axis ``order[k]``, reversed where
     ``flips[k]``; the geometry (spacing, origin, direction) moves with them, so every voxel keeps its
     physical position and the reference, brain mask and scoring region stay on it."""
-    from steprl.geometry import Geometry, Image
+    from steprl.geometry import Image
 
     def move(array: np.ndarray) -> np.ndarray:
         moved = np.transpose(np.asarray(array), order)
         return np.ascontiguousarray(np.flip(moved, [k for k in range(3) if flips[k]]))
 
-    matrix, offset = case.image.geometry.tensor_index_to_physical()  # columns: one step along each array axis
-    steps = [matrix[:, o] * (-1.0 if f else 1.0) for o, f in zip(order, flips)]
-    first = offset + sum((case.image.array.shape[o] - 1) * matrix[:, o] for o, f in zip(order, flips) if f)
-    spacing = [float(np.linalg.norm(v)) for v in steps]  # array order; Geometry takes ITK order
-    direction = np.stack([steps[2 - c] / spacing[2 - c] for c in range(3)], axis=1)
-    image = move(case.image.array)
-    geometry = Geometry(image.shape, tuple(spacing[::-1]), tuple(first), direction)
+    image = Image(move(case.image.array), case.image.geometry.reordered(order, flips))
     roi = None if case.roi is None else move(case.roi)
-    return Case(name, group, Image(image, geometry), move(case.reference), move(case.brain), roi,
+    return Case(name, group, image, move(case.reference), move(case.brain), roi,
                 case.notes + f"; stored with array axes {order} of the original, flipped {flips}")
 
 

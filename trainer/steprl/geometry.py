@@ -146,6 +146,17 @@ class Geometry:
         spacing = np.maximum(spacing, 1e-6)
         return Geometry(tuple(shape), tuple(spacing), tuple(low), tuple(np.eye(self.ndim).ravel()))
 
+    def reordered(self, order: tuple[int, ...], flips: tuple[bool, ...]) -> Geometry:
+        """The grid of the same voxels stored in another array order: new array axis ``k`` is this grid's
+        axis ``order[k]``, reversed where ``flips[k]``; every voxel keeps its physical position (the
+        array itself moves with ``np.flip(array.transpose(order), flipped axes)``)."""
+        a, b = self.tensor_index_to_physical()  # column k: one step along array axis k
+        steps = [a[:, o] * (-1.0 if f else 1.0) for o, f in zip(order, flips)]
+        first = b + sum((self.shape[o] - 1) * a[:, o] for o, f in zip(order, flips) if f)
+        spacing = [float(np.linalg.norm(v)) for v in steps]  # array order
+        direction = np.stack([steps[-1 - c] / spacing[-1 - c] for c in range(self.ndim)], axis=1)
+        return Geometry(tuple(self.shape[o] for o in order), tuple(spacing[::-1]), tuple(first), direction)
+
     # ---- SimpleITK --------------------------------------------------------------------
     @classmethod
     def from_sitk(cls, image) -> Geometry:

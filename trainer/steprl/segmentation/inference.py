@@ -270,8 +270,6 @@ def _step_mask(net_masks: torch.Tensor, case: CaseSlices, computed: np.ndarray, 
     return case.to_volume((soft >= 0.5).astype(np.uint8), ndim)
 
 
-
-
 def segment(
     image: Image,
     model: LoadedSegmenter | str | Path,
