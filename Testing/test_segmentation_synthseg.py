@@ -155,3 +155,23 @@ def test_match_levels_brings_every_t1_volume_to_the_ratio(synthseg):
     assert np.allclose(ratios, 0.6, atol=0.01), ratios
     with pytest.raises(InputError, match="match-levels"):
         SynthSegSliceSource(synthseg, (32, 32), max_train_subjects=1, validation=1, match_levels=1.2)
+
+
+def test_wild_head_option_reaches_the_source_and_its_card(synthseg, tmp_path):
+    """--synth-wild-head goes from the command line to the slice source, is recorded in the training
+    data's description (so the card says how the model was trained), and a share outside [0, 1] is refused."""
+    from steprl.cli import build_parser
+    from steprl.errors import InputError
+    from steprl.segmentation.training import build_source
+    from steprl.synth.segmentation_slices import SynthSegSliceSource
+
+    args = build_parser().parse_args(["train", "segmentation", "--synthseg", str(synthseg),
+                                      "--out", str(tmp_path / "r"), "--size", "32", "32", "--synth-subjects", "1",
+                                      "--val-slices", "2",
+                                      "--synth-wild-head", "0.5"])
+    source = build_source(args)
+    assert source.wild_head == 0.5 and source.description["wild_head"] == 0.5
+    plain = SynthSegSliceSource(synthseg, (32, 32), max_train_subjects=1, validation=1, val_slices=2)
+    assert "wild_head" not in plain.description  # runs started before the option still resume
+    with pytest.raises(InputError, match="wild-head"):
+        SynthSegSliceSource(synthseg, (32, 32), max_train_subjects=1, validation=1, wild_head=1.5)

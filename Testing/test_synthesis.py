@@ -197,6 +197,32 @@ def test_bright_fat_puts_some_extracerebral_tissue_above_white_matter_and_is_off
     assert np.median(ratios_off) < 1.1  # SynthSeg's T1 priors alone rarely do it
 
 
+def test_wild_head_draws_the_extracerebral_levels_apart_from_the_brain_and_is_off_by_default(shared_data):
+    """Issue 12: with wild_head 1 every T1-like draw gives the extra-cerebral classes levels spread over
+    0-1.8x white matter, unrelated to the priors, and leaves the brain's classes as they were; at 0 the
+    draws (and the seeds) are unchanged."""
+    from steprl.synth.from_labels import EXTRACEREBRAL_FROM, HEAD_RANGE
+
+    model = IntensityModel.from_synthseg_folder(shared_data / "synthseg")
+    values = np.flatnonzero(model.classes)
+    extra = np.unique(model.classes[values[values >= EXTRACEREBRAL_FROM]])
+    brain = np.setdiff1d(np.arange(model.n_classes), extra)
+    wm = model.classes[2]
+    ratios_on, ratios_off = [], []
+    for seed in range(40):
+        on, _ = draw_contrast(model, np.random.default_rng(seed), t1_probability=1.0, wild_head=1.0)
+        off, _ = draw_contrast(model, np.random.default_rng(seed), t1_probability=1.0)
+        np.testing.assert_array_equal(off, draw_contrast(model, np.random.default_rng(seed), t1_probability=1.0,
+                                                         wild_head=0.0)[0])
+        np.testing.assert_array_equal(on[brain], off[brain])
+        ratios_on.append(on[extra] / on[wm])
+        ratios_off.append(off[extra] / off[wm])
+    ratios_on, ratios_off = np.concatenate(ratios_on), np.concatenate(ratios_off)
+    assert ratios_on.min() >= HEAD_RANGE[0] and ratios_on.max() <= HEAD_RANGE[1] + 1e-9
+    assert (ratios_on > 1.2).mean() > 0.25 > (ratios_off > 1.2).mean()  # bright heads common only when wild
+    assert ratios_on.std() > 1.5 * ratios_off.std()
+
+
 def test_soft_grey_brings_grey_matter_toward_white_matter_and_is_off_by_default(shared_data):
     """Issue 12: real T1 grey matter sits at ~0.78 of white matter, SynthSeg's T1 priors at ~0.6. With
     soft_grey 1 every T1-like draw squeezes the grey classes toward white matter (CSF, white matter and

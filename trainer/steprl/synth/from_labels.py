@@ -224,6 +224,25 @@ def _brighten_fat(cls_mean: np.ndarray, model: IntensityModel, rng: np.random.Ge
     cls_mean[chosen] = cls_mean[model.contrast_class[_WHITE_MATTER]] * rng.uniform(1.1, 1.8, size=chosen.size)
 
 
+#: Range of :func:`_randomise_head`'s extra-cerebral class means, as multiples of white matter's.
+HEAD_RANGE = (0.0, 1.8)
+
+
+def _randomise_head(cls_mean: np.ndarray, model: IntensityModel, rng: np.random.Generator) -> None:
+    """Give every extra-cerebral T1 class a uniform random mean in :data:`HEAD_RANGE` x white matter's, in place.
+
+    Why (issue 12): SynthSeg's T1 priors (and :func:`_brighten_fat`) fix how scalp, skull, muscle
+    and eyes look relative to the brain; scanners and sequences do not. Continuing the bundled
+    model's training made it more inclusive on Colin27's whole head only (not on the same brain
+    extracted): the head around the brain moved its border. With the head's contrast unrelated
+    to the brain's, the brain alone must decide it.
+    """
+    values = np.flatnonzero(model.classes)
+    extra = np.unique(model.contrast_class[values[values >= EXTRACEREBRAL_FROM]])
+    wm = cls_mean[model.contrast_class[_WHITE_MATTER]]
+    cls_mean[extra] = wm * rng.uniform(*HEAD_RANGE, size=extra.size)
+
+
 #: :func:`_soften_grey` moves the T1 classes whose mean lies between this share of white matter's and
 #: white matter's own toward white matter: cortex and deep grey nuclei, and the extra-cerebral classes
 #: in that range too (not CSF, about 0.28).
@@ -252,15 +271,17 @@ def _soften_grey(cls_mean: np.ndarray, model: IntensityModel, rng: np.random.Gen
 
 
 def draw_contrast(model: IntensityModel, rng: np.random.Generator, t1_probability: float = 0.3,
-                  bright_fat: float = 0.0, soft_grey: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+                  bright_fat: float = 0.0, soft_grey: float = 0.0,
+                  wild_head: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Random mean and std (0..1 scale; bright fat may exceed 1) per generation class: ``(n_classes,)`` each.
 
     A T1-like draw (SynthSeg's priors) with ``t1_probability`` when the priors are known,
     else uniformly random contrast, with dark air in 80 % of the draws. ``bright_fat``: share of
     the T1-like draws whose fat is brighter than white matter (:func:`_brighten_fat`);
     ``soft_grey``: share of the T1-like draws whose grey matter is brought toward white matter
-    (:func:`_soften_grey`). At 0 neither draws an extra random number, so earlier seeds give the
-    same images.
+    (:func:`_soften_grey`); ``wild_head``: share of the T1-like draws whose extra-cerebral classes get
+    random levels (:func:`_randomise_head`, after the other two). At 0 none of them draws an extra
+    random number, so earlier seeds give the same images.
     """
     n = model.n_classes
     if model.t1_means is not None and rng.uniform() < t1_probability:
@@ -272,6 +293,8 @@ def draw_contrast(model: IntensityModel, rng: np.random.Generator, t1_probabilit
             _brighten_fat(cls_mean, model, rng)
         if soft_grey > 0 and rng.uniform() < soft_grey:
             _soften_grey(cls_mean, model, rng)
+        if wild_head > 0 and rng.uniform() < wild_head:
+            _randomise_head(cls_mean, model, rng)
         values = np.concatenate([[0], np.flatnonzero(model.classes)])  # the generation labels
         means, stds = np.zeros(n), np.zeros(n)
         means[model.classes[values]] = cls_mean[contrast[values]]
@@ -285,16 +308,19 @@ def draw_contrast(model: IntensityModel, rng: np.random.Generator, t1_probabilit
 
 def synthesize(labels: torch.Tensor, model: IntensityModel, rng: np.random.Generator, *,
                t1_probability: float = 0.3, contrast: tuple[np.ndarray, np.ndarray] | None = None,
-               bright_fat: float = 0.0, soft_grey: float = 0.0) -> torch.Tensor:
+               bright_fat: float = 0.0, soft_grey: float = 0.0, wild_head: float = 0.0) -> torch.Tensor:
     """A random-contrast image ``(1, 1, *S)`` float32 in ``0..1`` from label values ``(1, 1, *S)``.
 
     ``contrast``: class means and stds from :func:`draw_contrast` (to give two images the same
-    contrast); default a new draw (``t1_probability``, ``bright_fat``, ``soft_grey`` as there). Blur, bias field,
+    contrast); default a new draw (``t1_probability``, ``bright_fat``, ``soft_grey``, ``wild_head`` as there).
+    Blur, bias field,
     gamma and noise are always drawn anew.
     """
     device = labels.device
     classes = torch.from_numpy(model.classes).to(device)[labels.clamp(0, 1023)]
-    means, stds = contrast if contrast is not None else draw_contrast(model, rng, t1_probability, bright_fat, soft_grey)
+    if contrast is None:
+        contrast = draw_contrast(model, rng, t1_probability, bright_fat, soft_grey, wild_head)
+    means, stds = contrast
     mean_t = torch.from_numpy(means.astype(np.float32)).to(device)[classes]
     std_t = torch.from_numpy(stds.astype(np.float32)).to(device)[classes]
     gen = torch.Generator(device="cpu").manual_seed(int(rng.integers(2**62)))

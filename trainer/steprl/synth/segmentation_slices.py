@@ -124,6 +124,8 @@ class SynthSegSliceSource:
             T1 scans (:func:`steprl.synth.from_labels.draw_contrast`; default 0).
         soft_grey: share of the T1-like volumes whose grey matter is brought toward white matter, as
             flat as in real T1 scans (``draw_contrast``; default 0).
+        wild_head: share of the T1-like volumes whose scalp, skull, muscle and eyes get random levels, so
+            the head around the brain does not move the white-matter border (``draw_contrast``; default 0).
         match_levels: grey / white ratio every T1-like volume is remapped to, as inference remaps a
             user's scan (:mod:`steprl.segmentation.tissue_levels`; here the levels are read around and
             inside the TRUE white matter); 0 = off. Why: SynthSeg's T1 priors spread the ratio over
@@ -137,7 +139,7 @@ class SynthSegSliceSource:
                  max_train_subjects: int | None = None, validation: int = 3, test: int = 3,
                  fov_mm: Sequence[float] = FOV_MM, rotation_deg: float = 12.0,
                  strip_probability: float = 0.3, bright_fat: float = 0.0, soft_grey: float = 0.0,
-                 match_levels: float = 0.0) -> None:
+                 wild_head: float = 0.0, match_levels: float = 0.0) -> None:
         from steprl.synth.from_labels import IntensityModel
         from steprl.synth.synthseg import WHITE_MATTER, list_label_maps, split_subjects
 
@@ -152,8 +154,9 @@ class SynthSegSliceSource:
         self.volumes_per_batch = int(volumes_per_batch)
         self.t1_probability = float(t1_probability)
         self.strip_probability = float(strip_probability)
-        self.bright_fat, self.soft_grey = float(bright_fat), float(soft_grey)
-        for name, share in (("bright-fat", self.bright_fat), ("soft-grey", self.soft_grey)):
+        self.bright_fat, self.soft_grey, self.wild_head = float(bright_fat), float(soft_grey), float(wild_head)
+        for name, share in (("bright-fat", self.bright_fat), ("soft-grey", self.soft_grey),
+                            ("wild-head", self.wild_head)):
             if not 0 <= share <= 1:
                 raise InputError(f"--synth-{name} must be a share in [0, 1], got {share}.",
                                  f"Use e.g. --synth-{name} 0.5.")
@@ -186,7 +189,7 @@ class SynthSegSliceSource:
             "licence": SYNTHSEG_LICENCE,
         }
         # only when used: runs started before an option still resume
-        for key in ("bright_fat", "soft_grey", "match_levels"):
+        for key in ("bright_fat", "soft_grey", "wild_head", "match_levels"):
             if getattr(self, key) > 0:
                 self.description[key] = getattr(self, key)
 
@@ -210,7 +213,8 @@ class SynthSegSliceSource:
             resampled = skull_strip(resampled)
         probability = self.t1_probability if t1 is None else float(bool(t1))
         image = synthesize(resampled, self.intensity, rng, t1_probability=probability,
-                           bright_fat=self.bright_fat, soft_grey=self.soft_grey)[0, 0].numpy()
+                           bright_fat=self.bright_fat, soft_grey=self.soft_grey,
+                           wild_head=self.wild_head)[0, 0].numpy()
         values = resampled[0, 0].numpy()
         obj = np.isin(values, self.label_values)
         return self._matched(normalise_percentile(image), obj), obj
