@@ -125,22 +125,35 @@ def render(record: dict) -> str:
 
 
 def plot(record: dict, path: Path) -> None:
+    """The validation curves of every run end to end: one colour per run, solid = Dice after the last
+    step, dotted = after step 1, dashed black = the identity (registration). The run legend sits
+    beside the axes in as many columns as it needs, so the curves stay visible with 20+ runs."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    offset = 0
-    for run in record["runs"]:
+    runs = record["runs"]
+    columns = max(1, math.ceil(len(runs) / 18))
+    fig, ax = plt.subplots(figsize=(7 + 2.6 * columns, 4))
+    colours = plt.get_cmap("tab20")
+    offset, handles = 0, []
+    for k, run in enumerate(runs):
         x = [offset + p["updates"] for p in run["curve"]]
+        colour = colours(k % 20)
         for key, style in (("dice_final", "-"), ("dice_step1", ":")):
-            ax.plot(x, [p.get(key, math.nan) for p in run["curve"]], style, label=f"{run['run']} {key}")
+            ax.plot(x, [p.get(key, math.nan) for p in run["curve"]], style, color=colour, lw=1)
         ax.plot(x, [p.get("dice_identity", math.nan) for p in run["curve"]], "k--", lw=0.8)
+        handles.append(Line2D([], [], color=colour, lw=2, label=run["run"]))
         offset += run["updates"]
+    styles = [Line2D([], [], color="grey", ls="-", label="after the last step"),
+              Line2D([], [], color="grey", ls=":", label="after step 1")]
+    ax.add_artist(ax.legend(handles=styles, fontsize=7, loc="lower right"))
+    ax.legend(handles=handles, fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=columns,
+              frameon=False)
     ax.set_xlabel("optimiser updates (cumulative over runs)")
     ax.set_ylabel("validation Dice (held-out subjects)")
-    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
