@@ -149,6 +149,8 @@ def plot(record: dict, path: Path) -> None:
         offset += run["updates"]
     styles = [Line2D([], [], color="grey", ls="-", label="after the last step"),
               Line2D([], [], color="grey", ls=":", label="after step 1")]
+    if any("dice_identity" in point for run in runs for point in run["curve"]):
+        styles.append(Line2D([], [], color="k", ls="--", lw=0.8, label="identity (no warp)"))
     ax.add_artist(ax.legend(handles=styles, fontsize=7, loc="lower right"))
     ax.legend(handles=handles, fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=columns,
               frameon=False)
