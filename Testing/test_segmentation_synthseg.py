@@ -165,10 +165,9 @@ def test_wild_head_option_reaches_the_source_and_its_card(synthseg, tmp_path):
     from steprl.segmentation.training import build_source
     from steprl.synth.segmentation_slices import SynthSegSliceSource
 
-    args = build_parser().parse_args(["train", "segmentation", "--synthseg", str(synthseg),
-                                      "--out", str(tmp_path / "r"), "--size", "32", "32", "--synth-subjects", "1",
-                                      "--val-slices", "2",
-                                      "--synth-wild-head", "0.5"])
+    command = ["train", "segmentation", "--synthseg", str(synthseg), "--out", str(tmp_path / "r"), "--size", "32", "32",
+               "--synth-subjects", "1", "--val-slices", "2", "--synth-wild-head", "0.5"]
+    args = build_parser().parse_args(command)
     source = build_source(args)
     assert source.wild_head == 0.5 and source.description["wild_head"] == 0.5
     plain = SynthSegSliceSource(synthseg, (32, 32), max_train_subjects=1, validation=1, val_slices=2)

@@ -139,8 +139,7 @@ def _add_train(tsub, add_common) -> None:
                         "(grey/white intensity 0.60 -> up to 0.82), as flat as real T1 scans (default 0; e.g. 0.5)")
     r.add_argument("--synth-wild-head", type=float, default=0.0, metavar="P",
                    help="--synthseg: share of T1-like volumes whose scalp, skull, muscle and eyes get random levels "
-                        "(0-1.8x white matter), so the head around the brain does not move the border (default 0; "
-                        "e.g. 0.5)")
+                        "(0-1.8x white matter), unrelated to the brain's (default 0; e.g. 0.5)")
     r.add_argument("--synth-match-levels", type=float, default=0.0, metavar="RATIO",
                    help="--synthseg: remap every T1-like volume to this grey / white ratio, as segment then remaps "
                         "each scan (the card records it; default 0 = off; e.g. 0.6)")

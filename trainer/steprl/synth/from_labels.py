@@ -207,6 +207,12 @@ EXTRACEREBRAL_FROM = 500
 _WHITE_MATTER = 2
 
 
+def _extracerebral_classes(model: IntensityModel) -> np.ndarray:
+    """The T1 contrast classes of the extra-cerebral generation labels (skull, scalp, fat, muscle, eyes...)."""
+    values = np.flatnonzero(model.classes)
+    return np.unique(model.contrast_class[values[values >= EXTRACEREBRAL_FROM]])
+
+
 def _brighten_fat(cls_mean: np.ndarray, model: IntensityModel, rng: np.random.Generator) -> None:
     """Make 1-3 random extra-cerebral T1 classes 1.1-1.8x as bright as white matter, in place.
 
@@ -216,8 +222,7 @@ def _brighten_fat(cls_mean: np.ndarray, model: IntensityModel, rng: np.random.Ge
     put it; a model trained on them found 19 % of Colin27's white matter (Dice 0.28), and 82 %
     (0.66) once the scalp was clipped to the brain's range.
     """
-    values = np.flatnonzero(model.classes)
-    extra = np.unique(model.contrast_class[values[values >= EXTRACEREBRAL_FROM]])
+    extra = _extracerebral_classes(model)
     if extra.size == 0:
         return
     chosen = rng.choice(extra, size=min(extra.size, int(rng.integers(1, 4))), replace=False)
@@ -234,11 +239,11 @@ def _randomise_head(cls_mean: np.ndarray, model: IntensityModel, rng: np.random.
     Why (issue 12): SynthSeg's T1 priors (and :func:`_brighten_fat`) fix how scalp, skull, muscle
     and eyes look relative to the brain; scanners and sequences do not. Continuing the bundled
     model's training made it more inclusive on Colin27's whole head only (not on the same brain
-    extracted): the head around the brain moved its border. With the head's contrast unrelated
-    to the brain's, the brain alone must decide it.
+    extracted); with the head's contrast unrelated to the brain's, only the brain can tell where
+    white matter is. Measured (run w20, 500 updates at share 0.5): the synthetic heads gained
+    (0.872 -> 0.881), the real rows held (0.913 -> 0.911), whole-head Colin27 did not come back (0.798).
     """
-    values = np.flatnonzero(model.classes)
-    extra = np.unique(model.contrast_class[values[values >= EXTRACEREBRAL_FROM]])
+    extra = _extracerebral_classes(model)
     wm = cls_mean[model.contrast_class[_WHITE_MATTER]]
     cls_mean[extra] = wm * rng.uniform(*HEAD_RANGE, size=extra.size)
 
@@ -313,8 +318,7 @@ def synthesize(labels: torch.Tensor, model: IntensityModel, rng: np.random.Gener
 
     ``contrast``: class means and stds from :func:`draw_contrast` (to give two images the same
     contrast); default a new draw (``t1_probability``, ``bright_fat``, ``soft_grey``, ``wild_head`` as there).
-    Blur, bias field,
-    gamma and noise are always drawn anew.
+    Blur, bias field, gamma and noise are always drawn anew.
     """
     device = labels.device
     classes = torch.from_numpy(model.classes).to(device)[labels.clamp(0, 1023)]

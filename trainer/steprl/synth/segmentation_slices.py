@@ -124,8 +124,8 @@ class SynthSegSliceSource:
             T1 scans (:func:`steprl.synth.from_labels.draw_contrast`; default 0).
         soft_grey: share of the T1-like volumes whose grey matter is brought toward white matter, as
             flat as in real T1 scans (``draw_contrast``; default 0).
-        wild_head: share of the T1-like volumes whose scalp, skull, muscle and eyes get random levels, so
-            the head around the brain does not move the white-matter border (``draw_contrast``; default 0).
+        wild_head: share of the T1-like volumes whose scalp, skull, muscle and eyes get random levels,
+            unrelated to the brain's (``draw_contrast``; default 0).
         match_levels: grey / white ratio every T1-like volume is remapped to, as inference remaps a
             user's scan (:mod:`steprl.segmentation.tissue_levels`; here the levels are read around and
             inside the TRUE white matter); 0 = off. Why: SynthSeg's T1 priors spread the ratio over
