@@ -137,11 +137,11 @@ def plot(record: dict, path: Path) -> None:
     runs = record["runs"]
     columns = max(1, math.ceil(len(runs) / 18))
     fig, ax = plt.subplots(figsize=(7 + 2.6 * columns, 4))
-    colours = plt.get_cmap("tab20")
+    colours = [*plt.get_cmap("tab20").colors, *plt.get_cmap("tab20b").colors]  # 40 before one repeats
     offset, handles = 0, []
     for k, run in enumerate(runs):
         x = [offset + p["updates"] for p in run["curve"]]
-        colour = colours(k % 20)
+        colour = colours[k % len(colours)]
         for key, style in (("dice_final", "-"), ("dice_step1", ":")):
             ax.plot(x, [p.get(key, math.nan) for p in run["curve"]], style, color=colour, lw=1)
         ax.plot(x, [p.get("dice_identity", math.nan) for p in run["curve"]], "k--", lw=0.8)
