@@ -77,6 +77,19 @@ def test_skull_strip_keeps_only_brain_labels():
     assert all(v in BRAIN_STRUCTURES or v == 0 for v in stripped)
 
 
+def test_skull_strip_with_a_margin_keeps_a_rim_of_that_width_in_millimetres():
+    """An imperfect extraction: non-brain labels within the margin (Euclidean, in mm) stay, the rest go."""
+    from steprl.synth.segmentation_slices import skull_strip
+
+    labels = torch.full((1, 1, 1, 9, 21), 165)  # scalp everywhere ...
+    labels[..., 4, 10] = 2  # ... around one white-matter voxel
+    rim = skull_strip(labels, margin_mm=4.0, spacing_mm=2.0)[0, 0, 0]
+    kept = torch.nonzero(rim).tolist()
+    assert [4, 10] in kept and [4, 12] in kept and [3, 11] in kept  # 4 mm and sqrt(8) mm away
+    assert [4, 13] not in kept and [2, 12] not in kept  # 6 mm and sqrt(32) mm away
+    assert torch.equal(skull_strip(labels, 0.0, 2.0), skull_strip(labels))  # no margin: the brain alone
+
+
 @pytest.mark.parametrize("method", ["pixeldrl", "unet"])
 def test_cli_trains_on_synthseg_and_the_model_segments_a_volume(synthseg, source, method, tmp_path, capsys):
     from steprl.cli import main
@@ -174,3 +187,39 @@ def test_wild_head_option_reaches_the_source_and_its_card(synthseg, tmp_path):
     assert "wild_head" not in plain.description  # runs started before the option still resume
     with pytest.raises(InputError, match="wild-head"):
         SynthSegSliceSource(synthseg, (32, 32), max_train_subjects=1, validation=1, wild_head=1.5)
+
+
+def test_strip_options_reach_the_source_and_draw_rims_of_random_width(synthseg, tmp_path, monkeypatch):
+    """--synth-strip and --synth-strip-margin reach the slice source and its description (recorded in the
+    card; the margin only when used, so earlier runs still resume); stripped volumes keep a rim of random
+    width around the brain, wider than brain-only stripping leaves; out-of-range values are refused."""
+    from steprl.cli import build_parser
+    from steprl.errors import InputError
+    from steprl.segmentation.training import build_source
+    from steprl.synth.segmentation_slices import SynthSegSliceSource
+
+    command = ["train", "segmentation", "--synthseg", str(synthseg), "--out", str(tmp_path / "r"), "--size", "32", "32",
+               "--synth-subjects", "1", "--val-slices", "2", "--synth-strip", "1", "--synth-strip-margin", "20"]
+    source = build_source(build_parser().parse_args(command))
+    assert source.strip_probability == 1.0 and source.description["strip_margin_mm"] == 20.0
+    brain_only = SynthSegSliceSource(synthseg, (32, 32), max_train_subjects=1, validation=1, val_slices=2,
+                                     strip_probability=1.0)
+    assert "strip_margin_mm" not in brain_only.description
+    from steprl.synth import segmentation_slices
+
+    kept, original = [], segmentation_slices.skull_strip
+
+    def spy(labels, margin_mm=0.0, spacing_mm=1.0):
+        stripped = original(labels, margin_mm, spacing_mm)
+        kept.append((margin_mm, int((stripped > 0).sum()), int((original(labels) > 0).sum())))
+        return stripped
+
+    monkeypatch.setattr(segmentation_slices, "skull_strip", spy)
+    for k in range(4):
+        source.synth_volume(source.train_labels[0], np.random.default_rng(k), spacing=7.0)
+    margins = [m for m, _, _ in kept]
+    assert len(kept) == 4 and all(0 <= m <= 20 for m in margins) and max(margins) - min(margins) > 2
+    assert all(rim >= alone for _, rim, alone in kept) and any(rim > alone * 1.1 for _, rim, alone in kept), kept
+    for bad in ({"strip_margin_mm": -1.0}, {"strip_margin_mm": 100.0}, {"strip_probability": 1.5}):
+        with pytest.raises(InputError, match="synth-strip"):
+            SynthSegSliceSource(synthseg, (32, 32), max_train_subjects=1, validation=1, val_slices=2, **bad)

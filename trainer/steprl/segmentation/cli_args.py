@@ -140,6 +140,12 @@ def _add_train(tsub, add_common) -> None:
     r.add_argument("--synth-wild-head", type=float, default=0.0, metavar="P",
                    help="--synthseg: share of T1-like volumes whose scalp, skull, muscle and eyes get random levels "
                         "(0-1.8x white matter), unrelated to the brain's (default 0; e.g. 0.5)")
+    r.add_argument("--synth-strip", type=float, default=0.3, metavar="P",
+                   help="--synthseg: share of volumes synthesised brain-extracted, as MNI152 and BET outputs are "
+                        "(default 0.3)")
+    r.add_argument("--synth-strip-margin", type=float, default=0.0, metavar="MM",
+                   help="--synthseg: a brain-extracted volume keeps a rim of dura, skull and scalp drawn uniform in "
+                        "0-MM mm, as real extractions do (default 0: the brain alone; e.g. 15)")
     r.add_argument("--synth-match-levels", type=float, default=0.0, metavar="RATIO",
                    help="--synthseg: remap every T1-like volume to this grey / white ratio, as segment then remaps "
                         "each scan (the card records it; default 0 = off; e.g. 0.6)")

@@ -39,7 +39,8 @@ def build_source(args):
                                    volumes_per_batch=args.synth_volumes, max_train_subjects=args.synth_subjects,
                                    t1_probability=args.synth_t1, bright_fat=args.synth_bright_fat,
                                    soft_grey=args.synth_soft_grey, wild_head=args.synth_wild_head,
-                                   match_levels=args.synth_match_levels)
+                                   match_levels=args.synth_match_levels, strip_probability=args.synth_strip,
+                                   strip_margin_mm=args.synth_strip_margin)
     if args.synthetic:
         if len(args.synthetic) != 2:
             raise InputError(f"--synthetic takes 2 values (H W), got {len(args.synthetic)}.", "E.g. --synthetic 64 64.")

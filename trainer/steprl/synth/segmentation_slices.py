@@ -18,7 +18,8 @@ How a batch is made (:meth:`SynthSegSliceSource.sample`):
    resample the label map onto a ``(Dz, *size)`` grid of that spacing through a random affine
    and elastic transform (:func:`steprl.synth.from_labels.random_resample`, rotations up to
    ``rotation_deg``: real scans are not pre-aligned);
-3. with probability ``strip_probability`` remove everything but the brain (:func:`skull_strip`),
+3. with probability ``strip_probability`` remove everything but the brain (:func:`skull_strip`;
+   with ``strip_margin_mm``, everything beyond a random rim around it),
    synthesise the intensity volume (:func:`steprl.synth.from_labels.synthesize`) and normalise the
    WHOLE volume by its 0.5 / 99.5 percentiles, exactly as inference does
    (:func:`steprl.preprocess.normalise_percentile`);
@@ -74,17 +75,41 @@ def spatial_augment(rotation_deg: float = 12.0):
     return SpatialAugment(rotation_deg=rotation_deg, scaling=0.08, shear=0.03, shift_mm=8.0, elastic_mm=3.0)
 
 
-def skull_strip(labels: torch.Tensor) -> torch.Tensor:
-    """``labels`` with every value outside the brain structures (and CSF) set to 0 (background).
+def skull_strip(labels: torch.Tensor, margin_mm: float = 0.0, spacing_mm: float = 1.0) -> torch.Tensor:
+    """``labels`` with every value outside the brain structures (and CSF) set to 0 (background), or,
+    with ``margin_mm`` > 0, every value farther than that from them: an imperfect brain extraction.
 
     Why: many scans users segment are skull-stripped (as the MNI152 template nilearn ships is),
-    so a share of the training volumes shows a brain on a dark background.
+    so a share of the training volumes shows a brain on a dark background; real extractions
+    (BET, a template's mask) leave a rim of dura, skull or scalp of varying width, and with only
+    the two extremes in training the cortex's surroundings become a cue the network leans on.
+
+    Args:
+        labels: FreeSurfer label values, any shape (``(1, 1, D, H, W)`` in training).
+        margin_mm: width (mm) of the rim of non-brain labels kept around the brain; 0 = none.
+        spacing_mm: voxel size (mm) of ``labels``' grid (isotropic), to measure the margin.
     """
     from steprl.synth.synthseg import BRAIN_STRUCTURES
 
     keep = torch.zeros(1024, dtype=torch.bool)
     keep[list(BRAIN_STRUCTURES)] = True
-    return torch.where(keep[labels.clamp(0, 1023)], labels, torch.zeros_like(labels))
+    inside = keep[labels.clamp(0, 1023)]
+    if margin_mm > 0:
+        inside = _within(inside, margin_mm, spacing_mm)
+    return torch.where(inside, labels, torch.zeros_like(labels))
+
+
+def _within(mask: torch.Tensor, margin_mm: float, spacing_mm: float) -> torch.Tensor:
+    """``mask`` (bool, any shape with at most 3 non-singleton axes) grown by ``margin_mm`` (Euclidean
+    distance on a grid of ``spacing_mm``), via SimpleITK's exact signed Maurer distance map."""
+    import SimpleITK as sitk
+
+    volume = mask.squeeze().numpy().astype(np.uint8)
+    image = sitk.GetImageFromArray(volume)
+    image.SetSpacing([float(spacing_mm)] * image.GetDimension())
+    distance = sitk.SignedMaurerDistanceMap(image, insideIsPositive=False, squaredDistance=False, useImageSpacing=True)
+    grown = torch.from_numpy(sitk.GetArrayFromImage(distance) <= margin_mm)
+    return grown.reshape(mask.shape)
 
 
 @functools.lru_cache(maxsize=32)
@@ -120,6 +145,8 @@ class SynthSegSliceSource:
         fov_mm: range of the in-plane field of view of a training slice.
         rotation_deg: random rotation range of the spatial augmentation.
         strip_probability: share of volumes synthesised skull-stripped (:func:`skull_strip`).
+        strip_margin_mm: the rim of non-brain tissue a stripped volume keeps is drawn uniform in
+            ``[0, strip_margin_mm]`` mm (imperfect extractions; default 0: the brain alone, no draw).
         bright_fat: share of the T1-like volumes whose fat is brighter than white matter, as in real
             T1 scans (:func:`steprl.synth.from_labels.draw_contrast`; default 0).
         soft_grey: share of the T1-like volumes whose grey matter is brought toward white matter, as
@@ -139,7 +166,7 @@ class SynthSegSliceSource:
                  max_train_subjects: int | None = None, validation: int = 3, test: int = 3,
                  fov_mm: Sequence[float] = FOV_MM, rotation_deg: float = 12.0,
                  strip_probability: float = 0.3, bright_fat: float = 0.0, soft_grey: float = 0.0,
-                 wild_head: float = 0.0, match_levels: float = 0.0) -> None:
+                 wild_head: float = 0.0, match_levels: float = 0.0, strip_margin_mm: float = 0.0) -> None:
         from steprl.synth.from_labels import IntensityModel
         from steprl.synth.synthseg import WHITE_MATTER, list_label_maps, split_subjects
 
@@ -154,9 +181,13 @@ class SynthSegSliceSource:
         self.volumes_per_batch = int(volumes_per_batch)
         self.t1_probability = float(t1_probability)
         self.strip_probability = float(strip_probability)
+        self.strip_margin_mm = float(strip_margin_mm)
+        if not 0 <= self.strip_margin_mm <= 60:
+            raise InputError(f"--synth-strip-margin must be 0-60 mm, got {strip_margin_mm}.",
+                             "Use e.g. --synth-strip-margin 15, or 0 for brain-only stripping.")
         self.bright_fat, self.soft_grey, self.wild_head = float(bright_fat), float(soft_grey), float(wild_head)
         for name, share in (("bright-fat", self.bright_fat), ("soft-grey", self.soft_grey),
-                            ("wild-head", self.wild_head)):
+                            ("wild-head", self.wild_head), ("strip", self.strip_probability)):
             if not 0 <= share <= 1:
                 raise InputError(f"--synth-{name} must be a share in [0, 1], got {share}.",
                                  f"Use e.g. --synth-{name} 0.5.")
@@ -189,7 +220,7 @@ class SynthSegSliceSource:
             "licence": SYNTHSEG_LICENCE,
         }
         # only when used: runs started before an option still resume
-        for key in ("bright_fat", "soft_grey", "wild_head", "match_levels"):
+        for key in ("bright_fat", "soft_grey", "wild_head", "match_levels", "strip_margin_mm"):
             if getattr(self, key) > 0:
                 self.description[key] = getattr(self, key)
 
@@ -210,7 +241,8 @@ class SynthSegSliceSource:
         shape = (depth, *self.size)
         resampled = random_resample(labels[None, None], self.spacing, shape, spacing, rng, self.augment)
         if rng.random() < self.strip_probability:
-            resampled = skull_strip(resampled)
+            margin = float(rng.uniform(0, self.strip_margin_mm)) if self.strip_margin_mm else 0.0
+            resampled = skull_strip(resampled, margin, spacing)
         probability = self.t1_probability if t1 is None else float(bool(t1))
         image = synthesize(resampled, self.intensity, rng, t1_probability=probability,
                            bright_fat=self.bright_fat, soft_grey=self.soft_grey,
