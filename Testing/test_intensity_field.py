@@ -101,3 +101,27 @@ def test_on_a_flat_contrast_scan_a_field_of_seven_per_cent_is_flattened():
     truth, plain, flattened = _borders_of_a_biased_ball(0.9, 0.81, 0.005, 0.13, seed=5)
     assert MIN_SPAN < flattened.field_span < 0.08 and flattened.field_applied
     assert dice(flattened.mask, truth) > 0.99 and dice(plain.mask, truth) < 0.93
+
+
+def test_a_field_the_surroundings_do_not_share_is_not_divided_out(monkeypatch):
+    """White matter's own level rising 25 % from one side to the other over a flat grey: that is no coil's bias
+    (a bias multiplies every tissue), and dividing the whole image by it lifts the grey on the dark side over
+    the midpoint. The grey ring's field is flat, so the border leaves the image as it is (the synthetic head
+    ``s20-t1-d4``: white field 41 %, grey 11 %, Dice 0.584 flattened, 0.828 not). The biased ball above, whose
+    grey shares the field, is still flattened."""
+    import steprl.segmentation.border as border
+
+    truth = ball(SHAPE, 15.0)
+    white = 0.85 * (1 + 0.25 * np.linspace(-1, 1, SHAPE[0]))[:, None, None]
+    image = partial_volume_image(truth, 1.0, 0.0, np.random.default_rng(6), noise=0.0)  # the object's share
+    image = (0.6 + (white - 0.6) * image + np.random.default_rng(7).normal(0, 0.01, SHAPE)).astype(np.float32)
+    over = ball(SHAPE, 16.5)
+    guarded = native_border(image, over, (2, 2, 2))
+    assert guarded.field_span > 3 * MIN_SPAN and not guarded.field_applied
+    assert guarded.surround_span is not None and guarded.surround_span < border.SHARED_SPAN * guarded.field_span
+    _, _, biased = _borders_of_a_biased_ball(0.85, 0.65, 0.01, 0.25, seed=3)
+    assert biased.field_applied and biased.surround_span >= border.SHARED_SPAN * biased.field_span
+    monkeypatch.setattr(border, "SHARED_SPAN", 0.0)
+    unguarded = native_border(image, over, (2, 2, 2))
+    assert unguarded.field_applied
+    assert dice(guarded.mask, truth) > 0.95 and dice(guarded.mask, truth) > dice(unguarded.mask, truth) + 0.05

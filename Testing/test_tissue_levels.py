@@ -118,9 +118,9 @@ def test_ring_stays_within_the_slices_of_the_mask():
 def test_ring_growth_is_the_neighbour_cross_without_scipy():
     """The ring grows by the 6-neighbour cross per iteration (numpy only: Slicer has no scipy): one voxel
     grown twice covers the 25-voxel octahedron in 3D, 13 voxels within its slice."""
-    from steprl.segmentation.tissue_levels import _grown
+    from steprl.segmentation.tissue_levels import grown
 
     point = np.zeros((7, 7, 7), dtype=bool)
     point[3, 3, 3] = True
-    assert _grown(point, 2, [0, 1, 2]).sum() == 25
-    assert _grown(point, 2, [1, 2]).sum() == 13 and _grown(point, 2, [1, 2])[[2, 4]].sum() == 0
+    assert grown(point, 2, [0, 1, 2]).sum() == 25
+    assert grown(point, 2, [1, 2]).sum() == 13 and grown(point, 2, [1, 2])[[2, 4]].sum() == 0

@@ -16,7 +16,14 @@ The rule (:func:`native_border`):
 - **bias**: when the object's own smooth intensity field (:mod:`steprl.segmentation.intensity_field`,
   a quadratic fitted to the mask's core) spans more than ``MIN_SPAN`` of its level, the image is
   divided by it first and the levels are read again: one midpoint then holds across the volume
-  (synthetic T1 heads with SynthSeg's bias fields 0.880 -> 0.901; unchanged on bias-free scans);
+  (synthetic T1 heads with SynthSeg's bias fields 0.880 -> 0.901; unchanged on bias-free scans).
+  Only when the grey matter around shares it (:data:`SHARED_SPAN`: its ring's field, fitted the
+  same way, spans at least half as much): a bias multiplies every tissue, so a white-matter field
+  alone is the policy mask's shape. On ``synth-s20-t1-d4`` (white field 41 %, grey 11 %; a policy
+  that missed white matter on one side) dividing by it took the border from 0.828 to 0.584; no other
+  of the 22 cases of ``results/compare_segmentation_draws_cpu.md`` and the noise report, nor 17 new
+  ones (five more draws of each held-out subject, MNI152 as a subject's scan at grey / white 0.80 and
+  0.95; the bundled model's masks), comes below 0.7 of its white field, so nothing else changed;
 - **noise**: when the image's noise, measured in the mask's core, exceeds
   :data:`~steprl.segmentation.denoise.NOISE_TARGET` of the gap between the two levels (one subject's
   scan, not a template), the image is smoothed just enough to bring it there and the levels are
@@ -89,6 +96,11 @@ ATTACH_MM = 4.0
 #: Pieces of at least this share of the largest are main pieces, kept wherever they lie (two
 #: hemispheres the policy left unjoined); the cerebellar white matter's pieces are 1-3 %.
 MAIN_SHARE = 0.25
+#: A bias field multiplies every tissue: the object's field is divided out only when the field of its
+#: surroundings (the levels' ring, fitted the same way) spans at least this share of it. A field the
+#: grey matter around does not share is the policy mask's shape (white matter it missed on one side,
+#: grey matter it took on another), not a coil's bias.
+SHARED_SPAN = 0.5
 #: Smallest level difference (on the 0..1 percentile-normalised scale) the rule acts on: below it
 #: the object is not brighter or darker than its surroundings, and the policy's mask is kept.
 MIN_CONTRAST = 0.05
@@ -104,6 +116,8 @@ class BorderResult:
     ``field_span``: the span of the object's fitted intensity field (None: not fitted);
     ``field_applied``: whether the image was divided by it before the rule
     (:mod:`steprl.segmentation.intensity_field`); levels and threshold are then on the flattened image.
+    ``surround_span``: the span of the surroundings' field, fitted when the object's spans enough to be
+    divided out (None: not fitted); below :data:`SHARED_SPAN` of ``field_span`` it is not divided out.
     ``noise_ratio``: the image's noise over the gap between the levels (None: not measured);
     ``smoothing``: the Gaussian sigma (voxels) the image was smoothed by before the rule, 0 for none
     (:mod:`steprl.segmentation.denoise`).
@@ -118,6 +132,7 @@ class BorderResult:
     field_applied: bool = False
     noise_ratio: float | None = None
     smoothing: float = 0.0
+    surround_span: float | None = None
 
     @property
     def applied(self) -> bool:
@@ -228,7 +243,11 @@ def _border_in_box(normalised: np.ndarray, mask: np.ndarray, band: tuple[int, ..
     core = mask & ~grown_box(~mask, (1,) * mask.ndim)
     field = _object_field(normalised, core, levels, fraction, field_order)
     span = None if field is None else field.span
-    flattened = field is not None and field.span > intensity_field.MIN_SPAN
+    surround = None
+    if field is not None and field.span > intensity_field.MIN_SPAN:
+        surround = _surroundings_span(normalised, mask, levels, field_order)
+    flattened = span is not None and span > intensity_field.MIN_SPAN and (
+        surround is None or surround >= SHARED_SPAN * span)
     if flattened:
         normalised = field.divide(normalised)
         levels = tissue_levels.tissue_levels(normalised, mask)
@@ -238,11 +257,11 @@ def _border_in_box(normalised: np.ndarray, mask: np.ndarray, band: tuple[int, ..
         levels = tissue_levels.tissue_levels(normalised, mask)
     if levels is None:
         return BorderResult(mask, None, None, band, "the mask (or the ring around it) is too small", span, flattened,
-                            ratio, sigma)
+                            ratio, sigma, surround)
     around, inside = levels
     if abs(inside - around) < MIN_CONTRAST:
         why = f"the object is not brighter or darker than its surroundings ({inside:.2f} vs {around:.2f})"
-        return BorderResult(mask, levels, None, band, why, span, flattened, ratio, sigma)
+        return BorderResult(mask, levels, None, band, why, span, flattened, ratio, sigma, surround)
     threshold = around + fraction * (inside - around)
     limit = inside + BEYOND * (inside - around)
     if inside > around:
@@ -252,7 +271,7 @@ def _border_in_box(normalised: np.ndarray, mask: np.ndarray, band: tuple[int, ..
     decided = np.where(border_band(mask, band), object_side, mask) & plausible
     if reach is not None:
         decided = keep_attached(decided, reach)
-    return BorderResult(decided, levels, float(threshold), band, "", span, flattened, ratio, sigma)
+    return BorderResult(decided, levels, float(threshold), band, "", span, flattened, ratio, sigma, surround)
 
 
 def _object_field(normalised: np.ndarray, core: np.ndarray, levels: tuple[float, float] | None, fraction: float,
@@ -265,6 +284,17 @@ def _object_field(normalised: np.ndarray, core: np.ndarray, levels: tuple[float,
         return None
     around, inside = levels
     return intensity_field.fit_field(normalised, core, order, threshold=around + fraction * (inside - around))
+
+
+def _surroundings_span(normalised: np.ndarray, mask: np.ndarray, levels: tuple[float, float], order: int
+                       ) -> float | None:
+    """The span of the intensity field of the object's surroundings: the ring the levels are read in
+    (:data:`~steprl.segmentation.tissue_levels.RING_VOXELS` around ``mask``, in 3D), without what is
+    darker than half their level (CSF, background), fitted as the object's field is; None: too few
+    voxels."""
+    ring = tissue_levels.grown(mask, tissue_levels.RING_VOXELS, list(range(mask.ndim))) & ~mask
+    field = intensity_field.fit_field(normalised, ring & (normalised > 0.5 * levels[0]), order)
+    return None if field is None else field.span
 
 
 def _noise(normalised: np.ndarray, core: np.ndarray, levels: tuple[float, float] | None,

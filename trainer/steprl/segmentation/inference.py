@@ -395,6 +395,16 @@ def border_enabled(model: LoadedSegmenter, border: bool = True) -> bool:
     return bool(border) and bool(model.card.get("inference", {}).get("border"))
 
 
+def _field_outcome(done) -> str:
+    """How the border treated the white-matter field, for the log (``done``: a ``BorderResult``)."""
+    if done.field_applied:
+        return "flattened"
+    if done.surround_span is None:
+        return "below the threshold: not applied"
+    return (f"the grey matter around shares only {100 * done.surround_span:.1f} %: the mask's shape, not a bias; "
+            "not applied")
+
+
 def _bordered(image: Image, mask: np.ndarray, case: CaseSlices, settings: dict | bool,
               normalised: np.ndarray | None = None) -> np.ndarray:
     """The last policy ``mask`` (uint8, the image's shape) with its border re-decided at the image's
@@ -423,8 +433,7 @@ def _bordered(image: Image, mask: np.ndarray, case: CaseSlices, settings: dict |
     done = native_border(normalised, mask != 0, band, fraction, reach, int(settings.get("field_order", FIELD_ORDER)),
                          float(settings.get("noise_target", NOISE_TARGET)))
     if done.field_span is not None:
-        log.info("border: white-matter intensity field spans %.1f %% (%s)", 100 * done.field_span,
-                 "flattened" if done.field_applied else "below the threshold: not applied")
+        log.info("border: white-matter intensity field spans %.1f %% (%s)", 100 * done.field_span, _field_outcome(done))
     if done.noise_ratio is not None:
         log.info("border: noise %.0f %% of the grey / white gap, %s", 100 * done.noise_ratio,
                  f"smoothed by {done.smoothing:.2f} voxels" if done.smoothing else "not smoothed")

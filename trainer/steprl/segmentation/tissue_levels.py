@@ -56,13 +56,13 @@ def tissue_levels(normalised: np.ndarray, white_mask: np.ndarray, slice_axis: in
     if white_mask.sum() < MIN_VOXELS:
         return None
     axes = [a for a in range(white_mask.ndim) if a != slice_axis]
-    ring = _grown(white_mask, RING_VOXELS, axes) & ~white_mask
+    ring = grown(white_mask, RING_VOXELS, axes) & ~white_mask
     if ring.sum() < MIN_VOXELS:
         return None
     return float(np.median(normalised[ring])), float(np.median(normalised[white_mask]))
 
 
-def _grown(mask: np.ndarray, iterations: int, axes: list[int]) -> np.ndarray:
+def grown(mask: np.ndarray, iterations: int, axes: list[int]) -> np.ndarray:
     """``mask`` dilated ``iterations`` times by the 6- (4-) neighbour cross along ``axes`` (numpy only:
     Slicer's Python has no scipy)."""
     out = mask.copy()
