@@ -20,10 +20,10 @@ The rule (:func:`native_border`):
   Only when the grey matter around shares it (:data:`SHARED_SPAN`: its ring's field, fitted the
   same way, spans at least half as much): a bias multiplies every tissue, so a white-matter field
   alone is the policy mask's shape. On ``synth-s20-t1-d4`` (white field 41 %, grey 11 %; a policy
-  that missed white matter on one side) dividing by it took the border from 0.828 to 0.584; no other
-  of the 22 cases of ``results/compare_segmentation_draws_cpu.md`` and the noise report, nor 17 new
-  ones (five more draws of each held-out subject, MNI152 as a subject's scan at grey / white 0.80 and
-  0.95; the bundled model's masks), comes below 0.7 of its white field, so nothing else changed;
+  that missed white matter on one side) dividing by it took the border from 0.828 to 0.584; of the
+  56 masks of ``results/compare_segmentation_guard_cpu.md`` (both models) no other changed, nor did
+  any of 17 new cases (five more draws of each held-out subject, MNI152 as a subject's scan at
+  grey / white 0.80 and 0.95; the bundled model), where the grey field spans at least 0.8 of white's;
 - **noise**: when the image's noise, measured in the mask's core, exceeds
   :data:`~steprl.segmentation.denoise.NOISE_TARGET` of the gap between the two levels (one subject's
   scan, not a template), the image is smoothed just enough to bring it there and the levels are
