@@ -196,6 +196,7 @@ def test_strip_options_reach_the_source_and_draw_rims_of_random_width(synthseg, 
     from steprl.cli import build_parser
     from steprl.errors import InputError
     from steprl.segmentation.training import build_source
+    from steprl.synth import segmentation_slices
     from steprl.synth.segmentation_slices import SynthSegSliceSource
 
     command = ["train", "segmentation", "--synthseg", str(synthseg), "--out", str(tmp_path / "r"), "--size", "32", "32",
@@ -205,8 +206,6 @@ def test_strip_options_reach_the_source_and_draw_rims_of_random_width(synthseg, 
     brain_only = SynthSegSliceSource(synthseg, (32, 32), max_train_subjects=1, validation=1, val_slices=2,
                                      strip_probability=1.0)
     assert "strip_margin_mm" not in brain_only.description
-    from steprl.synth import segmentation_slices
-
     kept, original = [], segmentation_slices.skull_strip
 
     def spy(labels, margin_mm=0.0, spacing_mm=1.0):

@@ -244,10 +244,10 @@ def _border_in_box(normalised: np.ndarray, mask: np.ndarray, band: tuple[int, ..
     field = _object_field(normalised, core, levels, fraction, field_order)
     span = None if field is None else field.span
     surround = None
-    if field is not None and field.span > intensity_field.MIN_SPAN:
+    flattened = field is not None and field.span > intensity_field.MIN_SPAN
+    if flattened:
         surround = _surroundings_span(normalised, mask, levels, field_order)
-    flattened = span is not None and span > intensity_field.MIN_SPAN and (
-        surround is None or surround >= SHARED_SPAN * span)
+        flattened = surround is None or surround >= SHARED_SPAN * field.span
     if flattened:
         normalised = field.divide(normalised)
         levels = tissue_levels.tissue_levels(normalised, mask)

@@ -81,8 +81,9 @@ def skull_strip(labels: torch.Tensor, margin_mm: float = 0.0, spacing_mm: float 
 
     Why: many scans users segment are skull-stripped (as the MNI152 template nilearn ships is),
     so a share of the training volumes shows a brain on a dark background; real extractions
-    (BET, a template's mask) leave a rim of dura, skull or scalp of varying width, and with only
-    the two extremes in training the cortex's surroundings become a cue the network leans on.
+    (BET, a template's mask) leave a rim of dura, skull or scalp of varying width, which the margin
+    draws. Measured (run w22, 440 updates with rims of 0-20 mm on half the volumes): whole-head
+    Colin27 +0.003, MNI152 -0.018; the rims are not what whole-head scans lacked.
 
     Args:
         labels: FreeSurfer label values, any shape (``(1, 1, D, H, W)`` in training).
